@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine:
+#   make quickstart   -> installs into .venv, then runs the small pretraining job on the bundled samples
+#   make test         -> installs into .venv (with test extras), then runs the test-suite
+#
+# CPU-only machines get the CPU build of torch: when no NVIDIA driver is present we install `torch==2.13.0`
+# first (a local CPU wheel where PIP_FIND_LINKS provides one), so the project's own `torch>=2.5,<2.15`
+# requirement is already satisfied and pip never pulls a multi-GB CUDA build. On a GPU machine the ordinary
+# resolver picks the CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CPU_TORCH ?= torch==2.13.0
+export WANDB_MODE ?= disabled
+
+.PHONY: setup quickstart test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "no NVIDIA driver found: installing the CPU build of torch ($(CPU_TORCH))"; \
+		$(BIN)/pip install --quiet "$(CPU_TORCH)"; \
+	fi
+	$(BIN)/pip install --quiet -e ".[test]"
+	@touch $@
+
+setup: $(VENV)/.installed
+
+quickstart: setup
+	$(BIN)/python -m pretrain.quickstart
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

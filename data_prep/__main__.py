@@ -1,0 +1,55 @@
+"""Command line of the data preparation pipeline: ``python -m data_prep {tokenizer,shards,inspect} ...``.
+
+Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported only when their subcommand runs, so ``--help`` stays fast and a broken optional
+dependency of one stage does not break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "tokenizer": ("data_prep.tokenizer_cli", "train (or extend) a DeBERTa SentencePiece tokenizer"),
+    "shards": ("data_prep.shards_cli", "tokenize and pack a corpus into verifiable binary shards"),
+    "inspect": ("data_prep.inspect_cli", "summarise, decode and validate a shard directory"),
+}
+
+
+class DataPrepError(Exception):
+    """A user-facing error: printed as one line on stderr, exit status 2, no traceback."""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="Prepare corpora for DeBERTa pretraining: tokenizer training, shard packing, inspection.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or only == name:
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in SUBCOMMANDS), None)
+    args = build_parser(only=command).parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except DataPrepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
