@@ -11,16 +11,14 @@ import argparse
 import importlib
 import sys
 
+from data_prep.errors import DataPrepError
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "tokenizer": ("data_prep.tokenizer_cli", "train (or extend) a DeBERTa SentencePiece tokenizer"),
     "shards": ("data_prep.shards_cli", "tokenize and pack a corpus into verifiable binary shards"),
     "inspect": ("data_prep.inspect_cli", "summarise, decode and validate a shard directory"),
 }
-
-
-class DataPrepError(Exception):
-    """A user-facing error: printed as one line on stderr, exit status 2, no traceback."""
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
