@@ -13,13 +13,13 @@ import torch
 def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
     """Map signed distances to signed buckets; antisymmetric: ``bucket(-r) == -bucket(r)``.
 
-    The arithmetic is float32 ``torch`` exactly as in HF ``make_log_bucket_position`` (we checked that it equals the
-    original float64 numpy formulation for every distance below ``max_position``). Like the original code, and unlike
-    HF, distances are first clamped to ``±(max_position - 1)``: HF lets buckets grow past ``mid + mid - 1`` for
-    sequences longer than ``max_position``, which maps far-left keys onto the wrong table row. Below
-    ``max_position`` both agree.
+    The arithmetic is float32 ``torch`` exactly as in HF ``make_log_bucket_position`` (it equals the original
+    float64 numpy formulation for every distance below ``max_position``). Beyond ``max_position`` we follow HF, not
+    the original code: the original clamps distances to ``±(max_position - 1)`` first, HF does not, and after the
+    table-index clamp the two differ only for keys at least ``max_position`` tokens to the *left* of the query
+    (HF: table row 0, original: row 1). Following HF keeps a model trained here computing exactly what
+    ``transformers`` computes at every sequence length.
     """
-    relative_pos = relative_pos.clamp(-(max_position - 1), max_position - 1)
     sign = torch.sign(relative_pos)
     mid = bucket_size // 2
     abs_pos = torch.where(
