@@ -102,6 +102,12 @@ class DebertaConfig:
             self.pos_att_type = [t.strip() for t in self.pos_att_type.lower().split("|") if t.strip()]
         self.pos_att_type = [str(t).strip().lower() for t in (self.pos_att_type or [])]
         self.norm_rel_ebd = "|".join(t.strip() for t in str(self.norm_rel_ebd).lower().split("|"))
+        # Explicit values equal to the derived defaults are stored as None, so equal architectures compare equal.
+        if self.embedding_size == self.hidden_size:
+            self.embedding_size = None
+        if (self.attention_head_size is not None and self.num_attention_heads
+                and self.attention_head_size * self.num_attention_heads == self.hidden_size):
+            self.attention_head_size = None
         self.validate()
 
     # ----------------------------------------------------------------------------------------------- derived
@@ -210,8 +216,6 @@ class DebertaConfig:
         values.update({k: v for k, v in raw.items() if k in names})
         if values["pad_token_id"] is None:
             values["pad_token_id"] = 0
-        if values.get("embedding_size") == values.get("hidden_size"):
-            values["embedding_size"] = None
         try:
             config = cls(**values)
         except ConfigError as err:  # re-label the message with the file it came from
