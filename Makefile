@@ -10,6 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CPU_TORCH ?= torch==2.13.0
+PYTEST_ARGS ?= -q
 export WANDB_MODE ?= disabled
 
 .PHONY: setup quickstart test clean
@@ -32,7 +33,7 @@ quickstart: setup
 	$(BIN)/python -m pretrain.quickstart
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -103,9 +103,11 @@ class DebertaModel(DebertaPreTrained):
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         word_embedding_weight: torch.Tensor | None = None,
+        position_embedding_weight: torch.Tensor | None = None,
     ) -> EncoderOutput:
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        x = self.embeddings(input_ids, mask, token_type_ids, position_ids, word_embedding_weight)
+        x = self.embeddings(input_ids, mask, token_type_ids, position_ids, word_embedding_weight,
+                            position_embedding_weight)
         states = self.encoder(x, mask)
         return EncoderOutput(states[-1], tuple(states) if output_hidden_states else None, mask)
 
@@ -180,9 +182,10 @@ class DebertaForReplacedTokenDetection(DebertaPreTrained):
         labels: torch.Tensor | None = None,  # (B, L) 1 = replaced, 0 = original
         output_hidden_states: bool = False,
         word_embedding_weight: torch.Tensor | None = None,
+        position_embedding_weight: torch.Tensor | None = None,
     ) -> ReplacedTokenDetectionOutput:
         enc = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                           word_embedding_weight)
+                           word_embedding_weight, position_embedding_weight)
         logits = self.mask_predictions(enc.last_hidden_state)
         loss = None
         if labels is not None:

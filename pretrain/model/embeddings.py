@@ -52,14 +52,16 @@ class Embeddings(nn.Module):
         mask: torch.Tensor,  # (B, L) bool
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        word_embedding_weight: torch.Tensor | None = None,  # GDES: the effective (shared + residual) table
+        word_embedding_weight: torch.Tensor | None = None,
+        position_embedding_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if word_embedding_weight is None:
-            x = self.word_embeddings(input_ids)
-        else:
-            x = nn.functional.embedding(input_ids, word_embedding_weight, self.word_embeddings.padding_idx)
+        """``*_embedding_weight`` replace this module's own tables: embedding sharing between the v3 generator and
+        discriminator passes the shared (GDES: shared.detach() + residual) tables here."""
+        word = self.word_embeddings.weight if word_embedding_weight is None else word_embedding_weight
+        x = nn.functional.embedding(input_ids, word, self.config.pad_token_id)
         if self.config.position_biased_input:
-            x = x + self.position_embeddings(self.position_ids(input_ids, position_ids))
+            table = self.position_embeddings.weight if position_embedding_weight is None else position_embedding_weight
+            x = x + nn.functional.embedding(self.position_ids(input_ids, position_ids), table)
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
