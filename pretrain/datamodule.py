@@ -1,0 +1,66 @@
+"""Lightning data module over the data_prep shard reader, with an exactly resumable data position.
+
+The sampler's state is "global samples consumed". Lightning's prefetching runs ahead of the model, so the
+count is advanced by the training step (what was really trained on) and stored in every checkpoint
+through ``state_dict``; on resume it is restored before the first batch is drawn, with any number of ranks.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from data_prep.reader import ResumableDistributedSampler, ShardedDataset
+from pretrain.settings import DataSettings
+
+
+class ShardDataModule(L.LightningDataModule):
+    def __init__(self, settings: DataSettings):
+        super().__init__()
+        self.settings = settings
+        self.train_set = ShardedDataset(settings.path, verify=settings.verify)
+        self.val_set = ShardedDataset(settings.val_path, verify=settings.verify) if settings.val_path else None
+        self.sampler: ResumableDistributedSampler | None = None
+        self._restored_consumed = 0
+
+    @property
+    def seq_len(self) -> int:
+        return self.train_set.seq_len
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        self.sampler = ResumableDistributedSampler(
+            len(self.train_set), rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1, seed=self.settings.seed,
+        )
+        self.sampler.consumed = self._restored_consumed
+        return DataLoader(self.train_set, batch_size=self.settings.batch_size, sampler=self.sampler,
+                          num_workers=self.settings.num_workers, drop_last=True,
+                          persistent_workers=False, pin_memory=False)
+
+    def val_dataloader(self):
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.settings.batch_size, shuffle=False,
+                          num_workers=0, drop_last=False)
+
+    def consumed_batch(self) -> None:
+        """Called after each trained micro-batch: the whole job consumed batch_size * world_size sequences."""
+        world = self.trainer.world_size if self.trainer else 1
+        self._restored_consumed += self.settings.batch_size * world
+        if self.sampler is not None:
+            self.sampler.consumed = self._restored_consumed
+
+    def state_dict(self) -> dict:
+        return {"consumed": self._restored_consumed, "seed": self.settings.seed, "num_samples": len(self.train_set)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_samples") != len(self.train_set) or state.get("seed") != self.settings.seed:
+            raise ValueError(
+                f"checkpoint data position was saved for {state.get('num_samples')} sequences with seed "
+                f"{state.get('seed')}, but data.path={self.settings.path} has {len(self.train_set)} with seed "
+                f"{self.settings.seed}: resume with the same shards and data.seed, or start a new output_dir"
+            )
+        self._restored_consumed = int(state["consumed"])
+        if self.sampler is not None:
+            self.sampler.consumed = self._restored_consumed

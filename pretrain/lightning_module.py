@@ -1,0 +1,87 @@
+"""The Lightning side of pretraining: optimisation, schedule, per-step metrics, deterministic masking randomness.
+
+The objective (an ``nn.Module``) computes the loss; this module only wires it to Lightning.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from pretrain.objectives.base import PretrainingObjective
+from pretrain.settings import OptimSettings
+
+
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: 0 -> 1 over ``warmup_steps``, then linearly to ``min_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    remaining = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / remaining)
+    return max(min_ratio, 1.0 - progress * (1.0 - min_ratio))
+
+
+class PretrainingModule(L.LightningModule):
+    def __init__(self, objective: PretrainingObjective, optim: OptimSettings, seed: int, tokens_per_sequence: int):
+        super().__init__()
+        self.objective = objective
+        self.optim = optim
+        self.seed = seed
+        self.tokens_per_sequence = tokens_per_sequence
+        self._last_time: float | None = None
+
+    def masking_generator(self) -> torch.Generator:
+        """A generator seeded by (seed, step, rank): masking is reproducible and resumes exactly without having to
+        store RNG state, whatever the data loader or the number of ranks does."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed((self.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank)
+        return g
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.objective(batch, self.masking_generator())
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss {out['loss'].item()} at step {self.global_step}; the last checkpoint is intact. "
+                "Lower optim.lr, use bf16 instead of fp16, or resume from the last checkpoint"
+            )
+        batch_size = batch["input_ids"].shape[0]
+        # Count the batch as consumed now, before any checkpoint of this step is written (callbacks save in
+        # on_train_batch_end, which runs before the module's own hook).
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "consumed_batch"):
+            datamodule.consumed_batch()
+        metrics = {f"train/{k}": v.float() for k, v in out.items() if k != "masked_tokens"}
+        self.log_dict(metrics, prog_bar=False, batch_size=batch_size)
+        self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        now = time.perf_counter()
+        if self._last_time is not None:
+            tokens = batch_size * self.tokens_per_sequence * self.trainer.world_size
+            self.log("perf/tokens_per_sec", tokens / max(now - self._last_time, 1e-9), prog_bar=True,
+                     batch_size=batch_size)
+        self._last_time = now
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed + batch_idx)  # the same masks at every evaluation: comparable numbers
+        out = self.objective(batch, g)
+        self.log_dict({f"val/{k}": v.float() for k, v in out.items() if k != "masked_tokens"},
+                      batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.objective.named_parameters():
+            if p.requires_grad:
+                (no_decay if self.objective.no_weight_decay(name, p) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.optim.fused if self.optim.fused is not None else self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
+                                      fused=fused or None)
+        total = self.trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: linear_warmup_decay(step, self.optim.warmup_steps, total, self.optim.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,147 @@
+"""DeBERTa-v3 replaced-token detection (ELECTRA-style) with gradient-disentangled embedding sharing (GDES).
+
+A generator (MLM with the EMD, same width, fewer layers) fills masked positions with sampled tokens; the
+discriminator predicts, for every non-padding token, whether it was replaced. Loss = MLM + ``rtd_weight`` * BCE,
+under one optimiser (DeepSpeed supports one).
+
+Embedding sharing (the v3 paper's ablation):
+
+- ``gdes``: discriminator embedding = ``generator_embedding.detach() + residual`` with a zero-initialised residual.
+  The RTD loss updates only the residual, the generator's table is moved only by the MLM loss.
+- ``es``: the discriminator uses the generator's table directly (gradients from both losses).
+- ``nes``: no sharing, each model has its own table.
+
+The same applies to the absolute position table when the discriminator adds absolute positions to its input
+(``position_biased_input``); v3 models do not, and then only the word table is shared, as in the original code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain.model import DebertaConfig, DebertaForMaskedLM, DebertaForReplacedTokenDetection
+from pretrain.objectives.base import PretrainingObjective, SpecialTokens
+from pretrain.objectives.masking import RTD_GENERATOR_MASKING, MaskingConfig, mask_tokens, rtd_labels, sample_replacements
+
+EMBEDDING_SHARING_MODES = ("gdes", "es", "nes")
+
+
+class ReplacedTokenDetectionObjective(PretrainingObjective):
+    def __init__(
+        self,
+        config: DebertaConfig,
+        special: SpecialTokens,
+        generator_config: DebertaConfig,
+        embedding_sharing: str = "gdes",
+        rtd_weight: float = 50.0,
+        masking: MaskingConfig = RTD_GENERATOR_MASKING,
+        temperature: float = 1.0,
+        generator: DebertaForMaskedLM | None = None,
+        discriminator: DebertaForReplacedTokenDetection | None = None,
+    ):
+        super().__init__()
+        if embedding_sharing not in EMBEDDING_SHARING_MODES:
+            raise ValueError(f"objective.embedding_sharing={embedding_sharing!r}: choose one of {EMBEDDING_SHARING_MODES}")
+        self.special = special
+        self.masking = masking
+        self.rtd_weight = rtd_weight
+        self.temperature = temperature
+        self.embedding_sharing = embedding_sharing
+        self.generator = generator if generator is not None else DebertaForMaskedLM(generator_config)
+        self.discriminator = discriminator if discriminator is not None else DebertaForReplacedTokenDetection(config)
+        if embedding_sharing != "nes":
+            self._share_embeddings()
+
+    # ------------------------------------------------------------------------------------------ sharing
+    def _shared_tables(self) -> list[str]:
+        tables = ["word_embeddings"]
+        if self.discriminator.config.position_biased_input:
+            tables.append("position_embeddings")
+        return tables
+
+    def _share_embeddings(self) -> None:
+        gen, disc = self.generator.deberta.embeddings, self.discriminator.deberta.embeddings
+        for table in self._shared_tables():
+            gen_weight, disc_weight = getattr(gen, table).weight, getattr(disc, table).weight
+            if gen_weight.shape != disc_weight.shape:
+                raise ValueError(f"embedding sharing needs equal {table} shapes; generator {list(gen_weight.shape)} vs "
+                                 f"discriminator {list(disc_weight.shape)}: use the same vocab_size/embedding_size "
+                                 "or objective.embedding_sharing=nes")
+            setattr(disc, table, None)  # the discriminator owns no copy: its table is derived from the generator's
+            if self.embedding_sharing == "gdes":
+                self.register_parameter(f"{table}_residual", nn.Parameter(torch.zeros_like(gen_weight)))
+
+    def discriminator_tables(self) -> dict[str, torch.Tensor | None]:
+        """Effective discriminator embedding tables (``None``: the discriminator's own table)."""
+        out: dict[str, torch.Tensor | None] = {"word_embeddings": None, "position_embeddings": None}
+        if self.embedding_sharing == "nes":
+            return out
+        gen = self.generator.deberta.embeddings
+        for table in self._shared_tables():
+            shared = getattr(gen, table).weight
+            if self.embedding_sharing == "gdes":
+                out[table] = shared.detach() + getattr(self, f"{table}_residual")
+            else:
+                out[table] = shared
+        return out
+
+    def set_discriminator_tables(self, tables: dict[str, torch.Tensor]) -> None:
+        """Make the effective discriminator tables equal ``tables`` (e.g. a released discriminator's embeddings when
+        continuing pretraining): GDES residual = target - generator table; NES copies; ES cannot represent it."""
+        with torch.no_grad():
+            for table, target in tables.items():
+                if self.embedding_sharing == "gdes":
+                    shared = getattr(self.generator.deberta.embeddings, table).weight
+                    getattr(self, f"{table}_residual").copy_(target - shared)
+                elif self.embedding_sharing == "nes":
+                    getattr(self.discriminator.deberta.embeddings, table).weight.copy_(target)
+                else:
+                    raise ValueError("embedding_sharing=es ties the discriminator table to the generator's; "
+                                     "it cannot be set independently")
+
+    # ------------------------------------------------------------------------------------------ step
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        input_ids = batch["input_ids"]
+        attention_mask = input_ids != self.special.pad
+        masked_ids, labels = mask_tokens(
+            input_ids, batch["word_start"], self.special.special_mask(input_ids), self.masking,
+            mask_token_id=self.special.mask, vocab_size=self.generator.config.vocab_size, generator=generator,
+        )
+        gen_out = self.generator(masked_ids, attention_mask, labels=labels, use_emd=True)
+        selected = gen_out.label_mask
+        with torch.no_grad():
+            sampled = sample_replacements(gen_out.logits.detach(), generator=generator, temperature=self.temperature)
+            disc_input = input_ids.clone()
+            disc_input[selected] = sampled
+            replaced = rtd_labels(disc_input, input_ids, labels)
+        tables = self.discriminator_tables()
+        disc_out = self.discriminator(
+            disc_input, attention_mask, labels=replaced,
+            word_embedding_weight=tables["word_embeddings"], position_embedding_weight=tables["position_embeddings"],
+        )
+        loss = gen_out.loss + self.rtd_weight * disc_out.loss
+        with torch.no_grad():
+            gen_accuracy = (gen_out.logits.argmax(-1) == labels[selected]).float().mean()
+            predictions = disc_out.logits > 0
+            disc_accuracy = (predictions == replaced.bool())[attention_mask].float().mean()
+            replaced_fraction = replaced.float()[attention_mask].mean()
+        return {
+            "loss": loss, "mlm_loss": gen_out.loss.detach(), "rtd_loss": disc_out.loss.detach(),
+            "generator_accuracy": gen_accuracy, "discriminator_accuracy": disc_accuracy,
+            "replaced_fraction": replaced_fraction, "masked_tokens": selected.sum(),
+        }
+
+    # ------------------------------------------------------------------------------------------ export
+    def merged_discriminator(self) -> DebertaForReplacedTokenDetection:
+        """A standalone discriminator whose embeddings are the effective (GDES-merged) tables."""
+        merged = DebertaForReplacedTokenDetection(self.discriminator.config)
+        state = {k: v.detach().clone() for k, v in self.discriminator.state_dict().items()}
+        for table, weight in self.discriminator_tables().items():
+            if weight is not None:
+                state[f"deberta.embeddings.{table}.weight"] = weight.detach().clone()
+        merged.load_state_dict(state)
+        return merged.to(next(self.discriminator.parameters()).dtype)
+
+    def export_models(self) -> dict[str, nn.Module]:
+        return {"hf": self.merged_discriminator(), "hf_generator": self.generator}

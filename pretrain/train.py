@@ -1,0 +1,102 @@
+"""``train(cfg)``: settings -> data -> objective -> Lightning Trainer -> fit -> HuggingFace export.
+
+No CLI parsing here (``__main__`` does that), so tests call ``train`` with a composed config. Re-running with the
+same ``output_dir`` resumes from ``checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from pretrain import hf
+from pretrain.datamodule import ShardDataModule
+from pretrain.lightning_module import PretrainingModule
+from pretrain.model import DebertaConfig
+from pretrain.objectives.base import PretrainingObjective, SpecialTokens
+from pretrain.objectives.masking import MaskingConfig
+from pretrain.objectives.mlm import MaskedLMObjective
+from pretrain.objectives.rtd import ReplacedTokenDetectionObjective
+from pretrain.settings import Settings, SettingsError, settings_from_config
+
+log = logging.getLogger(__name__)
+
+
+def build_objective(settings: Settings, special: SpecialTokens) -> PretrainingObjective:
+    o, model = settings.objective, settings.model
+    if o.name == "mlm":
+        masking = MaskingConfig(mask_prob=o.mask_prob, max_ngram=o.max_ngram, whole_word=o.whole_word)
+        return MaskedLMObjective(model, special, masking, use_emd=o.use_emd)
+    masking = MaskingConfig(mask_prob=o.mask_prob, max_ngram=o.max_ngram, whole_word=o.whole_word,
+                            replace_with_mask=1.0, replace_with_random=0.0)
+    layers = o.generator_layers or max(1, model.num_hidden_layers // 2)
+    generator_config = DebertaConfig(**{**model.to_dict(), "num_hidden_layers": layers})
+    return ReplacedTokenDetectionObjective(model, special, generator_config, o.embedding_sharing, o.rtd_weight,
+                                           masking, o.temperature)
+
+
+def check_data_against_model(settings: Settings, data: ShardDataModule) -> None:
+    shards = data.train_set
+    problems = []
+    if shards.vocab_size > settings.model.vocab_size:
+        problems.append(f"the shards' tokenizer has {shards.vocab_size} ids but model.vocab_size="
+                        f"{settings.model.vocab_size}; set model.vocab_size>={shards.vocab_size}")
+    if shards.seq_len > settings.model.max_position_embeddings:
+        problems.append(f"the shards hold sequences of {shards.seq_len} tokens but model.max_position_embeddings="
+                        f"{settings.model.max_position_embeddings} (the EMD's absolute position table); raise it or "
+                        "re-pack the shards with a smaller --seq-len")
+    if problems:
+        raise SettingsError(f"data.path={settings.data.path} does not fit the model:\n  - " + "\n  - ".join(problems))
+
+
+def export(objective: PretrainingObjective, output_dir: Path, tokenizer_dir: Path) -> list[Path]:
+    written = []
+    for name, model in objective.export_models().items():
+        written.append(hf.save_pretrained(model, output_dir / name, tokenizer=tokenizer_dir))
+    return written
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    settings = settings_from_config(cfg)
+    L.seed_everything(settings.run.seed, workers=True)
+    data = ShardDataModule(settings.data)
+    check_data_against_model(settings, data)
+    ids = data.train_set.special_ids
+    special = SpecialTokens(pad=ids["pad"], cls=ids["cls"], sep=ids["sep"], unk=ids["unk"], mask=ids["mask"])
+    objective = build_objective(settings, special)
+    for model in objective.modules():
+        if hasattr(model, "set_attention_backend") and hasattr(model, "deberta"):
+            model.set_attention_backend(settings.run.attention_backend)
+            model.gradient_checkpointing_enable(settings.run.gradient_checkpointing)
+    module = PretrainingModule(objective, settings.optim, settings.run.seed, data.seq_len)
+
+    output_dir = Path(settings.run.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step:08d}", save_last=True, save_top_k=2,
+                                 monitor="step", mode="max", every_n_train_steps=settings.run.checkpoint_every_n_steps,
+                                 auto_insert_metric_name=False)
+    logger = CSVLogger(save_dir=str(output_dir), name="", version="")
+    trainer_args = dict(settings.trainer)
+    if not settings.data.val_path:
+        trainer_args["limit_val_batches"] = 0
+    trainer = L.Trainer(default_root_dir=str(output_dir), callbacks=[checkpoint, LearningRateMonitor("step")],
+                        logger=logger, use_distributed_sampler=False, **trainer_args)
+    last = checkpoint_dir / "last.ckpt"
+    resume = str(last) if last.is_file() else None
+    if resume:
+        log.info("resuming from %s", resume)
+    OmegaConf.save(cfg, output_dir / "config.yaml") if trainer.is_global_zero else None
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+
+    exported: list[Path] = []
+    if settings.run.export_hf and trainer.is_global_zero:
+        exported = export(objective, output_dir, data.train_set.tokenizer_dir)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return metrics, {"trainer": trainer, "module": module, "datamodule": data, "exported": exported,
+                     "settings": settings}
