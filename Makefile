@@ -29,8 +29,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+QS := outputs/quickstart
 quickstart: setup
-	$(BIN)/python -m pretrain.quickstart
+	$(BIN)/python -m data_prep tokenizer --input data_prep/samples/en --vocab-size 4000 --out $(QS)/tokenizer
+	$(BIN)/python -m data_prep shards --input data_prep/samples/en --tokenizer $(QS)/tokenizer --out $(QS)/shards --seq-len 128
+	$(BIN)/python -m pretrain +experiment=quickstart
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
