@@ -21,7 +21,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_set = ShardedDataset(settings.path, verify=settings.verify)
         self.val_set = ShardedDataset(settings.val_path, verify=settings.verify) if settings.val_path else None
         self.sampler: ResumableDistributedSampler | None = None
-        self._restored_consumed = 0
+        self.consumed = 0  # global samples consumed by training (all ranks), the whole data position
 
     @property
     def seq_len(self) -> int:
@@ -33,7 +33,7 @@ class ShardDataModule(L.LightningDataModule):
             len(self.train_set), rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1, seed=self.settings.seed,
         )
-        self.sampler.consumed = self._restored_consumed
+        self.sampler.consumed = self.consumed
         return DataLoader(self.train_set, batch_size=self.settings.batch_size, sampler=self.sampler,
                           num_workers=self.settings.num_workers, drop_last=True,
                           persistent_workers=False, pin_memory=False)
@@ -47,12 +47,12 @@ class ShardDataModule(L.LightningDataModule):
     def consumed_batch(self) -> None:
         """Called after each trained micro-batch: the whole job consumed batch_size * world_size sequences."""
         world = self.trainer.world_size if self.trainer else 1
-        self._restored_consumed += self.settings.batch_size * world
+        self.consumed += self.settings.batch_size * world
         if self.sampler is not None:
-            self.sampler.consumed = self._restored_consumed
+            self.sampler.consumed = self.consumed
 
     def state_dict(self) -> dict:
-        return {"consumed": self._restored_consumed, "seed": self.settings.seed, "num_samples": len(self.train_set)}
+        return {"consumed": self.consumed, "seed": self.settings.seed, "num_samples": len(self.train_set)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_samples") != len(self.train_set) or state.get("seed") != self.settings.seed:
@@ -61,6 +61,6 @@ class ShardDataModule(L.LightningDataModule):
                 f"{state.get('seed')}, but data.path={self.settings.path} has {len(self.train_set)} with seed "
                 f"{self.settings.seed}: resume with the same shards and data.seed, or start a new output_dir"
             )
-        self._restored_consumed = int(state["consumed"])
+        self.consumed = int(state["consumed"])
         if self.sampler is not None:
-            self.sampler.consumed = self._restored_consumed
+            self.sampler.consumed = self.consumed

@@ -32,15 +32,25 @@ class PretrainingModule(L.LightningModule):
         self.tokens_per_sequence = tokens_per_sequence
         self._last_time: float | None = None
 
-    def masking_generator(self) -> torch.Generator:
-        """A generator seeded by (seed, step, rank): masking is reproducible and resumes exactly without having to
-        store RNG state, whatever the data loader or the number of ranks does."""
+    def _consumed_samples(self) -> int:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return int(getattr(datamodule, "consumed", self.global_step))
+
+    def seed_step(self) -> torch.Generator:
+        """Seed dropout (the global RNG) and return the masking generator from (seed, data position, rank).
+
+        The data position (global samples consumed before this micro-batch) is unique per micro-batch and restored
+        on resume, so a resumed run draws exactly the masks and dropout of an uninterrupted one, without storing
+        RNG state and whatever the number of ranks.
+        """
+        key = ((self.seed * 1_000_003 + self._consumed_samples()) * 4099 + self.global_rank) % (2**63 - 1)
+        torch.manual_seed(key)
         g = torch.Generator(device=self.device)
-        g.manual_seed((self.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank)
+        g.manual_seed(key ^ 0x5DEECE66D)
         return g
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.objective(batch, self.masking_generator())
+        out = self.objective(batch, self.seed_step())
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(
                 f"non-finite loss {out['loss'].item()} at step {self.global_step}; the last checkpoint is intact. "
