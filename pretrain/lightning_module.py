@@ -24,9 +24,12 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int, min_rati
 
 
 class PretrainingModule(L.LightningModule):
-    def __init__(self, objective: PretrainingObjective, optim: OptimSettings, seed: int, tokens_per_sequence: int):
+    def __init__(self, objective: PretrainingObjective, optim: OptimSettings, seed: int, tokens_per_sequence: int,
+                 run_record: dict | None = None):
         super().__init__()
         self.objective = objective
+        # What `python -m pretrain.export` needs to rebuild the objective from a checkpoint alone.
+        self.run_record = run_record or {}
         self.optim = optim
         self.seed = seed
         self.tokens_per_sequence = tokens_per_sequence
@@ -79,6 +82,9 @@ class PretrainingModule(L.LightningModule):
         out = self.objective(batch, g)
         self.log_dict({f"val/{k}": v.float() for k, v in out.items() if k != "masked_tokens"},
                       batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["deberta_pretrain"] = self.run_record
 
     def configure_optimizers(self):
         decay, no_decay = [], []

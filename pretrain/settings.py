@@ -86,12 +86,25 @@ class RunSettings:
 
 
 @dataclass
+class LoggerSettings:
+    """metrics.csv is always written; these add optional loggers."""
+
+    wandb: bool = False
+    """Weights & Biases (honours WANDB_MODE=offline/disabled); the run id is kept in output_dir so a resumed run
+    continues the same wandb run."""
+    wandb_project: str = "deberta-pretrain"
+    wandb_entity: str | None = None
+    tensorboard: bool = False
+
+
+@dataclass
 class Settings:
     model: DebertaConfig
     objective: ObjectiveSettings
     data: DataSettings
     optim: OptimSettings
     run: RunSettings
+    logger: LoggerSettings = field(default_factory=LoggerSettings)
     trainer: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of `lightning.Trainer`, passed through after validation."""
 
@@ -128,7 +141,8 @@ def settings_from_config(cfg: DictConfig) -> Settings:
     objective = _section(ObjectiveSettings, cfg.get("objective"), "objective", problems)
     data = _section(DataSettings, cfg.get("data"), "data", problems)
     optim = _section(OptimSettings, cfg.get("optim"), "optim", problems)
-    groups = {"model", "objective", "data", "optim", "trainer", "experiment", "hydra"}
+    logger = _section(LoggerSettings, cfg.get("logger"), "logger", problems)
+    groups = {"model", "objective", "data", "optim", "trainer", "experiment", "hydra", "logger"}
     top_level = {k: v for k, v in cfg.items() if k not in groups}
     run = _section(RunSettings, top_level, "config", problems)
     trainer = OmegaConf.to_container(cfg.get("trainer", {}), resolve=True)
@@ -149,4 +163,4 @@ def settings_from_config(cfg: DictConfig) -> Settings:
         problems.append("trainer.max_steps: set a positive step count (the LR schedule is defined over it)")
     if problems:
         raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    return Settings(model, objective, data, optim, run, trainer)
+    return Settings(model, objective, data, optim, run, logger, trainer)

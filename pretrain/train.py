@@ -6,16 +6,18 @@ same ``output_dir`` resumes from ``checkpoints/last.ckpt``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain import hf
+from pretrain.csv_log import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
 from pretrain.lightning_module import PretrainingModule
 from pretrain.model import DebertaConfig
@@ -23,13 +25,12 @@ from pretrain.objectives.base import PretrainingObjective, SpecialTokens
 from pretrain.objectives.masking import MaskingConfig
 from pretrain.objectives.mlm import MaskedLMObjective
 from pretrain.objectives.rtd import ReplacedTokenDetectionObjective
-from pretrain.settings import Settings, SettingsError, settings_from_config
+from pretrain.settings import ObjectiveSettings, Settings, SettingsError, settings_from_config
 
 log = logging.getLogger(__name__)
 
 
-def build_objective(settings: Settings, special: SpecialTokens) -> PretrainingObjective:
-    o, model = settings.objective, settings.model
+def build_objective(model: DebertaConfig, o: ObjectiveSettings, special: SpecialTokens) -> PretrainingObjective:
     if o.name == "mlm":
         masking = MaskingConfig(mask_prob=o.mask_prob, max_ngram=o.max_ngram, whole_word=o.whole_word)
         return MaskedLMObjective(model, special, masking, use_emd=o.use_emd)
@@ -62,6 +63,29 @@ def export(objective: PretrainingObjective, output_dir: Path, tokenizer_dir: Pat
     return written
 
 
+def build_loggers(settings: Settings, output_dir: Path, resume_step: int | None) -> list:
+    loggers: list = [ResumableCSVLogger(str(output_dir), resume_step=resume_step)]
+    if settings.logger.tensorboard:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(output_dir), name="tensorboard", version=""))
+    if settings.logger.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        import wandb
+
+        id_file = output_dir / "wandb_run_id"  # a resumed run continues the same wandb run
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            output_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
+        loggers.append(WandbLogger(project=settings.logger.wandb_project, entity=settings.logger.wandb_entity,
+                                   save_dir=str(output_dir), id=run_id, resume="allow"))
+    return loggers
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     settings = settings_from_config(cfg)
     L.seed_everything(settings.run.seed, workers=True)
@@ -69,29 +93,35 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_data_against_model(settings, data)
     ids = data.train_set.special_ids
     special = SpecialTokens(pad=ids["pad"], cls=ids["cls"], sep=ids["sep"], unk=ids["unk"], mask=ids["mask"])
-    objective = build_objective(settings, special)
+    objective = build_objective(settings.model, settings.objective, special)
     for model in objective.modules():
         if hasattr(model, "set_attention_backend") and hasattr(model, "deberta"):
             model.set_attention_backend(settings.run.attention_backend)
             model.gradient_checkpointing_enable(settings.run.gradient_checkpointing)
-    module = PretrainingModule(objective, settings.optim, settings.run.seed, data.seq_len)
+    run_record = {"model": settings.model.to_dict(), "objective": dataclasses.asdict(settings.objective),
+                  "special_tokens": dataclasses.asdict(special), "tokenizer_dir": str(data.train_set.tokenizer_dir.resolve())}
+    module = PretrainingModule(objective, settings.optim, settings.run.seed, data.seq_len, run_record)
 
     output_dir = Path(settings.run.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step:08d}", save_last=True, save_top_k=2,
                                  monitor="step", mode="max", every_n_train_steps=settings.run.checkpoint_every_n_steps,
                                  auto_insert_metric_name=False)
-    logger = CSVLogger(save_dir=str(output_dir), name="", version="")
+    last = checkpoint_dir / "last.ckpt"
+    resume = str(last) if last.is_file() else None
+    resume_step = None
+    if resume:
+        resume_step = int(torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        log.info("resuming from %s (step %d)", resume, resume_step)
+    loggers = build_loggers(settings, output_dir, resume_step)
     trainer_args = dict(settings.trainer)
     if not settings.data.val_path:
         trainer_args["limit_val_batches"] = 0
     trainer = L.Trainer(default_root_dir=str(output_dir), callbacks=[checkpoint, LearningRateMonitor("step")],
-                        logger=logger, use_distributed_sampler=False, **trainer_args)
-    last = checkpoint_dir / "last.ckpt"
-    resume = str(last) if last.is_file() else None
-    if resume:
-        log.info("resuming from %s", resume)
-    OmegaConf.save(cfg, output_dir / "config.yaml") if trainer.is_global_zero else None
+                        logger=loggers, use_distributed_sampler=False, **trainer_args)
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
 
     exported: list[Path] = []

@@ -17,3 +17,23 @@ def _restore_torch_defaults():
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """Packed shards (seq_len 64) of the bundled English sample with a small SentencePiece tokenizer, made by the
+    real `python -m data_prep shards` command."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from shard_helpers import sample_documents, train_spm_tokenizer, write_jsonl
+
+    root = tmp_path_factory.mktemp("train_data")
+    docs = sample_documents("en")
+    tokenizer = train_spm_tokenizer(root / "tok", docs, vocab_size=1000)
+    corpus = write_jsonl(root / "corpus.jsonl", docs)
+    subprocess.run([sys.executable, "-m", "data_prep", "shards", "--input", str(corpus), "--tokenizer", str(tokenizer),
+                    "--out", str(root / "shards"), "--seq-len", "64", "--workers", "1"],
+                   check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    return root / "shards"

@@ -1,0 +1,1 @@
+"""Pretraining objectives: token masking, v2 MLM and v3 RTD."""

@@ -1,0 +1,124 @@
+"""End-to-end training on the bundled English sample: RTD and MLM runs, export, exact resume, config errors."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from hydra import compose, initialize_config_dir
+
+from pretrain import hf
+from pretrain.settings import SettingsError
+from pretrain.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_LEN = 64  # the sequence length of the `shards` fixture (conftest.py)
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def tiny_run(shards: Path, output_dir: Path, objective: str, steps: int, *extra: str) -> list[str]:
+    return [
+        "+experiment=quickstart", f"objective={objective}", f"data.path={shards}", f"output_dir={output_dir}",
+        f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "data.batch_size=8", "data.num_workers=0",
+        "model.vocab_size=1024", f"model.max_position_embeddings={SEQ_LEN}", "model.position_buckets=16",
+        "optim.warmup_steps=5", *extra,
+    ]
+
+
+def read_losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+def test_rtd_loss_falls_and_exports_load_in_transformers(shards, tmp_path):
+    run = tmp_path / "rtd"
+    train(compose_config(tiny_run(shards, run, "rtd", 60, "optim.lr=3e-3")))
+    losses = list(read_losses(run).values())
+    assert len(losses) >= 55
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    mlm = list(read_losses(run, "train/mlm_loss").values())
+    assert sum(mlm[-5:]) / 5 < sum(mlm[:5]) / 5 - 0.5  # the generator learns too
+
+    # discriminator -> a clean DebertaV2Model; generator -> a clean DebertaV2ForMaskedLM; tokenizer included
+    base, info = transformers.AutoModel.from_pretrained(run / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    gen, info = transformers.AutoModelForMaskedLM.from_pretrained(run / "hf_generator", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run / "hf_generator")
+    fill = transformers.pipeline("fill-mask", model=run / "hf_generator", tokenizer=run / "hf_generator")
+    assert len(fill(f"And God said, let there be {tokenizer.mask_token}.")) == 5
+
+    # outputs equal the native models'
+    native_disc, native_gen = hf.from_pretrained(run / "hf").eval(), hf.from_pretrained(run / "hf_generator").eval()
+    ids = torch.tensor([tokenizer("In the beginning God created the heavens and the earth.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(base.eval()(input_ids=ids).last_hidden_state,
+                                   native_disc(ids).last_hidden_state, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gen.eval()(input_ids=ids).logits, native_gen(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_mlm_run_exports_a_fill_mask_model(shards, tmp_path):
+    run = tmp_path / "mlm"
+    train(compose_config(tiny_run(shards, run, "mlm", 40, "optim.lr=3e-3")))
+    losses = list(read_losses(run).values())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    model, info = transformers.AutoModelForMaskedLM.from_pretrained(run / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tagger, info = transformers.AutoModelForTokenClassification.from_pretrained(run / "hf", num_labels=3,
+                                                                               output_loading_info=True)
+    assert {k.split(".")[0] for k in info["missing_keys"]} == {"classifier"}
+    assert not (run / "hf_generator").exists()
+
+
+def test_interrupted_run_resumes_exactly(shards, tmp_path):
+    """Kill a run after its step-4 checkpoint, re-run the same command: per-step losses equal an uninterrupted run."""
+    straight = tmp_path / "straight"
+    train(compose_config(tiny_run(shards, straight, "rtd", 10, "checkpoint_every_n_steps=2",
+                                  "model.hidden_dropout_prob=0.1")))
+    resumed = tmp_path / "resumed"
+    args = tiny_run(shards, resumed, "rtd", 10, "checkpoint_every_n_steps=2", "model.hidden_dropout_prob=0.1")
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "disabled"})
+    deadline = time.time() + 300
+    while not (resumed / "checkpoints" / "step-00000004.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train(compose_config(args))
+    expected, actual = read_losses(straight), read_losses(resumed)
+    assert sorted(actual) == sorted(expected)
+    assert actual == expected  # bitwise on CPU
+
+
+def test_config_errors_are_reported_before_building(shards, tmp_path):
+    with pytest.raises(SettingsError) as err:
+        train(compose_config(tiny_run(shards, tmp_path / "x", "mlm", 5, "data.path=/nonexistent/shards",
+                                      "+optim.learning_rate=1", "+trainer.max_stepz=3")))
+    message = str(err.value)
+    assert "data.path=/nonexistent/shards" in message
+    assert "optim.learning_rate: unknown key" in message
+    assert "trainer.max_stepz: not an argument of lightning.Trainer" in message
+    with pytest.raises(SettingsError, match=r"model.vocab_size=100"):
+        train(compose_config(tiny_run(shards, tmp_path / "y", "mlm", 5, "model.vocab_size=100")))
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(experiment):
+    result = subprocess.run([sys.executable, "-m", "pretrain", f"+experiment={experiment}", "--cfg", "job"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "model:" in result.stdout and "objective:" in result.stdout
