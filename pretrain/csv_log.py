@@ -43,8 +43,12 @@ class ResumableCSVLogger(CSVLogger):
     """``CSVLogger`` writing ``save_dir/metrics.csv``; pass ``resume_step`` (the checkpoint's global step) when
     resuming so earlier rows are kept."""
 
-    def __init__(self, save_dir: str, resume_step: int | None = None, **kwargs) -> None:
-        super().__init__(save_dir=save_dir, name="", version="", **kwargs)
+    def __init__(self, save_dir: str, resume_step: int | None = None, flush_logs_every_n_steps: int = 1,
+                 **kwargs) -> None:
+        # Flushing at every logging step keeps the file in step with the checkpoints: a killed run loses no rows
+        # that a resume would not retrain (appending a line is cheap next to a training step).
+        super().__init__(save_dir=save_dir, name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps,
+                         **kwargs)
         self.resume_step = resume_step
 
     @property

@@ -31,7 +31,7 @@ class ShardDataModule(L.LightningDataModule):
         trainer = self.trainer
         self.sampler = ResumableDistributedSampler(
             len(self.train_set), rank=trainer.global_rank if trainer else 0,
-            world_size=trainer.world_size if trainer else 1, seed=self.settings.seed,
+            world_size=trainer.world_size if trainer else 1, seed=self.settings.seed, endless=True,
         )
         self.sampler.consumed = self.consumed
         return DataLoader(self.train_set, batch_size=self.settings.batch_size, sampler=self.sampler,

@@ -58,7 +58,7 @@ def test_rtd_loss_falls_and_exports_load_in_transformers(shards, tmp_path):
     gen, info = transformers.AutoModelForMaskedLM.from_pretrained(run / "hf_generator", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(run / "hf_generator")
-    fill = transformers.pipeline("fill-mask", model=run / "hf_generator", tokenizer=run / "hf_generator")
+    fill = transformers.pipeline("fill-mask", model=str(run / "hf_generator"), tokenizer=str(run / "hf_generator"))
     assert len(fill(f"And God said, let there be {tokenizer.mask_token}.")) == 5
 
     # outputs equal the native models'
@@ -98,7 +98,8 @@ def test_interrupted_run_resumes_exactly(shards, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    train(compose_config(args))
+    _, objects = train(compose_config(args))
+    assert objects["trainer"].ckpt_path == str(resumed / "checkpoints" / "last.ckpt")  # resumed, not restarted
     expected, actual = read_losses(straight), read_losses(resumed)
     assert sorted(actual) == sorted(expected)
     assert actual == expected  # bitwise on CPU

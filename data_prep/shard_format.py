@@ -1,0 +1,300 @@
+"""The one definition of the on-disk shard format, shared by the writer (``pack``) and the readers.
+
+Why a single module: the writer, the training reader and ``inspect`` must never disagree about a byte, so every
+constant, the header layout, the flag bits, the manifest schema and the validation live here. It is numpy-only, so
+the CPU data-preparation side never needs torch or lightning.
+
+A shard directory looks like::
+
+    out/
+      manifest.json            written last, atomically: the directory is complete iff it exists
+      tokenizer/               copy of the tokenizer files the shards were made with (hashed in the manifest)
+      shard-00000.bin ...      fixed-length sequences, see below
+      progress.json            only while a run is unfinished: finished shards + where to resume
+
+Shard file (little-endian)::
+
+    offset 0   header, HEADER_SIZE (64) bytes: magic "DEBSHARD", version u32, token itemsize u32 (2|4),
+               seq_len u32, flag itemsize u32 (1), num_sequences u64, shard index u64, zero padding
+    offset 64  input_ids  [num_sequences, seq_len]  uint16 (vocab <= 65535) or uint32
+    then       flags      [num_sequences, seq_len]  uint8, bits: WORD_START | DOC_START | SPECIAL
+
+Flag bits: ``WORD_START`` marks a token that begins a word (whole-word masking; the official
+``part_of_whole_word`` is its negation). ``DOC_START`` marks the first token of a document. ``SPECIAL`` marks
+tokens inserted by packing ([CLS], [SEP], [PAD]) as opposed to tokens that came from the text, so the text can be
+recovered exactly even if a document literally contains "[SEP]": documents = the non-SPECIAL tokens of all
+sequences in shard order, split before every DOC_START token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.errors import DataPrepError
+
+MAGIC = b"DEBSHARD"
+FORMAT_VERSION = 1
+FORMAT_NAME = "deberta-pretrain-shards"
+HEADER_SIZE = 64
+_HEADER = struct.Struct("<8sIIIIQQ")  # magic, version, token itemsize, seq_len, flag itemsize, n_seq, shard index
+
+WORD_START = np.uint8(1)
+DOC_START = np.uint8(2)
+SPECIAL = np.uint8(4)
+
+MANIFEST_NAME = "manifest.json"
+PROGRESS_NAME = "progress.json"
+TOKENIZER_SUBDIR = "tokenizer"
+TMP_SUFFIX = ".tmp"
+
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.bin"
+
+
+def choose_dtype(vocab_size: int, forced: str | None = None) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65535, the reserved top value stays free), else uint32.
+
+    ``forced`` ("uint16"/"uint32") pins the dtype; a vocabulary that does not fit it is a DataPrepError rather
+    than silently wrapped ids.
+    """
+    if forced is not None:
+        if forced not in _DTYPES:
+            raise DataPrepError(f"--dtype {forced!r} is not supported: use one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[forced]
+    else:
+        dtype = _DTYPES["uint16"] if vocab_size <= 65535 else _DTYPES["uint32"]
+    limit = np.iinfo(dtype).max
+    if vocab_size - 1 > limit or vocab_size > 2**32 - 1:
+        raise DataPrepError(
+            f"vocabulary of {vocab_size} tokens does not fit token dtype {dtype.name} (max id {limit}); "
+            f"use --dtype uint32 or a smaller vocabulary"
+        )
+    return dtype
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def dtype_from_name(name: str) -> np.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise DataPrepError(f"unknown token dtype {name!r} in manifest; expected one of {sorted(_DTYPES)}") from None
+
+
+# --------------------------------------------------------------------------------------------------- header
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    version: int
+    token_itemsize: int
+    seq_len: int
+    num_sequences: int
+    index: int
+
+    def pack(self) -> bytes:
+        raw = _HEADER.pack(MAGIC, self.version, self.token_itemsize, self.seq_len, 1, self.num_sequences, self.index)
+        return raw + b"\0" * (HEADER_SIZE - len(raw))
+
+    @property
+    def file_size(self) -> int:
+        return shard_file_size(self.num_sequences, self.seq_len, self.token_itemsize)
+
+
+def shard_file_size(num_sequences: int, seq_len: int, token_itemsize: int) -> int:
+    return HEADER_SIZE + num_sequences * seq_len * (token_itemsize + 1)
+
+
+def read_header(path: Path) -> ShardHeader:
+    """Parse and sanity-check a shard header; DataPrepError naming the file on anything unexpected."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_SIZE)
+    except OSError as err:
+        raise DataPrepError(f"cannot read shard {path}: {err.strerror}; re-run `python -m data_prep shards`") from None
+    if len(raw) < HEADER_SIZE:
+        raise DataPrepError(f"shard {path} is truncated ({len(raw)} bytes, no complete header); re-create it")
+    magic, version, itemsize, seq_len, flag_size, n_seq, index = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise DataPrepError(f"{path} is not a data_prep shard (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise DataPrepError(
+            f"shard {path} has format version {version}, this code reads version {FORMAT_VERSION}; "
+            f"re-create the shards with this version of data_prep"
+        )
+    if itemsize not in (2, 4) or flag_size != 1 or seq_len <= 0:
+        raise DataPrepError(f"shard {path} has a corrupted header (itemsize={itemsize}, seq_len={seq_len})")
+    return ShardHeader(version, itemsize, seq_len, n_seq, index)
+
+
+def write_shard(path: Path, index: int, input_ids: np.ndarray, flags: np.ndarray) -> dict[str, Any]:
+    """Write one shard atomically (temp file, fsync, rename, fsync dir); return its manifest entry."""
+    n_seq, seq_len = input_ids.shape
+    header = ShardHeader(FORMAT_VERSION, input_ids.dtype.itemsize, seq_len, n_seq, index)
+    digest = hashlib.sha256()
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        for chunk in (header.pack(), np.ascontiguousarray(input_ids).data, np.ascontiguousarray(flags).data):
+            digest.update(chunk)
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    content = int(np.count_nonzero((flags & SPECIAL) == 0))
+    return {
+        "file": path.name,
+        "sequences": int(n_seq),
+        "tokens": int(n_seq * seq_len),
+        "content_tokens": content,
+        "bytes": header.file_size,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def open_shard(path: Path, header: ShardHeader) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map (input_ids, flags) of a shard whose header has been read; read-only, nothing loaded."""
+    dtype = np.dtype("<u2") if header.token_itemsize == 2 else np.dtype("<u4")
+    shape = (header.num_sequences, header.seq_len)
+    n = header.num_sequences * header.seq_len
+    if n == 0:
+        return np.zeros(shape, dtype), np.zeros(shape, np.uint8)
+    ids = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=shape)
+    flags = np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_SIZE + n * dtype.itemsize, shape=shape)
+    return ids, flags
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- atomic json
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataPrepError(f"{path} not found: is this a directory written by `python -m data_prep shards`?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataPrepError(f"{path} is not valid JSON ({err}); re-run `python -m data_prep shards`") from None
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def load_manifest(directory: Path) -> dict:
+    """Read and schema-check ``manifest.json``; a directory without one is an unfinished run."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.exists():
+        hint = (
+            "the run that writes it was interrupted: re-run the same `python -m data_prep shards` command to finish it"
+            if (directory / PROGRESS_NAME).exists()
+            else "run `python -m data_prep shards --out DIR ...` first"
+        )
+        raise DataPrepError(f"{path} not found: {hint}")
+    manifest = read_json(path)
+    if manifest.get("format") != FORMAT_NAME:
+        raise DataPrepError(f"{path}: key 'format' is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataPrepError(
+            f"{path}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
+            f"re-create the shards with this version of data_prep"
+        )
+    for key in ("tokenizer", "settings", "shards", "totals"):
+        if key not in manifest:
+            raise DataPrepError(f"{path}: required key {key!r} is missing; re-create the shards")
+    return manifest
+
+
+def check_shard(directory: Path, entry: dict, settings: dict, full: bool = False) -> ShardHeader:
+    """Validate one shard against its manifest entry: size + header (fast), plus sha256 when ``full``.
+
+    Raises DataPrepError naming the shard and what differs.
+    """
+    path = Path(directory) / entry["file"]
+    if not path.exists():
+        raise DataPrepError(f"shard {path} listed in the manifest is missing; re-run `python -m data_prep shards`")
+    header = read_header(path)
+    itemsize = dtype_from_name(settings["dtype"]).itemsize
+    problems = []
+    if header.seq_len != settings["seq_len"]:
+        problems.append(f"seq_len {header.seq_len} != manifest {settings['seq_len']}")
+    if header.token_itemsize != itemsize:
+        problems.append(f"token itemsize {header.token_itemsize} != manifest dtype {settings['dtype']}")
+    if header.num_sequences != entry["sequences"]:
+        problems.append(f"{header.num_sequences} sequences != manifest {entry['sequences']}")
+    size = path.stat().st_size
+    if size != entry["bytes"] or size != header.file_size:
+        problems.append(f"size {size} bytes != expected {entry['bytes']} (truncated or extended)")
+    if problems:
+        raise DataPrepError(f"shard {path} does not match the manifest: {'; '.join(problems)}; re-create it")
+    if full:
+        actual = file_sha256(path)
+        if actual != entry["sha256"]:
+            raise DataPrepError(
+                f"shard {path} is corrupted: sha256 {actual[:16]}... != manifest {entry['sha256'][:16]}...; "
+                f"re-create it (delete it and re-run the same `python -m data_prep shards` command)"
+            )
+    return header
+
+
+def decode_documents(ids: np.ndarray, flags: np.ndarray) -> list[np.ndarray]:
+    """Split packed sequences (any shape) back into the token ids of each document, in order.
+
+    A document that started before ``ids`` (a continuation) comes out as the first element.
+    """
+    ids = np.asarray(ids).reshape(-1)
+    flags = np.asarray(flags).reshape(-1)
+    keep = (flags & SPECIAL) == 0
+    content, content_flags = ids[keep], flags[keep]
+    starts = np.flatnonzero(content_flags & DOC_START)
+    if len(content) == 0:
+        return []
+    bounds = list(starts)
+    if not bounds or bounds[0] != 0:
+        bounds = [0] + bounds
+    return [content[a:b] for a, b in zip(bounds, bounds[1:] + [len(content)])]
