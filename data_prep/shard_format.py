@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.atomic_io import TMP_SUFFIX, fsync_dir, write_json_atomic  # noqa: F401  (re-exported)
 from data_prep.errors import DataPrepError
 
 MAGIC = b"DEBSHARD"
@@ -53,7 +54,6 @@ SPECIAL = np.uint8(4)
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = "progress.json"
 TOKENIZER_SUBDIR = "tokenizer"
-TMP_SUFFIX = ".tmp"
 
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
@@ -186,30 +186,6 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 # ------------------------------------------------------------------------------------------- atomic json
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def read_json(path: Path) -> dict:

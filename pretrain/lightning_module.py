@@ -83,6 +83,13 @@ class PretrainingModule(L.LightningModule):
         self.log_dict({f"val/{k}": v.float() for k, v in out.items() if k != "masked_tokens"},
                       batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Total gradient norm before clipping, at logging steps only (it costs a pass over all gradients).
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            norms = [p.grad.detach().norm(2) for p in self.objective.parameters() if p.grad is not None]
+            if norms:
+                self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms), 2))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["deberta_pretrain"] = self.run_record
 

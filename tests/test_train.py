@@ -75,12 +75,40 @@ def test_mlm_run_exports_a_fill_mask_model(shards, tmp_path):
     train(compose_config(tiny_run(shards, run, "mlm", 40, "optim.lr=3e-3")))
     losses = list(read_losses(run).values())
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    assert not (run / "hf_generator").exists()
     model, info = transformers.AutoModelForMaskedLM.from_pretrained(run / "hf", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     tagger, info = transformers.AutoModelForTokenClassification.from_pretrained(run / "hf", num_labels=3,
                                                                                output_loading_info=True)
-    assert {k.split(".")[0] for k in info["missing_keys"]} == {"classifier"}
-    assert not (run / "hf_generator").exists()
+    assert {k.split(".")[0] for k in info["missing_keys"]} == {"classifier"}  # only the new task head is new
+    assert all(k.startswith("lm_predictions.") for k in info["unexpected_keys"])  # the MLM head, unused there
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run / "hf")
+    fill = transformers.pipeline("fill-mask", model=str(run / "hf"), tokenizer=str(run / "hf"))
+    assert len(fill(f"The LORD is my {tokenizer.mask_token}.")) == 5
+    native = hf.from_pretrained(run / "hf").eval()
+    ids = torch.tensor([tokenizer("Blessed are the meek, for they shall inherit the earth.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, native(ids).logits, atol=1e-4, rtol=0)
+
+    # any checkpoint exports the same way from the command line
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    result = subprocess.run([sys.executable, "-m", "pretrain.export", str(checkpoint), str(tmp_path / "exported")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    exported = hf.read_state_dict(tmp_path / "exported" / "hf")[0]
+    final = hf.read_state_dict(run / "hf")[0]
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+
+@pytest.mark.parametrize("experiment", ["v3_xsmall", "v3_small"])
+def test_small_experiments_run_a_few_steps_on_cpu(experiment, shards, tmp_path):
+    """The paper-size configs (full 128k vocabulary) train on CPU: two steps, then export."""
+    overrides = [f"+experiment={experiment}", f"data.path={shards}", f"output_dir={tmp_path / experiment}",
+                 "trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
+                 "trainer.accumulate_grad_batches=1", "data.batch_size=2", "data.num_workers=0", "export_hf=false"]
+    metrics, objects = train(compose_config(overrides))
+    assert objects["trainer"].global_step == 2
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
 def test_interrupted_run_resumes_exactly(shards, tmp_path):
