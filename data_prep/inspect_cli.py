@@ -48,7 +48,7 @@ def _summary(directory: Path, manifest: dict) -> list[str]:
         f"format: {manifest['format']} v{manifest['format_version']}",
         f"tokenizer: {tok['kind']}, vocab {tok['vocab_size']}, dtype {st['dtype']}, checksum {tok['checksum'][:16]}..., "
         f"source {tok.get('source')}",
-        f"special ids: " + ", ".join(f"{k}={v}" for k, v in tok["special_ids"].items()),
+        "special ids: " + ", ".join(f"{k}={v}" for k, v in tok["special_ids"].items()),
         f"settings: seq_len {st['seq_len']}, lang {st['lang']}, cross_document {st['cross_document']}, "
         f"shard_size {st['shard_size']}, jieba_dict {(st.get('jieba_dict') or {}).get('path')}",
         f"corpus options: {corpus}",

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
 from data_prep import shard_format as sf

@@ -11,6 +11,7 @@ import csv
 import os
 
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
@@ -52,6 +53,7 @@ class ResumableCSVLogger(CSVLogger):
         self.resume_step = resume_step
 
     @property
+    @rank_zero_experiment  # only global rank 0 touches the file (other ranks, other nodes, get a no-op)
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)

@@ -1,7 +1,8 @@
 """``python -m pretrain.export CKPT OUT``: turn a training checkpoint into HuggingFace directories.
 
 Writes ``OUT/hf`` (the MLM model for v2; the GDES-merged discriminator for v3) and, for v3, ``OUT/hf_generator``,
-each with the tokenizer the shards were made with. Works on any Lightning checkpoint written by ``pretrain``.
+each with the tokenizer the shards were made with. Works on any checkpoint written by ``pretrain``: a Lightning
+``.ckpt`` file, or a DeepSpeed ZeRO checkpoint directory (consolidated to fp32 first).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoints import DEEPSPEED_TAG, CheckpointError, is_deepspeed_checkpoint, read_metadata
 from pretrain.model import DebertaConfig
 from pretrain.objectives.base import SpecialTokens
 from pretrain.settings import ObjectiveSettings
@@ -22,24 +24,43 @@ class ExportError(ValueError):
     pass
 
 
+def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed ZeRO checkpoint directory (any stage, any number of ranks): DeepSpeed
+    merges the per-rank fp32 partitions of the optimizer state, so nothing is lost to half precision."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DEEPSPEED_TAG)
+    wrapper = "_forward_module."  # Lightning's wrapper around the LightningModule inside the DeepSpeed engine
+    return {k[len(wrapper):] if k.startswith(wrapper) else k: v for k, v in state.items()}
+
+
 def load_objective(checkpoint_path: Path):
-    if not checkpoint_path.is_file():
-        raise ExportError(f"{checkpoint_path}: no such checkpoint file")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+    """The objective with the checkpoint's weights, and the tokenizer directory recorded at training time.
+
+    Accepts a Lightning ``.ckpt`` file or a DeepSpeed checkpoint directory (``last.ckpt`` under a DeepSpeed
+    strategy links to one); in the latter the run record sits in DeepSpeed's rank-0 client state."""
+    if not checkpoint_path.exists():
+        raise ExportError(f"{checkpoint_path}: no such checkpoint file or directory")
+    try:
+        checkpoint = read_metadata(checkpoint_path)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     record = checkpoint.get("deberta_pretrain")
     if not record:
         raise ExportError(f"{checkpoint_path}: not a checkpoint written by `python -m pretrain` (no run record)")
     objective = build_objective(DebertaConfig(**record["model"]), ObjectiveSettings(**record["objective"]),
                                 SpecialTokens(**record["special_tokens"]))
+    weights = (consolidated_state_dict(checkpoint_path) if is_deepspeed_checkpoint(checkpoint_path)
+               else checkpoint["state_dict"])
     prefix = "objective."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     objective.load_state_dict(state)
     return objective, Path(record["tokenizer_dir"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="a .ckpt file from output_dir/checkpoints/")
+    parser.add_argument("checkpoint", type=Path, help="a .ckpt file or DeepSpeed checkpoint directory from output_dir/checkpoints/")
     parser.add_argument("out", type=Path, help="directory to write hf/ (and hf_generator/) into")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer directory to ship (default: the one recorded in the checkpoint)")

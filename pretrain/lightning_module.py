@@ -11,6 +11,7 @@ import lightning as L
 import torch
 
 from pretrain.objectives.base import PretrainingObjective
+from pretrain.perf import device_peak_flops
 from pretrain.settings import OptimSettings
 
 
@@ -25,8 +26,10 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int, min_rati
 
 class PretrainingModule(L.LightningModule):
     def __init__(self, objective: PretrainingObjective, optim: OptimSettings, seed: int, tokens_per_sequence: int,
-                 run_record: dict | None = None):
+                 run_record: dict | None = None, flops_per_token: float | None = None):
         super().__init__()
+        self.flops_per_token = flops_per_token
+        self._peak_flops: float | None = None
         self.objective = objective
         # What `python -m pretrain.export` needs to rebuild the objective from a checkpoint alone.
         self.run_record = run_record or {}
@@ -71,8 +74,12 @@ class PretrainingModule(L.LightningModule):
         now = time.perf_counter()
         if self._last_time is not None:
             tokens = batch_size * self.tokens_per_sequence * self.trainer.world_size
-            self.log("perf/tokens_per_sec", tokens / max(now - self._last_time, 1e-9), prog_bar=True,
-                     batch_size=batch_size)
+            tokens_per_sec = tokens / max(now - self._last_time, 1e-9)
+            self.log("perf/tokens_per_sec", tokens_per_sec, prog_bar=True, batch_size=batch_size)
+            self.log("perf/samples_per_sec", tokens_per_sec / self.tokens_per_sequence, batch_size=batch_size)
+            if self._peak_flops and self.flops_per_token:
+                mfu = tokens_per_sec * self.flops_per_token / (self._peak_flops * self.trainer.world_size)
+                self.log("perf/mfu", mfu, batch_size=batch_size)
         self._last_time = now
         return out["loss"]
 
@@ -82,6 +89,10 @@ class PretrainingModule(L.LightningModule):
         out = self.objective(batch, g)
         self.log_dict({f"val/{k}": v.float() for k, v in out.items() if k != "masked_tokens"},
                       batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":  # MFU only where the device's bf16 peak is known
+            self._peak_flops = device_peak_flops(torch.cuda.get_device_name(self.device))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Total gradient norm before clipping, at logging steps only (it costs a pass over all gradients).

@@ -86,6 +86,31 @@ class RunSettings:
 
 
 @dataclass
+class StrategySettings:
+    """How the ranks share the work (``strategy=`` group in conf/strategy/); built by ``pretrain.strategies``."""
+
+    name: str = "auto"
+    """auto (Lightning's choice) | ddp | deepspeed."""
+    stage: int = 2
+    """DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters."""
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 200_000_000
+    allgather_bucket_size: int = 200_000_000
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer state (and run the step) in CPU memory."""
+    offload_parameters: bool = False
+    """DeepSpeed ZeRO-3: keep parameters in CPU memory between uses."""
+    pin_memory: bool = False
+    sub_group_size: int = 1_000_000_000_000
+    find_unused_parameters: bool = False
+    """DDP: set true only if some parameters get no gradient in a step."""
+    process_group_backend: str | None = None
+    """None = nccl on GPUs, gloo on CPU."""
+    timeout_minutes: int = 30
+
+
+@dataclass
 class LoggerSettings:
     """metrics.csv is always written; these add optional loggers."""
 
@@ -98,6 +123,40 @@ class LoggerSettings:
 
 
 @dataclass
+class InitSettings:
+    """Continued pretraining (``model.init_from=DIR``, ``model.init_generator_from=DIR``). They sit in the ``model``
+    section on the command line but are not architecture fields, so they are split off here; the checkpoint's own
+    config.json then supplies the architecture (see ``pretrain.init_from``)."""
+
+    init_from: str | None = None
+    """HuggingFace DebertaV2 directory (weights, config.json, tokenizer) to start from."""
+    init_generator_from: str | None = None
+    """objective=rtd: HuggingFace DebertaV2ForMaskedLM directory of a matching generator; None = derive one from
+    the discriminator."""
+
+
+def _split_init(raw: Any, problems: list[str]) -> tuple[dict[str, Any], InitSettings]:
+    """(the model section without the init keys, InitSettings), each init directory checked to be a DebertaV2 one."""
+    values = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
+    init = InitSettings(**{f.name: values.pop(f.name, None) for f in dataclasses.fields(InitSettings)})
+    for key in ("init_from", "init_generator_from"):
+        value = getattr(init, key)
+        if value == "???":
+            problems.append(f"model.{key}: required, set it to a HuggingFace DebertaV2 directory (model.{key}=DIR)")
+            setattr(init, key, None)
+        elif value is not None:
+            from pretrain.hf import CheckpointError, load_config
+
+            try:
+                load_config(value)
+            except CheckpointError as err:
+                problems.append(f"model.{key}={value}: not a DeBERTa-v2/v3 checkpoint directory ({err})")
+    if init.init_generator_from and not init.init_from:
+        problems.append("model.init_generator_from: set model.init_from too (the discriminator to continue)")
+    return values, init
+
+
+@dataclass
 class Settings:
     model: DebertaConfig
     objective: ObjectiveSettings
@@ -105,8 +164,10 @@ class Settings:
     optim: OptimSettings
     run: RunSettings
     logger: LoggerSettings = field(default_factory=LoggerSettings)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
     trainer: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of `lightning.Trainer`, passed through after validation."""
+    init: InitSettings = field(default_factory=InitSettings)
 
 
 def _section(cls, raw: Any, key: str, problems: list[str]):
@@ -134,15 +195,32 @@ def _validate_trainer(trainer: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"trainer.{key}: not an argument of lightning.Trainer")
 
 
+def _validate_strategy(strategy: StrategySettings, trainer: dict[str, Any], problems: list[str]) -> None:
+    if "strategy" in trainer:
+        problems.append(f"trainer.strategy={trainer['strategy']!r}: choose the strategy with the strategy group "
+                        "instead (strategy=ddp, strategy=deepspeed_zero2, ...; see conf/strategy/)")
+    if strategy.name not in ("auto", "ddp", "deepspeed"):
+        problems.append(f"strategy.name={strategy.name!r}: choose auto, ddp or deepspeed (strategy=ddp|deepspeed_zero1|"
+                        "deepspeed_zero2|deepspeed_zero3|...)")
+    if strategy.name == "deepspeed":
+        if strategy.stage not in (1, 2, 3):
+            problems.append(f"strategy.stage={strategy.stage}: DeepSpeed ZeRO stages are 1, 2 and 3")
+        if strategy.offload_parameters and strategy.stage != 3:
+            problems.append(f"strategy.offload_parameters=true needs ZeRO stage 3 (strategy.stage={strategy.stage}); "
+                            "use strategy=deepspeed_zero3_offload")
+
+
 def settings_from_config(cfg: DictConfig) -> Settings:
     """Convert and validate the composed Hydra config; raises one SettingsError listing every problem."""
     problems: list[str] = []
-    model = _section(DebertaConfig, cfg.get("model"), "model", problems)  # DebertaV2Config names, v3 defaults
+    model_section, init = _split_init(cfg.get("model"), problems)
+    model = _section(DebertaConfig, model_section, "model", problems)  # DebertaV2Config names, v3 defaults
     objective = _section(ObjectiveSettings, cfg.get("objective"), "objective", problems)
     data = _section(DataSettings, cfg.get("data"), "data", problems)
     optim = _section(OptimSettings, cfg.get("optim"), "optim", problems)
     logger = _section(LoggerSettings, cfg.get("logger"), "logger", problems)
-    groups = {"model", "objective", "data", "optim", "trainer", "experiment", "hydra", "logger"}
+    strategy = _section(StrategySettings, cfg.get("strategy"), "strategy", problems)
+    groups = {"model", "objective", "data", "optim", "trainer", "experiment", "hydra", "logger", "strategy"}
     top_level = {k: v for k, v in cfg.items() if k not in groups}
     run = _section(RunSettings, top_level, "config", problems)
     trainer = OmegaConf.to_container(cfg.get("trainer", {}), resolve=True)
@@ -159,8 +237,10 @@ def settings_from_config(cfg: DictConfig) -> Settings:
                             "`python -m data_prep shards --input ... --tokenizer ... --out DIR`")
     if data.val_path and not (Path(data.val_path) / "manifest.json").is_file():
         problems.append(f"data.val_path={data.val_path}: no shard directory there (manifest.json missing)")
-    if not trainer.get("max_steps") or trainer.get("max_steps", -1) <= 0:
-        problems.append("trainer.max_steps: set a positive step count (the LR schedule is defined over it)")
+    if not isinstance(trainer.get("max_steps"), int) or trainer["max_steps"] < 0:
+        problems.append("trainer.max_steps: set a step count (the LR schedule is defined over it; 0 exports the "
+                        "starting model without training)")
+    _validate_strategy(strategy, trainer, problems)
     if problems:
         raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    return Settings(model, objective, data, optim, run, logger, trainer)
+    return Settings(model, objective, data, optim, run, logger, trainer=trainer, strategy=strategy, init=init)

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain import hf
+from pretrain import hf, init_from
+from pretrain.checkpoints import check_resumable, newest_checkpoint
 from pretrain.csv_log import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
 from pretrain.lightning_module import PretrainingModule
@@ -25,7 +25,9 @@ from pretrain.objectives.base import PretrainingObjective, SpecialTokens
 from pretrain.objectives.masking import MaskingConfig
 from pretrain.objectives.mlm import MaskedLMObjective
 from pretrain.objectives.rtd import ReplacedTokenDetectionObjective
+from pretrain.perf import training_flops_per_token
 from pretrain.settings import ObjectiveSettings, Settings, SettingsError, settings_from_config
+from pretrain.strategies import build_strategy, expose_outputs_to_zero3, full_parameters, is_deepspeed, zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -90,43 +92,62 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     settings = settings_from_config(cfg)
     L.seed_everything(settings.run.seed, workers=True)
     data = ShardDataModule(settings.data)
+    settings, start = init_from.prepare(settings, data.train_set)  # model.init_from: the checkpoint's architecture
     check_data_against_model(settings, data)
     ids = data.train_set.special_ids
     special = SpecialTokens(pad=ids["pad"], cls=ids["cls"], sep=ids["sep"], unk=ids["unk"], mask=ids["mask"])
     objective = build_objective(settings.model, settings.objective, special)
+    if start is not None:
+        start.initialise(objective)
     for model in objective.modules():
         if hasattr(model, "set_attention_backend") and hasattr(model, "deberta"):
             model.set_attention_backend(settings.run.attention_backend)
             model.gradient_checkpointing_enable(settings.run.gradient_checkpointing)
     run_record = {"model": settings.model.to_dict(), "objective": dataclasses.asdict(settings.objective),
                   "special_tokens": dataclasses.asdict(special), "tokenizer_dir": str(data.train_set.tokenizer_dir.resolve())}
-    module = PretrainingModule(objective, settings.optim, settings.run.seed, data.seq_len, run_record)
+    flops = training_flops_per_token(settings.model, data.seq_len, settings.objective.name, settings.objective.mask_prob,
+                                     settings.objective.generator_layers, settings.objective.use_emd)
+    module = PretrainingModule(objective, settings.optim, settings.run.seed, data.seq_len, run_record, flops)
 
     output_dir = Path(settings.run.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step:08d}", save_last=True, save_top_k=2,
+    trainer_args = dict(settings.trainer)
+    strategy = build_strategy(settings.strategy, str(trainer_args.get("accelerator", "auto")), settings.data.batch_size)
+    # DeepSpeed checkpoints are directories written in place: `last.ckpt` becomes a link to the newest complete
+    # step-N directory instead of a second copy overwritten at every save (a kill mid-save would corrupt it).
+    save_last = "link" if is_deepspeed(strategy) else True
+    if zero_stage(strategy) == 3:
+        expose_outputs_to_zero3(objective)
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step:08d}", save_last=save_last, save_top_k=2,
                                  monitor="step", mode="max", every_n_train_steps=settings.run.checkpoint_every_n_steps,
-                                 auto_insert_metric_name=False)
-    last = checkpoint_dir / "last.ckpt"
-    resume = str(last) if last.is_file() else None
-    resume_step = None
+                                 auto_insert_metric_name=False,
+                                 enable_version_counter=False)  # a resumed run overwrites/relinks last.ckpt, no last-v1
+    newest = newest_checkpoint(output_dir)  # checkpoints/last.ckpt or a SLURM requeue hpc_ckpt_N.ckpt
+    resume, resume_step = (str(newest[0]), newest[1]) if newest else (None, None)
     if resume:
-        resume_step = int(torch.load(resume, map_location="cpu", weights_only=False, mmap=True)["global_step"])
         log.info("resuming from %s (step %d)", resume, resume_step)
     loggers = build_loggers(settings, output_dir, resume_step)
-    trainer_args = dict(settings.trainer)
     if not settings.data.val_path:
         trainer_args["limit_val_batches"] = 0
     trainer = L.Trainer(default_root_dir=str(output_dir), callbacks=[checkpoint, LearningRateMonitor("step")],
-                        logger=loggers, use_distributed_sampler=False, **trainer_args)
+                        logger=loggers, use_distributed_sampler=False, strategy=strategy, **trainer_args)
+    if resume:
+        check_resumable(Path(resume), is_deepspeed(strategy), trainer.world_size)
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    trained = settings.trainer["max_steps"] > 0  # 0: export the starting model as it is
+    if trained:
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
 
     exported: list[Path] = []
-    if settings.run.export_hf and trainer.is_global_zero:
-        exported = export(objective, output_dir, data.train_set.tokenizer_dir)
+    if settings.run.export_hf:
+        with full_parameters(trainer.strategy, objective):  # ZeRO-3: every rank takes part in the gather
+            if trainer.is_global_zero:
+                if start is not None and not trained:
+                    exported = start.export_untrained(objective, output_dir, data.train_set.tokenizer_dir)
+                else:
+                    exported = export(objective, output_dir, data.train_set.tokenizer_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return metrics, {"trainer": trainer, "module": module, "datamodule": data, "exported": exported,
                      "settings": settings}

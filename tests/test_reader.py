@@ -178,3 +178,22 @@ def test_epoch_rollover_and_state_checks():
         ResumableDistributedSampler(10, seed=1).load_state_dict(s.state_dict())
     with pytest.raises(DataPrepError, match="rank 3"):
         ResumableDistributedSampler(10, rank=3, world_size=3)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_endless_sampler_streams_across_epochs_and_resumes(world):
+    """Step-based training iterates one endless stream: every epoch of the global order is covered exactly once, and
+    a restore (also to another world size) continues the same stream."""
+    n, batch, steps = 23, 3, 40  # 40 * 3 * world samples: several epochs
+    samplers = [ResumableDistributedSampler(n, rank=r, world_size=world, seed=3, endless=True) for r in range(world)]
+    with pytest.raises(TypeError):
+        len(samplers[0])  # no length: Lightning treats the loader as infinite and stops by max_steps
+    stream = _run(samplers, steps, batch)
+    for epoch in range(len(stream) // n):
+        assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n))
+    resumed = [ResumableDistributedSampler(n, rank=r, world_size=2, seed=3, endless=True) for r in range(2)]
+    for s in resumed:
+        s.load_state_dict(samplers[0].state_dict())
+    more = _run(resumed, 10, batch)
+    reference = [ResumableDistributedSampler(n, rank=0, world_size=1, seed=3, endless=True)]
+    assert _run(reference, steps * world + 20, batch)[len(stream):] == more

@@ -72,9 +72,12 @@ def test_rtd_loss_falls_and_exports_load_in_transformers(shards, tmp_path):
 
 def test_mlm_run_exports_a_fill_mask_model(shards, tmp_path):
     run = tmp_path / "mlm"
-    train(compose_config(tiny_run(shards, run, "mlm", 40, "optim.lr=3e-3")))
+    train(compose_config(tiny_run(shards, run, "mlm", 40, "optim.lr=3e-3", f"data.val_path={shards}",
+                                  "trainer.val_check_interval=20", "trainer.limit_val_batches=3")))
     losses = list(read_losses(run).values())
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    validation = read_losses(run, "val/loss")  # held-out evaluation at steps 20 and 40, with fixed masks
+    assert len(validation) == 2 and validation[max(validation)] < validation[min(validation)]
     assert not (run / "hf_generator").exists()
     model, info = transformers.AutoModelForMaskedLM.from_pretrained(run / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]

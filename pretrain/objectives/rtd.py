@@ -81,24 +81,52 @@ class ReplacedTokenDetectionObjective(PretrainingObjective):
         for table in self._shared_tables():
             shared = getattr(gen, table).weight
             if self.embedding_sharing == "gdes":
-                out[table] = shared.detach() + getattr(self, f"{table}_residual")
+                residual = getattr(self, f"{table}_residual")
+                low = getattr(self, f"{table}_residual_low", None)
+                if low is None:
+                    out[table] = shared.detach() + residual
+                else:  # exact start from released tables, see set_discriminator_tables
+                    out[table] = (shared.detach().double() + residual.double() + low).to(residual.dtype)
             else:
                 out[table] = shared
         return out
 
     def set_discriminator_tables(self, tables: dict[str, torch.Tensor]) -> None:
-        """Make the effective discriminator tables equal ``tables`` (e.g. a released discriminator's embeddings when
-        continuing pretraining): GDES residual = target - generator table; NES copies; ES cannot represent it."""
+        """Make the effective discriminator tables equal ``tables`` exactly (e.g. a released discriminator's
+        embeddings when continuing pretraining): GDES residual = target - generator table; NES copies; ES cannot
+        represent it.
+
+        Why a second, frozen term for GDES: ``generator + (target - generator)`` rounds twice in the tables' dtype
+        and can miss the target by a unit in the last place wherever the two tables differ much in magnitude. The
+        rounding error of the residual is kept in float64 (``{table}_residual_low``, a buffer) and the effective
+        table is then summed in float64, which gives the target bit for bit. The buffer exists only when it is
+        not zero (a generator with its own released table), so other runs compute exactly as before.
+        """
         with torch.no_grad():
             for table, target in tables.items():
                 if self.embedding_sharing == "gdes":
                     shared = getattr(self.generator.deberta.embeddings, table).weight
-                    getattr(self, f"{table}_residual").copy_(target - shared)
+                    exact = target.double() - shared.double()
+                    residual = getattr(self, f"{table}_residual")
+                    residual.copy_(exact)
+                    low = exact - residual.double()
+                    if low.any():
+                        self.register_buffer(f"{table}_residual_low", low)
+                    elif hasattr(self, f"{table}_residual_low"):
+                        delattr(self, f"{table}_residual_low")
                 elif self.embedding_sharing == "nes":
                     getattr(self.discriminator.deberta.embeddings, table).weight.copy_(target)
                 else:
                     raise ValueError("embedding_sharing=es ties the discriminator table to the generator's; "
                                      "it cannot be set independently")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint of a run started from released tables carries the float64 rounding term: recreate its slot
+        for table in ("word_embeddings", "position_embeddings"):
+            key = f"{prefix}{table}_residual_low"
+            if key in state_dict and not hasattr(self, f"{table}_residual_low"):
+                self.register_buffer(f"{table}_residual_low", torch.zeros_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ step
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
