@@ -12,11 +12,15 @@ from pretrain.settings import SettingsError
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from data_prep.errors import DataPrepError
+    from pretrain.hf import CheckpointError
+    from pretrain.model import ConfigError
     from pretrain.train import train  # heavy imports after Hydra has parsed the command line
 
     try:
         train(cfg)
-    except SettingsError as err:
+    except (SettingsError, DataPrepError, CheckpointError, ConfigError) as err:
+        # bad input (config, shards, checkpoint directories): one message naming what to fix, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -146,6 +146,13 @@ def test_config_errors_are_reported_before_building(shards, tmp_path):
     assert "trainer.max_stepz: not an argument of lightning.Trainer" in message
     with pytest.raises(SettingsError, match=r"model.vocab_size=100"):
         train(compose_config(tiny_run(shards, tmp_path / "y", "mlm", 5, "model.vocab_size=100")))
+    # the command line prints the same message, without a traceback, and exits 2
+    result = subprocess.run([sys.executable, "-m", "pretrain", *tiny_run(shards, tmp_path / "z", "mlm", 5,
+                                                                         "data.path=/nonexistent/shards")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "error: invalid configuration" in result.stderr and "data.path=/nonexistent/shards" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
