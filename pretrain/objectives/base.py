@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pretrain.objectives.masking import MaskingConfig, mask_tokens
+
 
 @dataclass(frozen=True)
 class SpecialTokens:
@@ -28,7 +30,23 @@ class SpecialTokens:
 
 
 class PretrainingObjective(nn.Module):
-    """Interface: ``forward(batch, generator) -> dict`` with a scalar ``loss`` plus detached metrics."""
+    """Interface: ``forward(batch, generator) -> dict`` with a scalar ``loss`` plus detached metrics.
+
+    Subclasses set ``special`` (SpecialTokens) and ``masking`` (MaskingConfig), which :meth:`mask_batch` uses.
+    """
+
+    special: SpecialTokens
+    masking: MaskingConfig
+
+    def mask_batch(self, batch: dict[str, torch.Tensor], vocab_size: int, generator: torch.Generator | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(attention mask, masked input ids, labels) of a batch from the shards, with this objective's masking."""
+        input_ids = batch["input_ids"]
+        masked_ids, labels = mask_tokens(
+            input_ids, batch["word_start"], self.special.special_mask(input_ids), self.masking,
+            mask_token_id=self.special.mask, vocab_size=vocab_size, generator=generator,
+        )
+        return input_ids != self.special.pad, masked_ids, labels
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -7,7 +7,7 @@ from torch import nn
 
 from pretrain.model import DebertaConfig, DebertaForMaskedLM
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
-from pretrain.objectives.masking import MaskingConfig, mask_tokens
+from pretrain.objectives.masking import MaskingConfig
 
 
 class MaskedLMObjective(PretrainingObjective):
@@ -20,12 +20,7 @@ class MaskedLMObjective(PretrainingObjective):
         self.use_emd = use_emd
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        input_ids = batch["input_ids"]
-        attention_mask = input_ids != self.special.pad
-        masked_ids, labels = mask_tokens(
-            input_ids, batch["word_start"], self.special.special_mask(input_ids), self.masking,
-            mask_token_id=self.special.mask, vocab_size=self.model.config.vocab_size, generator=generator,
-        )
+        attention_mask, masked_ids, labels = self.mask_batch(batch, self.model.config.vocab_size, generator)
         out = self.model(masked_ids, attention_mask, labels=labels, use_emd=self.use_emd)
         with torch.no_grad():
             accuracy = (out.logits.argmax(-1) == labels[out.label_mask]).float().mean()

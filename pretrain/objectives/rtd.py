@@ -22,7 +22,7 @@ from torch import nn
 
 from pretrain.model import DebertaConfig, DebertaForMaskedLM, DebertaForReplacedTokenDetection
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
-from pretrain.objectives.masking import RTD_GENERATOR_MASKING, MaskingConfig, mask_tokens, rtd_labels, sample_replacements
+from pretrain.objectives.masking import RTD_GENERATOR_MASKING, MaskingConfig, rtd_labels, sample_replacements
 
 EMBEDDING_SHARING_MODES = ("gdes", "es", "nes")
 
@@ -131,11 +131,7 @@ class ReplacedTokenDetectionObjective(PretrainingObjective):
     # ------------------------------------------------------------------------------------------ step
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         input_ids = batch["input_ids"]
-        attention_mask = input_ids != self.special.pad
-        masked_ids, labels = mask_tokens(
-            input_ids, batch["word_start"], self.special.special_mask(input_ids), self.masking,
-            mask_token_id=self.special.mask, vocab_size=self.generator.config.vocab_size, generator=generator,
-        )
+        attention_mask, masked_ids, labels = self.mask_batch(batch, self.generator.config.vocab_size, generator)
         gen_out = self.generator(masked_ids, attention_mask, labels=labels, use_emd=True)
         selected = gen_out.label_mask
         with torch.no_grad():
