@@ -10,6 +10,7 @@ Notation: B batch, N heads, d head size, Lq/Lk query/key length, 2k rows of the 
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Protocol
 
 import torch
@@ -63,7 +64,52 @@ def reference_attention(query, key, value, pos_key, pos_query, rel_index, key_pa
     return probs @ value  # (B, N, Lq, d)
 
 
-ATTENTION_BACKENDS: dict[str, AttentionCore] = {"reference": reference_attention}
+def triton_supported(query: torch.Tensor, key: torch.Tensor) -> str | None:
+    """Why the Triton kernel cannot take these inputs, or None when it can."""
+    if query.shape[-2] != key.shape[-2]:
+        return "query and key lengths differ"
+    d = query.shape[-1]
+    if d < 16 or d & (d - 1):
+        return f"head size {d} is not a power of two >= 16"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {query.dtype}"
+    return None
+
+
+def triton_available() -> bool:
+    """Triton can run here: a CUDA device and the package, or its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
+    """The fused kernel of :mod:`pretrain.model.triton_attention` (imported on first use: it needs Triton)."""
+    if not triton_available():
+        raise RuntimeError("attention_backend=triton needs a CUDA GPU with the `triton` package (or TRITON_INTERPRET=1 "
+                           "for Triton's slow CPU interpreter); use attention_backend=auto or reference")
+    reason = triton_supported(query, key)
+    if reason is not None:
+        raise ValueError(f"attention_backend=triton cannot run this input ({reason}); use attention_backend=auto")
+    from pretrain.model.triton_attention import disentangled_attention
+
+    return disentangled_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p)
+
+
+def auto_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
+    """The fused kernel on CUDA tensors it supports, the reference path otherwise (CPU, unusual shapes)."""
+    if query.is_cuda and triton_available() and triton_supported(query, key) is None:
+        return triton_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p)
+    return reference_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionCore] = {
+    "auto": auto_attention,
+    "reference": reference_attention,
+    "triton": triton_attention,
+}
 
 
 def register_attention_backend(name: str, core: AttentionCore) -> None:
@@ -94,7 +140,7 @@ class DisentangledSelfAttention(nn.Module):
                 self.pos_query_proj = nn.Linear(config.hidden_size, inner)
         # Dropout on the relative embeddings uses the hidden dropout rate (HF/original `pos_dropout`).
         self.pos_dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.backend = "reference"
+        self.backend = "auto"
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (B, L, N*d) -> (B, N, L, d)
