@@ -10,6 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+if not torch.cuda.is_available():  # Triton kernels run in Triton's CPU interpreter (set before they are defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

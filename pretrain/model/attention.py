@@ -36,8 +36,8 @@ class AttentionCore(Protocol):
         ...
 
 
-def reference_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
-    """Materialises the full score tensor, in fp32 (as the original code does for half-precision stability).
+def reference_probabilities(query, key, pos_key, pos_query, rel_index, key_padding_mask, scale) -> torch.Tensor:
+    """Attention probabilities (B, N, Lq, Lk) in fp32 (as the original code, for half-precision stability).
 
     Masking follows HF/original DeBERTa: the pair (i, j) is valid when both tokens are real, so a padded query
     row is fully masked and its softmax is uniform; those rows are zeroed or ignored downstream.
@@ -59,7 +59,12 @@ def reference_attention(query, key, value, pos_key, pos_query, rel_index, key_pa
         if Lq == Lk:
             mask = mask & key_padding_mask[:, None, :, None]  # pairwise, as HF: padded query rows masked too
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1)
+        return torch.softmax(scores, dim=-1)
+
+
+def reference_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
+    """The plain definition: full probability tensor, dropout on it, then the values."""
+    probs = reference_probabilities(query, key, pos_key, pos_query, rel_index, key_padding_mask, scale)
     probs = F.dropout(probs, p=dropout_p).to(value.dtype)
     return probs @ value  # (B, N, Lq, d)
 

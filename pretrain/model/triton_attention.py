@@ -403,7 +403,7 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_k
     _backward_key_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_N"]), B * N)](
         *tensors, dk, dv, p2c_sums, col_totals, *scalars, **common)
 
-    d_pos_key = d_pos_query = q.new_empty(0)
+    d_pos_key, d_pos_query = q.new_empty(0), q.new_empty(0)
     blocks = dict(BLOCK_L=16 if INTERPRETING else 32, BLOCK_R=16 if INTERPRETING else 128)
     if c2p is not None:  # dC2P -> dq and d pos_key
         d_c2p = torch.empty(B, N, L, two_k, device=q.device, dtype=q.dtype)
@@ -422,10 +422,9 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_k
 
 @_attention_backward.register_fake
 def _(grad_out, q, k, v, pos_key, pos_query, out, lse, code, runs, mask, scale, dropout_p, seed):
-    empty = q.new_empty(0)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(pos_key) if pos_key is not None else empty,
-            torch.empty_like(pos_query) if pos_query is not None else empty)
+            torch.empty_like(pos_key) if pos_key is not None else q.new_empty(0),
+            torch.empty_like(pos_query) if pos_query is not None else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
