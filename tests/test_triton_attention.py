@@ -201,3 +201,16 @@ def test_auto_backend_choice():
     torch.testing.assert_close(auto, ref, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="head size 12"):
         triton_attention(q[..., :12], k[..., :12], v[..., :12], None, None, rel_index, mask, 0.125, 0.0)
+
+
+def test_custom_op_registration():
+    """torch.library.opcheck: schema, fake (meta) implementation against the real one, autograd registration and
+    AOT dispatch, the properties torch.compile relies on."""
+    from pretrain.model.triton_attention import relative_lookup
+
+    q, k, v, pos_key, pos_query, mask, _ = make_inputs(1, 2, 20, 16, 8, True, True, seed=2)
+    rel_index = relative_position_index(20, 20, 8, 8, 64, device=DEVICE)
+    code, runs = relative_lookup(rel_index, 16)
+    seed = torch.zeros((), dtype=torch.int64)
+    args = (q, k, v, pos_key, pos_query, code, runs, mask.to(torch.uint8), 0.125, 0.0, seed)
+    torch.library.opcheck(torch.ops.deberta_pretrain.disentangled_attention.default, args)

@@ -344,11 +344,17 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _rows_contiguous(x: Tensor) -> Tensor:
+    """The kernels address (B, N, L) by strides but read each head vector as consecutive elements."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 @torch.library.custom_op("deberta_pretrain::disentangled_attention", mutates_args=())
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
                        code: Tensor, runs: Tensor, mask: Tensor, scale: float, dropout_p: float, seed: Tensor
                        ) -> tuple[Tensor, Tensor]:
     B, N, L, d = q.shape
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     c2p, p2c = _relative_tables(q, k, pos_key, pos_query)
     two_k = runs.shape[1]
     out = torch.empty(B, L, N, d, device=q.device, dtype=q.dtype).transpose(1, 2)  # (B, N, L, d) view
@@ -381,6 +387,8 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_k
                         mask: Tensor, scale: float, dropout_p: float, seed: Tensor
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, N, L, d = q.shape
+    # grad_out may be an expanded tensor (stride 0), e.g. the gradient of out.sum()
+    grad_out, q, k, v = (_rows_contiguous(t) for t in (grad_out, q, k, v))
     c2p, p2c = _relative_tables(q, k, pos_key, pos_query)  # recomputed: cheaper than keeping them per layer
     two_k = runs.shape[1]
     delta = (grad_out.float() * out.float()).sum(-1)  # (B, N, L): rowsum(dO * O), as in flash attention
@@ -422,9 +430,10 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_k
 
 @_attention_backward.register_fake
 def _(grad_out, q, k, v, pos_key, pos_query, out, lse, code, runs, mask, scale, dropout_p, seed):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(pos_key) if pos_key is not None else q.new_empty(0),
-            torch.empty_like(pos_query) if pos_query is not None else q.new_empty(0))
+    # Gradients come back contiguous (B, N, L, d), as the real implementation returns them.
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            pos_key.new_empty(pos_key.shape) if pos_key is not None else q.new_empty(0),
+            pos_query.new_empty(pos_query.shape) if pos_query is not None else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
