@@ -37,6 +37,7 @@ class PretrainingModule(L.LightningModule):
         self.seed = seed
         self.tokens_per_sequence = tokens_per_sequence
         self._last_time: float | None = None
+        self._nonfinite: torch.Tensor | None = None
 
     def _consumed_samples(self) -> int:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -57,11 +58,11 @@ class PretrainingModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.objective(batch, self.seed_step())
-        if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(
-                f"non-finite loss {out['loss'].item()} at step {self.global_step}; the last checkpoint is intact. "
-                "Lower optim.lr, use bf16 instead of fp16, or resume from the last checkpoint"
-            )
+        # Remember a non-finite loss on the device; it is checked where the host waits anyway (logging steps, before
+        # a checkpoint is written), so the step itself never synchronises with the accelerator.
+        self._nonfinite_loss |= ~torch.isfinite(out["loss"].detach())
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite()
         batch_size = batch["input_ids"].shape[0]
         # Count the batch as consumed now, before any checkpoint of this step is written (callbacks save in
         # on_train_batch_end, which runs before the module's own hook).
@@ -83,6 +84,24 @@ class PretrainingModule(L.LightningModule):
         self._last_time = now
         return out["loss"]
 
+    @property
+    def _nonfinite_loss(self) -> torch.Tensor:
+        if self._nonfinite is None or self._nonfinite.device != self.device:
+            self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        return self._nonfinite
+
+    @_nonfinite_loss.setter
+    def _nonfinite_loss(self, value: torch.Tensor) -> None:
+        self._nonfinite = value
+
+    def check_finite(self) -> None:
+        """Raise if any loss since the last check was NaN/inf (one host sync)."""
+        if bool(self._nonfinite_loss):
+            raise FloatingPointError(
+                f"non-finite loss at or before step {self.global_step}; no checkpoint was written after it. "
+                "Lower optim.lr, use bf16 instead of fp16, or resume from the last checkpoint"
+            )
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         g = torch.Generator(device=self.device)
         g.manual_seed(self.seed + batch_idx)  # the same masks at every evaluation: comparable numbers
@@ -102,6 +121,7 @@ class PretrainingModule(L.LightningModule):
                 self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms), 2))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # never write weights a NaN step has touched
         checkpoint["deberta_pretrain"] = self.run_record
 
     def configure_optimizers(self):

@@ -81,7 +81,10 @@ class RunSettings:
     export_hf: bool = True
     """Write `hf/` (and `hf_generator/` for RTD) at the end of training."""
     checkpoint_every_n_steps: int = 1000
-    attention_backend: str = "reference"
+    attention_backend: str = "auto"
+    """auto (the fused Triton kernel on CUDA, the reference path elsewhere) | triton | reference."""
+    compile: bool | None = None
+    """torch.compile each encoder layer; None = on when training on CUDA (compilation takes a minute or two)."""
     gradient_checkpointing: bool = False
 
 
@@ -241,6 +244,10 @@ def settings_from_config(cfg: DictConfig) -> Settings:
         problems.append("trainer.max_steps: set a step count (the LR schedule is defined over it; 0 exports the "
                         "starting model without training)")
     _validate_strategy(strategy, trainer, problems)
+    from pretrain.model.attention import ATTENTION_BACKENDS
+
+    if run.attention_backend not in ATTENTION_BACKENDS:
+        problems.append(f"attention_backend={run.attention_backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
     if problems:
         raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return Settings(model, objective, data, optim, run, logger, trainer=trainer, strategy=strategy, init=init)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain import hf, init_from
@@ -21,6 +22,7 @@ from pretrain.csv_log import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
 from pretrain.lightning_module import PretrainingModule
 from pretrain.model import DebertaConfig
+from pretrain.model.deberta import DebertaPreTrained
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
 from pretrain.objectives.masking import MaskingConfig
 from pretrain.objectives.mlm import MaskedLMObjective
@@ -99,10 +101,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     objective = build_objective(settings.model, settings.objective, special)
     if start is not None:
         start.initialise(objective)
+    compile_layers = settings.run.compile
+    if compile_layers is None:
+        compile_layers = torch.cuda.is_available() and settings.trainer.get("accelerator", "auto") in ("auto", "gpu",
+                                                                                                       "cuda")
     for model in objective.modules():
-        if hasattr(model, "set_attention_backend") and hasattr(model, "deberta"):
+        if isinstance(model, DebertaPreTrained) and hasattr(model, "deberta"):
             model.set_attention_backend(settings.run.attention_backend)
             model.gradient_checkpointing_enable(settings.run.gradient_checkpointing)
+            if compile_layers:
+                model.compile_layers()
     run_record = {"model": settings.model.to_dict(), "objective": dataclasses.asdict(settings.objective),
                   "special_tokens": dataclasses.asdict(special), "tokenizer_dir": str(data.train_set.tokenizer_dir.resolve())}
     flops = training_flops_per_token(settings.model, data.seq_len, settings.objective.name, settings.objective.mask_prob,
@@ -129,7 +137,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loggers = build_loggers(settings, output_dir, resume_step)
     if not settings.data.val_path:
         trainer_args["limit_val_batches"] = 0
-    trainer = L.Trainer(default_root_dir=str(output_dir), callbacks=[checkpoint, LearningRateMonitor("step")],
+    # The progress bar reads its metrics from the device at each refresh: refresh at logging steps only.
+    progress = TQDMProgressBar(refresh_rate=max(1, int(trainer_args.get("log_every_n_steps") or 50)))
+    trainer = L.Trainer(default_root_dir=str(output_dir), callbacks=[checkpoint, LearningRateMonitor("step"), progress],
                         logger=loggers, use_distributed_sampler=False, strategy=strategy, **trainer_args)
     if resume:
         check_resumable(Path(resume), is_deepspeed(strategy), trainer.world_size)

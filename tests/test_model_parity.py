@@ -113,3 +113,27 @@ def test_masked_positions_only_logits_equal_full_logits(pair):
     torch.testing.assert_close(part.logits, full[labels != -100])
     expected = torch.nn.functional.cross_entropy(full[labels != -100], labels[labels != -100])
     torch.testing.assert_close(part.loss, expected)
+
+
+@pytest.mark.parametrize("slots", [8, 5, 3])
+def test_fixed_prediction_slots(pair, slots):
+    """A fixed number of logit rows (the sync-free path the objectives use): the first rows are the labelled
+    positions in order, extra rows are empty (target -100, not in the loss), and with fewer slots than labels the
+    loss is the mean over the labels that fit."""
+    name, _, native = pair
+    ids, mask, types = batch(name)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3] = ids[0, 3]
+    labels[1, 40] = ids[1, 40]
+    labels[2, [1, 5, 19]] = ids[2, [1, 5, 19]]
+    with torch.no_grad():
+        full = native(ids, mask, token_type_ids=types).logits
+        out = native(ids, mask, token_type_ids=types, labels=labels, prediction_slots=slots)
+    flat = [0 * 57 + 3, 1 * 57 + 40, 2 * 57 + 1, 2 * 57 + 5, 2 * 57 + 19]
+    kept = flat[:slots]
+    assert out.logits.shape[0] == slots
+    assert out.prediction_positions.tolist() == kept + [3 * 57] * (slots - len(kept))
+    assert out.prediction_targets.tolist() == [labels.flatten()[i].item() for i in kept] + [-100] * (slots - len(kept))
+    torch.testing.assert_close(out.logits[: len(kept)], full.flatten(0, 1)[kept])
+    expected = torch.nn.functional.cross_entropy(full.flatten(0, 1)[kept], labels.flatten()[kept])
+    torch.testing.assert_close(out.loss, expected)

@@ -102,3 +102,22 @@ def test_residual_can_reproduce_a_released_discriminator_embedding(data):
     released = DebertaForReplacedTokenDetection(config(2)).deberta.embeddings.word_embeddings.weight.detach()
     objective.set_discriminator_tables({"word_embeddings": released})
     assert torch.allclose(objective.discriminator_tables()["word_embeddings"], released, atol=1e-7, rtol=0)
+
+
+def test_gdes_row_lookup_equals_the_summed_table(data):
+    """The training step looks up (generator table, residual) rows and adds them instead of adding the two
+    vocabulary-sized tables: the discriminator's output and the residual's gradient are bit-identical."""
+    objective = make("gdes", data)
+    with torch.no_grad():
+        objective.word_embeddings_residual.normal_(std=0.02)  # a trained residual, not the zero start
+    ids = real_batch(data)["input_ids"]
+    results = []
+    for tables in (objective.discriminator_tables(), objective.discriminator_embedding_inputs()):
+        objective.zero_grad()
+        logits = objective.discriminator(ids, ids != 0, word_embedding_weight=tables["word_embeddings"]).logits
+        logits.sum().backward()
+        results.append((logits.detach(), objective.word_embeddings_residual.grad.clone()))
+    assert isinstance(objective.discriminator_embedding_inputs()["word_embeddings"], tuple)
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert results[0][1].abs().sum() > 0

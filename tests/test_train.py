@@ -161,3 +161,19 @@ def test_every_experiment_composes(experiment):
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "model:" in result.stdout and "objective:" in result.stdout
+
+
+def test_non_finite_loss_stops_before_a_checkpoint_is_written(shards, tmp_path):
+    """The NaN check runs without a per-step host sync (a device flag read at logging steps and before every
+    checkpoint): a diverging run stops with one clear error, and no checkpoint holds weights a NaN step touched."""
+    run_dir = tmp_path / "diverge"
+    cfg = compose_config(tiny_run(shards, run_dir, "mlm", 6, "trainer.log_every_n_steps=3", "checkpoint_every_n_steps=2",
+                                  "optim.lr=1e30", "optim.warmup_steps=0", "trainer.gradient_clip_val=null",
+                                  "trainer.precision=32-true", "export_hf=false"))
+    with pytest.raises(FloatingPointError, match="non-finite loss at or before step"):
+        train(cfg)
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt"))
+    assert checkpoints == [] or checkpoints == ["step-00000002.ckpt"], checkpoints
+    if checkpoints:  # a checkpoint written before the divergence holds finite weights only
+        state = torch.load(run_dir / "checkpoints" / checkpoints[0], map_location="cpu", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())

@@ -14,7 +14,7 @@ from torch import nn
 
 from pretrain.model.attention import ATTENTION_BACKENDS, DisentangledSelfAttention
 from pretrain.model.config import DebertaConfig
-from pretrain.model.embeddings import Embeddings
+from pretrain.model.embeddings import Embeddings, TableOverride
 from pretrain.model.encoder import Encoder
 from pretrain.model.heads import LMPredictions, MaskedLMHead, ReplacedTokenDetectionHead, enhanced_mask_decoder
 
@@ -34,7 +34,9 @@ class MaskedLMOutput:
     loss: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
-    label_mask: torch.Tensor | None = None  # (B, L) bool: which positions `logits` rows belong to
+    label_mask: torch.Tensor | None = None  # (B, L) bool: the labelled positions
+    prediction_positions: torch.Tensor | None = None  # (M,) flat index (b * L + i) of each `logits` row; B*L = empty
+    prediction_targets: torch.Tensor | None = None  # (M,) the label of each `logits` row; -100 for an empty row
 
 
 @dataclass
@@ -64,6 +66,22 @@ def init_weights(module: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
+def labelled_positions(label_mask: torch.Tensor, slots: int | None = None) -> torch.Tensor:
+    """Flat indices (``b * L + i``) of the labelled positions, in order.
+
+    ``slots=None``: exactly the labelled positions (their count decides the shape: a host sync on GPUs).
+    ``slots=K``: always K entries, the first K labelled positions, then ``B * L`` for empty slots; a stable sort
+    instead of ``nonzero`` keeps the shape static and the device queue running. Labelled positions beyond K are
+    dropped; callers size K above the masking budget and report drops.
+    """
+    flat = label_mask.flatten()
+    if slots is None:
+        return flat.nonzero().squeeze(1)
+    slots = min(slots, flat.numel())
+    order = torch.sort((~flat).to(torch.uint8), stable=True).indices[:slots]  # labelled first, in position order
+    return torch.where(flat.index_select(0, order), order, flat.numel())
+
+
 class DebertaPreTrained(nn.Module):
     """Shared plumbing: weight init, attention backend choice, gradient checkpointing."""
 
@@ -75,6 +93,15 @@ class DebertaPreTrained(nn.Module):
         for m in self.modules():
             if isinstance(m, DisentangledSelfAttention):
                 m.backend = name
+
+    def compile_layers(self, **options) -> None:
+        """``torch.compile`` each encoder layer in place (attention projections, the attention kernel as one opaque
+        op, FFN, LayerNorms, dropout fused by Inductor). Per layer rather than per model: the graphs are small,
+        compile once for all layers of a shape, and leave the data-dependent parts (masking, sampling) eager."""
+        for m in self.modules():
+            if isinstance(m, Encoder):
+                for layer in m.layer:
+                    layer.compile(**options)
 
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         for m in self.modules():
@@ -102,8 +129,8 @@ class DebertaModel(DebertaPreTrained):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-        word_embedding_weight: torch.Tensor | None = None,
-        position_embedding_weight: torch.Tensor | None = None,
+        word_embedding_weight: TableOverride = None,
+        position_embedding_weight: TableOverride = None,
     ) -> EncoderOutput:
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         x = self.embeddings(input_ids, mask, token_type_ids, position_ids, word_embedding_weight,
@@ -140,9 +167,14 @@ class DebertaForMaskedLM(DebertaPreTrained):
         use_emd: bool = False,
         output_hidden_states: bool = False,
         word_embedding_weight: torch.Tensor | None = None,
+        prediction_slots: int | None = None,
     ) -> MaskedLMOutput:
         """With ``labels``, logits are computed only at labelled positions (``labels != -100``): the vocabulary
-        projection is the largest matmul of the model and ~85% of positions have no target."""
+        projection is the largest matmul of the model and ~85% of positions have no target.
+
+        ``prediction_slots`` fixes the number of logits rows (see :func:`labelled_positions`), which keeps the step
+        free of host-device synchronisation; None gives exactly one row per labelled position (a sync on GPUs).
+        """
         enc = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, True, word_embedding_weight)
         hidden = enc.last_hidden_state
         if use_emd and not self.config.position_biased_input:
@@ -152,15 +184,17 @@ class DebertaForMaskedLM(DebertaPreTrained):
             z = self.deberta.embeddings.position_embedding(input_ids, position_ids)
             hidden = enhanced_mask_decoder(self.deberta.encoder, list(enc.hidden_states), z, enc.attention_mask)
         weight = self.deberta.embeddings.word_embeddings.weight if word_embedding_weight is None else word_embedding_weight
-        loss, label_mask = None, None
-        if labels is not None:
-            label_mask = labels != IGNORE_INDEX
-            logits = self.lm_predictions.lm_head(hidden[label_mask], weight)  # (M, V)
-            target = labels[label_mask]
-            loss = F.cross_entropy(logits.float(), target) if target.numel() else logits.sum() * 0.0
-        else:
-            logits = self.lm_predictions.lm_head(hidden, weight)
-        return MaskedLMOutput(logits, loss, hidden, enc.hidden_states if output_hidden_states else None, label_mask)
+        states = enc.hidden_states if output_hidden_states else None
+        if labels is None:
+            return MaskedLMOutput(self.lm_predictions.lm_head(hidden, weight), None, hidden, states)
+        label_mask = labels != IGNORE_INDEX
+        positions = labelled_positions(label_mask, prediction_slots)
+        rows = positions.clamp(max=label_mask.numel() - 1)
+        logits = self.lm_predictions.lm_head(hidden.flatten(0, 1).index_select(0, rows), weight)  # (M, V)
+        targets = torch.where(positions < label_mask.numel(), labels.flatten().index_select(0, rows), IGNORE_INDEX)
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / count
+        return MaskedLMOutput(logits, loss, hidden, states, label_mask, positions, targets)
 
 
 class DebertaForReplacedTokenDetection(DebertaPreTrained):
@@ -181,14 +215,15 @@ class DebertaForReplacedTokenDetection(DebertaPreTrained):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,  # (B, L) 1 = replaced, 0 = original
         output_hidden_states: bool = False,
-        word_embedding_weight: torch.Tensor | None = None,
-        position_embedding_weight: torch.Tensor | None = None,
+        word_embedding_weight: TableOverride = None,
+        position_embedding_weight: TableOverride = None,
     ) -> ReplacedTokenDetectionOutput:
         enc = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                            word_embedding_weight, position_embedding_weight)
         logits = self.mask_predictions(enc.last_hidden_state)
         loss = None
         if labels is not None:
-            valid = enc.attention_mask
-            loss = F.binary_cross_entropy_with_logits(logits[valid].float(), labels[valid].float())
+            valid = enc.attention_mask.float()  # a masked mean, not logits[valid]: no data-dependent shapes
+            per_token = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+            loss = (per_token * valid).sum() / valid.sum().clamp(min=1)
         return ReplacedTokenDetectionOutput(logits, loss, enc.last_hidden_state, enc.hidden_states)

@@ -12,6 +12,19 @@ from torch import nn
 from pretrain.model.config import DebertaConfig
 
 
+TableOverride = torch.Tensor | tuple[torch.Tensor, ...] | None
+
+
+def lookup(ids: torch.Tensor, table: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Rows of ``table``, or of the sum of the tables in a tuple (one rounding per element either way)."""
+    if isinstance(table, tuple):
+        rows = nn.functional.embedding(ids, table[0])
+        for part in table[1:]:
+            rows = rows + nn.functional.embedding(ids, part)
+        return rows
+    return nn.functional.embedding(ids, table)
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: DebertaConfig, with_position_table: bool = False):
         super().__init__()
@@ -52,16 +65,18 @@ class Embeddings(nn.Module):
         mask: torch.Tensor,  # (B, L) bool
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        word_embedding_weight: torch.Tensor | None = None,
-        position_embedding_weight: torch.Tensor | None = None,
+        word_embedding_weight: TableOverride = None,
+        position_embedding_weight: TableOverride = None,
     ) -> torch.Tensor:
         """``*_embedding_weight`` replace this module's own tables: embedding sharing between the v3 generator and
-        discriminator passes the shared (GDES: shared.detach() + residual) tables here."""
+        discriminator passes the shared tables here; a tuple of tables is summed row-wise after the lookup
+        (GDES: ``(shared.detach(), residual)``), which gives the same rows as looking up the summed table without
+        adding two vocabulary-sized tables every step."""
         word = self.word_embeddings.weight if word_embedding_weight is None else word_embedding_weight
-        x = nn.functional.embedding(input_ids, word, self.config.pad_token_id)
+        x = lookup(input_ids, word)
         if self.config.position_biased_input:
             table = self.position_embeddings.weight if position_embedding_weight is None else position_embedding_weight
-            x = x + nn.functional.embedding(self.position_ids(input_ids, position_ids), table)
+            x = x + lookup(self.position_ids(input_ids, position_ids), table)
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)

@@ -68,8 +68,9 @@ def _score_tile(q, kt, offs_m, offs_n, L, TWO_K, C2P, P2C, table_base, LUT, q_re
     if HAS_C2P:  # C2P[i, D(i - j)]: consecutive j read neighbouring entries of row i
         s += tl.load(C2P + table_base + offs_m[:, None] * TWO_K + rel, mask=inside, other=0.0).to(tl.float32)
     if HAS_P2C:  # P2C[j, D(i - j)]: gathered as a (j, i) tile so that consecutive i read neighbouring entries
-        rel_t = tl.trans(rel)
-        p2c = tl.load(P2C + table_base + offs_n[:, None] * TWO_K + rel_t, mask=tl.trans(inside), other=0.0)
+        inside_t = col_in[:, None] & (offs_m < L)[None, :]
+        rel_t = tl.load(LUT + (offs_m[None, :] - offs_n[:, None] + L - 1), mask=inside_t, other=0) & ((1 << 24) - 1)
+        p2c = tl.load(P2C + table_base + offs_n[:, None] * TWO_K + rel_t, mask=inside_t, other=0.0)
         s += tl.trans(p2c).to(tl.float32)
     s = s * scale
     pair_real = q_real[:, None] & k_real[None, :]

@@ -13,6 +13,16 @@ from torch import nn
 from pretrain.objectives.masking import MaskingConfig, mask_tokens
 
 
+PREDICTION_SLACK = 16
+"""Extra logit rows per sequence above the masking cap (see ``PretrainingObjective.prediction_slots``)."""
+
+
+def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``weights`` is true/1, as a device tensor (0 when there is none)."""
+    weights = weights.float()
+    return (values.float() * weights).sum() / weights.sum().clamp(min=1)
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     """Token ids the objectives need; taken from the shards' tokenizer."""
@@ -47,6 +57,12 @@ class PretrainingObjective(nn.Module):
             mask_token_id=self.special.mask, vocab_size=vocab_size, generator=generator,
         )
         return input_ids != self.special.pad, masked_ids, labels
+
+    def prediction_slots(self, batch_size: int, length: int) -> int:
+        """Rows of MLM logits per micro-batch: the per-sequence masking cap plus room for the last selected word to
+        overrun it (whole-word masking takes that word whole). A fixed row count keeps the step free of host
+        syncs; labelled tokens beyond it (practically never) are reported as ``dropped_predictions``."""
+        return batch_size * min(length, self.masking.cap(length) + PREDICTION_SLACK)
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.model import DebertaConfig, DebertaForMaskedLM
-from pretrain.objectives.base import PretrainingObjective, SpecialTokens
+from pretrain.model import IGNORE_INDEX, DebertaConfig, DebertaForMaskedLM
+from pretrain.objectives.base import PretrainingObjective, SpecialTokens, masked_mean
 from pretrain.objectives.masking import MaskingConfig
 
 
@@ -21,11 +21,14 @@ class MaskedLMObjective(PretrainingObjective):
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         attention_mask, masked_ids, labels = self.mask_batch(batch, self.model.config.vocab_size, generator)
-        out = self.model(masked_ids, attention_mask, labels=labels, use_emd=self.use_emd)
+        out = self.model(masked_ids, attention_mask, labels=labels, use_emd=self.use_emd,
+                         prediction_slots=self.prediction_slots(*masked_ids.shape))
         with torch.no_grad():
-            accuracy = (out.logits.argmax(-1) == labels[out.label_mask]).float().mean()
+            predicted = out.prediction_targets != IGNORE_INDEX
+            accuracy = masked_mean(out.logits.argmax(-1) == out.prediction_targets, predicted)
+            masked = out.label_mask.sum()
         return {"loss": out.loss, "mlm_loss": out.loss.detach(), "mlm_accuracy": accuracy,
-                "masked_tokens": out.label_mask.sum()}
+                "dropped_predictions": masked - predicted.sum(), "masked_tokens": masked}
 
     def export_models(self) -> dict[str, nn.Module]:
         return {"hf": self.model}

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.model import DebertaConfig, DebertaForMaskedLM, DebertaForReplacedTokenDetection
-from pretrain.objectives.base import PretrainingObjective, SpecialTokens
+from pretrain.model import IGNORE_INDEX, DebertaConfig, DebertaForMaskedLM, DebertaForReplacedTokenDetection
+from pretrain.objectives.base import PretrainingObjective, SpecialTokens, masked_mean
 from pretrain.objectives.masking import RTD_GENERATOR_MASKING, MaskingConfig, rtd_labels, sample_replacements
 
 EMBEDDING_SHARING_MODES = ("gdes", "es", "nes")
@@ -91,6 +91,23 @@ class ReplacedTokenDetectionObjective(PretrainingObjective):
                 out[table] = shared
         return out
 
+    def discriminator_embedding_inputs(self) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...] | None]:
+        """What the training step passes to the discriminator: as :meth:`discriminator_tables`, but GDES tables
+        as ``(shared.detach(), residual)``, summed only for the rows looked up (``embeddings.lookup``) instead of
+        materialising the vocabulary-sized sum every step. The rows are bit-identical: each element is one fp32
+        addition either way."""
+        if self.embedding_sharing != "gdes":
+            return self.discriminator_tables()
+        gen = self.generator.deberta.embeddings
+        out: dict[str, torch.Tensor | tuple[torch.Tensor, ...] | None] = {"word_embeddings": None,
+                                                                           "position_embeddings": None}
+        for table in self._shared_tables():
+            if hasattr(self, f"{table}_residual_low"):  # exact start from released tables: the float64 sum
+                out[table] = self.discriminator_tables()[table]
+            else:
+                out[table] = (getattr(gen, table).weight.detach(), getattr(self, f"{table}_residual"))
+        return out
+
     def set_discriminator_tables(self, tables: dict[str, torch.Tensor]) -> None:
         """Make the effective discriminator tables equal ``tables`` exactly (e.g. a released discriminator's
         embeddings when continuing pretraining): GDES residual = target - generator table; NES copies; ES cannot
@@ -132,28 +149,31 @@ class ReplacedTokenDetectionObjective(PretrainingObjective):
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         input_ids = batch["input_ids"]
         attention_mask, masked_ids, labels = self.mask_batch(batch, self.generator.config.vocab_size, generator)
-        gen_out = self.generator(masked_ids, attention_mask, labels=labels, use_emd=True)
-        selected = gen_out.label_mask
+        gen_out = self.generator(masked_ids, attention_mask, labels=labels, use_emd=True,
+                                 prediction_slots=self.prediction_slots(*masked_ids.shape))
+        predicted = gen_out.prediction_targets != IGNORE_INDEX
         with torch.no_grad():
             sampled = sample_replacements(gen_out.logits.detach(), generator=generator, temperature=self.temperature)
-            disc_input = input_ids.clone()
-            disc_input[selected] = sampled
+            # Scatter the samples to their positions; empty logit rows point one past the end, into a spare slot.
+            flat = torch.cat([input_ids.flatten(), input_ids.new_zeros(1)])
+            disc_input = flat.scatter(0, gen_out.prediction_positions, sampled)[:-1].view_as(input_ids)
             replaced = rtd_labels(disc_input, input_ids, labels)
-        tables = self.discriminator_tables()
+        tables = self.discriminator_embedding_inputs()
         disc_out = self.discriminator(
             disc_input, attention_mask, labels=replaced,
             word_embedding_weight=tables["word_embeddings"], position_embedding_weight=tables["position_embeddings"],
         )
         loss = gen_out.loss + self.rtd_weight * disc_out.loss
         with torch.no_grad():
-            gen_accuracy = (gen_out.logits.argmax(-1) == labels[selected]).float().mean()
-            predictions = disc_out.logits > 0
-            disc_accuracy = (predictions == replaced.bool())[attention_mask].float().mean()
-            replaced_fraction = replaced.float()[attention_mask].mean()
+            gen_accuracy = masked_mean(gen_out.logits.argmax(-1) == gen_out.prediction_targets, predicted)
+            disc_accuracy = masked_mean((disc_out.logits > 0) == replaced.bool(), attention_mask)
+            replaced_fraction = masked_mean(replaced, attention_mask)
+            masked = gen_out.label_mask.sum()
         return {
             "loss": loss, "mlm_loss": gen_out.loss.detach(), "rtd_loss": disc_out.loss.detach(),
             "generator_accuracy": gen_accuracy, "discriminator_accuracy": disc_accuracy,
-            "replaced_fraction": replaced_fraction, "masked_tokens": selected.sum(),
+            "dropped_predictions": masked - predicted.sum(),
+            "replaced_fraction": replaced_fraction, "masked_tokens": masked,
         }
 
     # ------------------------------------------------------------------------------------------ export
