@@ -68,3 +68,23 @@ def test_cpu_smoke_run_writes_rows_check_and_table(tmp_path):
     for name in CONTESTANTS:
         assert any(line.startswith(f"| {name} | 64 | 2 |") for line in table), name
     assert f"check ({check['objective']}, {CHECK_STEPS} steps" in done.stdout
+
+
+def test_attention_bench_cpu_smoke_run(tmp_path):
+    """bench/attention_bench.py on CPU (the kernel in Triton's interpreter): the kernel's deviation from the fp32
+    reference is reported and tiny, every core is timed, and the JSON is written."""
+    import pytest
+
+    pytest.importorskip("triton", reason="the `triton` package is not installed (pip install -e '.[test]')")
+    out = tmp_path / "attention.json"
+    command = [sys.executable, str(REPO / "bench" / "attention_bench.py"), "--device", "cpu", "--tiny", "--out", str(out)]
+    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert set(row["deviation_vs_fp32_reference"]) == {"out", "dq", "dk", "dv", "d_pos_key", "d_pos_query"}
+    assert max(row["deviation_vs_fp32_reference"].values()) < 1e-5
+    for core in ("reference", "triton", "sdpa_no_relative"):
+        assert row[core]["ms_fwd_bwd"] > 0
+    assert "2x40" in done.stdout
