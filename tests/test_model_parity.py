@@ -99,14 +99,20 @@ def test_gradients_match_transformers(pair):
     assert compared == len(native_params) - len(emd_only)
 
 
-def test_masked_positions_only_logits_equal_full_logits(pair):
-    """With labels, logits are computed only where labels != -100; they must equal those rows of the full logits."""
-    name, _, native = pair
-    ids, mask, types = batch(name)
+def sparse_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Labels at five positions (flat 3, 57+40, 114+1, 114+5, 114+19), -100 elsewhere."""
     labels = torch.full_like(ids, -100)
     labels[0, 3] = ids[0, 3]
     labels[1, 40] = ids[1, 40]
     labels[2, [1, 5, 19]] = ids[2, [1, 5, 19]]
+    return labels
+
+
+def test_masked_positions_only_logits_equal_full_logits(pair):
+    """With labels, logits are computed only where labels != -100; they must equal those rows of the full logits."""
+    name, _, native = pair
+    ids, mask, types = batch(name)
+    labels = sparse_labels(ids)
     with torch.no_grad():
         full = native(ids, mask, token_type_ids=types).logits
         part = native(ids, mask, token_type_ids=types, labels=labels)
@@ -122,10 +128,7 @@ def test_fixed_prediction_slots(pair, slots):
     loss is the mean over the labels that fit."""
     name, _, native = pair
     ids, mask, types = batch(name)
-    labels = torch.full_like(ids, -100)
-    labels[0, 3] = ids[0, 3]
-    labels[1, 40] = ids[1, 40]
-    labels[2, [1, 5, 19]] = ids[2, [1, 5, 19]]
+    labels = sparse_labels(ids)
     with torch.no_grad():
         full = native(ids, mask, token_type_ids=types).logits
         out = native(ids, mask, token_type_ids=types, labels=labels, prediction_slots=slots)

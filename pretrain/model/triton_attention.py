@@ -159,6 +159,31 @@ def _score_gradient(q, kt, v_t, do, lse, delta, offs_m, offs_n, L, TWO_K, C2P, P
     return p_kept, ds, code, inside
 
 
+@triton.jit
+def _query_block(Q, DO, LSE, DELTA, MASK, b, h, bh, offs_m, offs_d, L,
+                 sq_b, sq_h, sq_m, sdo_b, sdo_h, sdo_m):
+    """What the backward pass needs of a block of query rows; rows beyond L load lse = +inf (probability 0)."""
+    row_in = offs_m < L
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=row_in[:, None], other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=row_in[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + bh * L + offs_m, mask=row_in, other=float("inf"))
+    delta = tl.load(DELTA + bh * L + offs_m, mask=row_in, other=0.0)
+    q_real = tl.load(MASK + b * L + offs_m, mask=row_in, other=0) != 0
+    return q, do, lse, delta, q_real
+
+
+@triton.jit
+def _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m):
+    """A block of keys and values, both transposed to (HEAD_DIM, BLOCK_N), and which keys are real tokens."""
+    col_in = offs_n < L
+    kt = tl.load(K + b * sk_b + h * sk_h + offs_n[None, :] * sk_m + offs_d[:, None], mask=col_in[None, :], other=0.0)
+    v_t = tl.load(V + b * sv_b + h * sv_h + offs_n[None, :] * sv_m + offs_d[:, None], mask=col_in[None, :],
+                  other=0.0)
+    k_real = tl.load(MASK + b * L + offs_n, mask=col_in, other=0) != 0
+    return kt, v_t, k_real
+
+
 @triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
 def _backward_query_kernel(
@@ -176,24 +201,15 @@ def _backward_query_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_in = offs_m < L
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=row_in[:, None], other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=row_in[:, None],
-                 other=0.0)
-    lse = tl.load(LSE + bh * L + offs_m, mask=row_in, other=float("inf"))
-    delta = tl.load(DELTA + bh * L + offs_m, mask=row_in, other=0.0)
-    q_real = tl.load(MASK + b * L + offs_m, mask=row_in, other=0) != 0
+    q, do, lse, delta, q_real = _query_block(Q, DO, LSE, DELTA, MASK, b, h, bh, offs_m, offs_d, L,
+                                             sq_b, sq_h, sq_m, sdo_b, sdo_h, sdo_m)
     table_base = bh * L * TWO_K
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     running = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, L, BLOCK_N):  # increasing j: `running` is the prefix sum of dS along the row
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_in = offs_n < L
-        kt = tl.load(K + b * sk_b + h * sk_h + offs_n[None, :] * sk_m + offs_d[:, None], mask=col_in[None, :],
-                     other=0.0)
-        v_t = tl.load(V + b * sv_b + h * sv_h + offs_n[None, :] * sv_m + offs_d[:, None], mask=col_in[None, :],
-                      other=0.0)
-        k_real = tl.load(MASK + b * L + offs_n, mask=col_in, other=0) != 0
+        kt, v_t, k_real = _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m)
         p, ds, code, inside = _score_gradient(q, kt, v_t, do, lse, delta, offs_m, offs_n, L, TWO_K, C2P, P2C,
                                               table_base, LUT, q_real, k_real, scale, seed, bh, dropout_p,
                                               HAS_C2P, HAS_P2C, HAS_DROPOUT, PRECISION)
@@ -226,10 +242,7 @@ def _backward_key_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_in = offs_n < L
-    kt = tl.load(K + b * sk_b + h * sk_h + offs_n[None, :] * sk_m + offs_d[:, None], mask=col_in[None, :], other=0.0)
-    v_t = tl.load(V + b * sv_b + h * sv_h + offs_n[None, :] * sv_m + offs_d[:, None], mask=col_in[None, :],
-                  other=0.0)
-    k_real = tl.load(MASK + b * L + offs_n, mask=col_in, other=0) != 0
+    kt, v_t, k_real = _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m)
     table_base = bh * L * TWO_K
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -237,14 +250,8 @@ def _backward_key_kernel(
     running = tl.zeros([BLOCK_N], tl.float32)
     for start_m in range(0, L, BLOCK_M):  # increasing i: `running` is the prefix sum of dS down the column
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_in = offs_m < L
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=row_in[:, None],
-                    other=0.0)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=row_in[:, None],
-                     other=0.0)
-        lse = tl.load(LSE + bh * L + offs_m, mask=row_in, other=float("inf"))
-        delta = tl.load(DELTA + bh * L + offs_m, mask=row_in, other=0.0)
-        q_real = tl.load(MASK + b * L + offs_m, mask=row_in, other=0) != 0
+        q, do, lse, delta, q_real = _query_block(Q, DO, LSE, DELTA, MASK, b, h, bh, offs_m, offs_d, L,
+                                                 sq_b, sq_h, sq_m, sdo_b, sdo_h, sdo_m)
         p, ds, code, inside = _score_gradient(q, kt, v_t, do, lse, delta, offs_m, offs_n, L, TWO_K, C2P, P2C,
                                               table_base, LUT, q_real, k_real, scale, seed, bh, dropout_p,
                                               HAS_C2P, HAS_P2C, HAS_DROPOUT, PRECISION)
