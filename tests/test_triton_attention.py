@@ -214,3 +214,25 @@ def test_custom_op_registration():
     seed = torch.zeros((), dtype=torch.int64)
     args = (q, k, v, pos_key, pos_query, code, runs, mask.to(torch.uint8), 0.125, 0.0, seed)
     torch.library.opcheck(torch.ops.deberta_pretrain.disentangled_attention.default, args)
+
+
+def test_compiled_dropout_follows_torch_seed():
+    """Under torch.compile the kernel's dropout seed is still drawn from torch's generator: the same seed gives
+    the same output, another seed another mask (what exact resume relies on)."""
+    from pretrain.model.attention import DisentangledSelfAttention
+
+    torch.manual_seed(0)
+    layer = DisentangledSelfAttention(DebertaConfig(**dict(TINY_V3, attention_probs_dropout_prob=0.1))).to(DEVICE)
+    layer.backend = "triton"
+    compiled = torch.compile(layer.train(), fullgraph=True)
+    hidden = torch.randn(2, 20, 64, device=DEVICE)
+    args = (hidden, torch.ones(2, 20, dtype=torch.bool, device=DEVICE), torch.randn(32, 64, device=DEVICE),
+            relative_position_index(20, 20, 16, 16, 64, device=DEVICE))
+    outputs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        out = compiled(*args)
+        out.sum().backward()
+        outputs.append(out.detach())
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0], outputs[2])

@@ -271,7 +271,7 @@ def _backward_key_kernel(
 
 
 @triton.jit
-def _run_sum_at(RUN_SUMS, TOTALS, SLOT, TPOS, row_base, total, rows, r, r_in, L, TWO_K, POS_SIGN: tl.constexpr):
+def _run_sum_at(RUN_SUMS, SLOT, TPOS, row_base, total, rows, r, r_in, L, TWO_K, POS_SIGN: tl.constexpr):
     """Prefix sum of dS up to the boundary of table row r (see _finalize_kernel), for a (rows, r) tile."""
     slot = tl.load(SLOT + r, mask=r_in, other=-1)
     t = tl.load(TPOS + r, mask=r_in, other=0)
@@ -299,10 +299,10 @@ def _finalize_kernel(RUN_SUMS, TOTALS, SLOT, TPOS, OUT, L, TWO_K,
     for r0 in range(0, TWO_K, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         r_in = r < TWO_K
-        here = _run_sum_at(RUN_SUMS, TOTALS, SLOT, TPOS, row_base, total, rows, r, r_in, L, TWO_K, POS_SIGN)
+        here = _run_sum_at(RUN_SUMS, SLOT, TPOS, row_base, total, rows, r, r_in, L, TWO_K, POS_SIGN)
         nb = r + STEP
         nb_in = (nb >= 0) & (nb < TWO_K)
-        there = _run_sum_at(RUN_SUMS, TOTALS, SLOT, TPOS, row_base, total, rows, nb, nb_in, L, TWO_K, POS_SIGN)
+        there = _run_sum_at(RUN_SUMS, SLOT, TPOS, row_base, total, rows, nb, nb_in, L, TWO_K, POS_SIGN)
         there = tl.where(nb_in[None, :], there, 0.0)
         tl.store(OUT + row_base + rows[:, None] * TWO_K + r[None, :], (here - there).to(OUT.dtype.element_ty),
                  mask=(rows < L)[:, None] & r_in[None, :])
@@ -449,6 +449,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, code, runs, mask, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.mark_non_differentiable(lse)  # the log-sum-exp is kept for the backward pass only
 
 
 def _backward(ctx, grad_out, grad_lse):
