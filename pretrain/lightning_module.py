@@ -36,8 +36,8 @@ class PretrainingModule(L.LightningModule):
         self.optim = optim
         self.seed = seed
         self.tokens_per_sequence = tokens_per_sequence
-        self._last_time: float | None = None
-        self._nonfinite: torch.Tensor | None = None
+        self._window: tuple[float, int] | None = None  # (time, step) of the previous logging step
+        self._nonfinite: torch.Tensor | None = None  # device flag: a non-finite loss since the last check
 
     def _consumed_samples(self) -> int:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -60,9 +60,8 @@ class PretrainingModule(L.LightningModule):
         out = self.objective(batch, self.seed_step())
         # Remember a non-finite loss on the device; it is checked where the host waits anyway (logging steps, before
         # a checkpoint is written), so the step itself never synchronises with the accelerator.
-        self._nonfinite_loss |= ~torch.isfinite(out["loss"].detach())
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
-            self.check_finite()
+        nonfinite = ~torch.isfinite(out["loss"].detach())
+        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite | nonfinite
         batch_size = batch["input_ids"].shape[0]
         # Count the batch as consumed now, before any checkpoint of this step is written (callbacks save in
         # on_train_batch_end, which runs before the module's own hook).
@@ -72,31 +71,29 @@ class PretrainingModule(L.LightningModule):
         metrics = {f"train/{k}": v.float() for k, v in out.items() if k != "masked_tokens"}
         self.log_dict(metrics, prog_bar=False, batch_size=batch_size)
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite()  # waits for the device: the throughput window below ends on a finished step
+            self._log_throughput(batch_size)
+        return out["loss"]
+
+    def _log_throughput(self, batch_size: int) -> None:
+        """Tokens/s, samples/s and MFU over the steps since the previous logging step (both ends synchronised)."""
         now = time.perf_counter()
-        if self._last_time is not None:
-            tokens = batch_size * self.tokens_per_sequence * self.trainer.world_size
-            tokens_per_sec = tokens / max(now - self._last_time, 1e-9)
+        if self._window is not None:
+            started, first_step = self._window
+            steps = self.global_step - first_step
+            tokens_per_sec = steps * batch_size * self.tokens_per_sequence * self.trainer.world_size / max(
+                now - started, 1e-9)
             self.log("perf/tokens_per_sec", tokens_per_sec, prog_bar=True, batch_size=batch_size)
             self.log("perf/samples_per_sec", tokens_per_sec / self.tokens_per_sequence, batch_size=batch_size)
             if self._peak_flops and self.flops_per_token:
                 mfu = tokens_per_sec * self.flops_per_token / (self._peak_flops * self.trainer.world_size)
                 self.log("perf/mfu", mfu, batch_size=batch_size)
-        self._last_time = now
-        return out["loss"]
-
-    @property
-    def _nonfinite_loss(self) -> torch.Tensor:
-        if self._nonfinite is None or self._nonfinite.device != self.device:
-            self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        return self._nonfinite
-
-    @_nonfinite_loss.setter
-    def _nonfinite_loss(self, value: torch.Tensor) -> None:
-        self._nonfinite = value
+        self._window = (now, self.global_step)
 
     def check_finite(self) -> None:
         """Raise if any loss since the last check was NaN/inf (one host sync)."""
-        if bool(self._nonfinite_loss):
+        if self._nonfinite is not None and bool(self._nonfinite):
             raise FloatingPointError(
                 f"non-finite loss at or before step {self.global_step}; no checkpoint was written after it. "
                 "Lower optim.lr, use bf16 instead of fp16, or resume from the last checkpoint"
