@@ -84,7 +84,8 @@ class RunSettings:
     attention_backend: str = "auto"
     """auto (the fused Triton kernel on CUDA, the reference path elsewhere) | triton | reference."""
     compile: bool | None = None
-    """torch.compile each encoder layer; None = on when training on CUDA (compilation takes a minute or two)."""
+    """torch.compile each encoder layer; None = on when training on CUDA except under DeepSpeed ZeRO-3
+    (compilation takes a minute or two at the start)."""
     gradient_checkpointing: bool = False
 
 

@@ -102,9 +102,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if start is not None:
         start.initialise(objective)
     compile_layers = settings.run.compile
-    if compile_layers is None:
-        compile_layers = torch.cuda.is_available() and settings.trainer.get("accelerator", "auto") in ("auto", "gpu",
-                                                                                                       "cuda")
+    if compile_layers is None:  # on CUDA; not under ZeRO-3, whose parameter-gathering hooks run inside the layers
+        zero3 = settings.strategy.name == "deepspeed" and settings.strategy.stage == 3
+        on_gpu = settings.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        compile_layers = on_gpu and not zero3
     for model in objective.modules():
         if isinstance(model, DebertaPreTrained) and hasattr(model, "deberta"):
             model.set_attention_backend(settings.run.attention_backend)
