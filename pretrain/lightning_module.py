@@ -117,6 +117,15 @@ class PretrainingModule(L.LightningModule):
             if norms:
                 self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms), 2))
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # DeepSpeed partitions the gradients (p.grad is empty here); its engine computes the total norm before
+        # clipping in its own step, and keeps it.
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is not None and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                self.log("train/grad_norm", float(norm))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # never write weights a NaN step has touched
         checkpoint["deberta_pretrain"] = self.run_record

@@ -48,9 +48,9 @@ def two_process_run(shards: Path, run_dir: Path, objective: str, strategy: str, 
     return result
 
 
-def read_losses(run_dir: Path) -> dict[int, float]:
+def read_losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     with open(run_dir / "metrics.csv", newline="") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
 
 def export(checkpoint: Path, out: Path) -> None:
@@ -91,6 +91,11 @@ def test_zero_stage_matches_ddp_resumes_and_exports(stage, objective, shards, dd
     assert sorted(actual) == list(range(STEPS)) == sorted(expected)
     torch.testing.assert_close(torch.tensor([actual[s] for s in range(STEPS)]),
                                torch.tensor([expected[s] for s in range(STEPS)]), **LOSS_TOLERANCE)
+    # the gradient norm (before clipping) comes from the DeepSpeed engine and equals DDP's from the full gradients
+    norms, ddp_norms = read_losses(run, "train/grad_norm"), read_losses(reference, "train/grad_norm")
+    assert sorted(norms) == sorted(ddp_norms) and len(norms) >= STEPS - 1, (norms, ddp_norms)
+    torch.testing.assert_close(torch.tensor([norms[s] for s in sorted(norms)]),
+                               torch.tensor([ddp_norms[s] for s in sorted(norms)]), rtol=1e-4, atol=1e-5)
 
     # the ZeRO checkpoint consolidates to the same HuggingFace model as the DDP run's and as the run's own export
     export(last, tmp_path / "exported")
