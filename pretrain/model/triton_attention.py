@@ -54,15 +54,24 @@ _BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """Matrix product with fp32 accumulation: fp32 inputs in full precision (not TF32), 16-bit on tensor cores."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _score_tile(q, kt, offs_m, offs_n, L, TWO_K, C2P, P2C, table_base, LUT, q_real, k_real, scale,
-                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, IEEE: tl.constexpr):
     """Scaled scores of one (BLOCK_M, BLOCK_N) tile, the tile's lookup codes, and which pairs are real.
 
     Columns beyond L get -inf (no probability mass).
     """
     col_in = offs_n < L
     inside = (offs_m < L)[:, None] & col_in[None, :]
-    s = tl.dot(q, kt, input_precision=PRECISION)
+    s = _dot(q, kt, IEEE)
     code = tl.load(LUT + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=inside, other=0)
     rel = code & ((1 << 24) - 1)
     if HAS_C2P:  # C2P[i, D(i - j)]: consecutive j read neighbouring entries of row i
@@ -89,14 +98,14 @@ def _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p):
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed every call must not select another compiled variant
 def _forward_kernel(
     Q, K, V, C2P, P2C, LUT, MASK, O, LSE,
     seed, scale, dropout_p,
     sq_b, sq_h, sq_m, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, so_b, so_h, so_m,
     N_HEADS, L, TWO_K,
     HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // N_HEADS
@@ -118,7 +127,7 @@ def _forward_kernel(
                      other=0.0)
         k_real = tl.load(MASK + b * L + offs_n, mask=col_in, other=0) != 0
         s, code, pair_real, inside = _score_tile(q, kt, offs_m, offs_n, L, TWO_K, C2P, P2C, table_base, LUT,
-                                                 q_real, k_real, scale, HAS_C2P, HAS_P2C, PRECISION)
+                                                 q_real, k_real, scale, HAS_C2P, HAS_P2C, IEEE)
         # Rows beyond L have every score at -inf; keep their running max finite (they are never stored).
         m_new = tl.maximum(tl.maximum(m_i, tl.max(s, 1)), -3.0e38)
         alpha = tl.exp(m_i - m_new)
@@ -129,7 +138,7 @@ def _forward_kernel(
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_m + offs_d[None, :], mask=col_in[:, None],
                     other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / l_safe[:, None]
@@ -142,12 +151,12 @@ def _forward_kernel(
 def _score_gradient(q, kt, v_t, do, lse, delta, offs_m, offs_n, L, TWO_K, C2P, P2C, table_base, LUT, q_real,
                     k_real, scale, seed, bh, dropout_p,
                     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    IEEE: tl.constexpr):
     """Recompute a tile's probabilities and return (P after dropout, dS = d loss / d raw score, lookup codes)."""
     s, code, pair_real, inside = _score_tile(q, kt, offs_m, offs_n, L, TWO_K, C2P, P2C, table_base, LUT,
-                                             q_real, k_real, scale, HAS_C2P, HAS_P2C, PRECISION)
+                                             q_real, k_real, scale, HAS_C2P, HAS_P2C, IEEE)
     p = tl.exp(s - lse[:, None])  # rows beyond L load lse = +inf, so their p is 0
-    dp = tl.dot(do, v_t, input_precision=PRECISION)
+    dp = _dot(do, v_t, IEEE)
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p)
         p_kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -185,14 +194,14 @@ def _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _backward_query_kernel(
     Q, K, V, C2P, P2C, LUT, MASK, DO, LSE, DELTA, DQ, RUN_SUMS, ROW_TOTALS,
     seed, scale, dropout_p,
     sq_b, sq_h, sq_m, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, sdo_b, sdo_h, sdo_m,
     N_HEADS, L, TWO_K,
     HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of query rows: dQ from the content term, and the c2p run prefix sums along each row."""
     bh = tl.program_id(1).to(tl.int64)
@@ -212,8 +221,8 @@ def _backward_query_kernel(
         kt, v_t, k_real = _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m)
         p, ds, code, inside = _score_gradient(q, kt, v_t, do, lse, delta, offs_m, offs_n, L, TWO_K, C2P, P2C,
                                               table_base, LUT, q_real, k_real, scale, seed, bh, dropout_p,
-                                              HAS_C2P, HAS_P2C, HAS_DROPOUT, PRECISION)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+                                              HAS_C2P, HAS_P2C, HAS_DROPOUT, IEEE)
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
         if HAS_C2P:
             prefix = tl.cumsum(ds, 1) + running[:, None]
             running += tl.sum(ds, 1)
@@ -226,14 +235,14 @@ def _backward_query_kernel(
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _backward_key_kernel(
     Q, K, V, C2P, P2C, LUT, MASK, DO, LSE, DELTA, DK, DV, RUN_SUMS, COL_TOTALS,
     seed, scale, dropout_p,
     sq_b, sq_h, sq_m, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, sdo_b, sdo_h, sdo_m,
     N_HEADS, L, TWO_K,
     HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of key columns: dK and dV from the content term, and the p2c run prefix sums down each column."""
     bh = tl.program_id(1).to(tl.int64)
@@ -254,9 +263,9 @@ def _backward_key_kernel(
                                                  sq_b, sq_h, sq_m, sdo_b, sdo_h, sdo_m)
         p, ds, code, inside = _score_gradient(q, kt, v_t, do, lse, delta, offs_m, offs_n, L, TWO_K, C2P, P2C,
                                               table_base, LUT, q_real, k_real, scale, seed, bh, dropout_p,
-                                              HAS_C2P, HAS_P2C, HAS_DROPOUT, PRECISION)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+                                              HAS_C2P, HAS_P2C, HAS_DROPOUT, IEEE)
+        dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
+        dk += _dot(tl.trans(ds).to(q.dtype), q, IEEE)
         if HAS_P2C:
             prefix = tl.cumsum(ds, 0) + running[None, :]
             running += tl.sum(ds, 0)
@@ -336,10 +345,6 @@ def relative_lookup(rel_index: Tensor, two_k: int) -> tuple[Tensor, Tensor]:
     return code.to(torch.int32), runs.to(torch.int32)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
-
-
 def _relative_tables(q: Tensor, k: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor]
                      ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """C2P = q @ pos_key^T and P2C = k @ pos_query^T, (B, N, L, 2k) contiguous, in the inputs' dtype."""
@@ -377,7 +382,7 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor
         int(seed), scale, dropout_p,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), N, L, two_k,
         HEAD_DIM=d, HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, HAS_DROPOUT=dropout_p > 0.0,
-        PRECISION=_precision(q.dtype),
+        IEEE=q.dtype == torch.float32,
     )
     return out, lse
 
@@ -409,7 +414,7 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_k
     row_totals = torch.empty(B, N, L, device=q.device, dtype=torch.float32)
     col_totals = torch.empty_like(row_totals)
     common = dict(HEAD_DIM=d, HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, HAS_DROPOUT=dropout_p > 0.0,
-                  PRECISION=_precision(q.dtype))
+                  IEEE=q.dtype == torch.float32)
     tensors = (q, k, v, c2p if c2p is not None else dummy, p2c if p2c is not None else dummy, code, mask, grad_out,
                lse, delta)
     scalars = (int(seed), scale, dropout_p, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), N, L,
