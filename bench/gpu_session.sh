@@ -5,13 +5,14 @@
 #                                      #   (omegaconf + antlr4 for pretrain.settings, disentangled-flash, the peer)
 #   bash bench/gpu_session.sh kernel   # on the GPU: kernel tests compiled for the card, attention-core benchmark,
 #                                      #   and the 200-step loss check of the fast path against the reference (~6 min)
-#   bash bench/gpu_session.sh step     # on the GPU: the training-step benchmark against HuggingFace (~10 min)
+#   bash bench/gpu_session.sh step 512 32    # on the GPU: the training-step benchmark against HuggingFace at one
+#   bash bench/gpu_session.sh step 2048 8    #   sequence length and batch size per call (each under 10 minutes)
 #
 # Results go to $OUT (default bench/results): *.json, *.log. The GPU image needs no network: it has torch, triton,
 # transformers, lightning and pytest; the wheels from the first stage travel in .whl/ (git-ignored) and are
 # installed into /tmp/site. On a machine with the project installed (`pip install -e .`) the wheels are not needed.
 set -euo pipefail
-stage=${1:?usage: bash bench/gpu_session.sh wheels|kernel|step}
+stage=${1:?usage: bash bench/gpu_session.sh wheels|kernel|step SEQ BATCH}
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
@@ -44,8 +45,11 @@ kernel)
         --check-steps 200 --out "$OUT/loss_check.json" 2>&1 | tee "$OUT/loss_check.log"
     ;;
 step)
+    seq=${2:?step needs a sequence length and a batch size, e.g. step 512 32}
+    batch=${3:?step needs a batch size}
     use_wheels
-    python3 bench/gpu_step_bench.py --out "$OUT/gpu_step_bench.json" 2>&1 | tee "$OUT/gpu_step_bench.log"
+    python3 bench/gpu_step_bench.py --seq-lens "$seq" --batch-sizes "$batch" --out "$OUT/gpu_step_bench_$seq.json" \
+        2>&1 | tee "$OUT/gpu_step_bench_$seq.log"
     ;;
 *)
     echo "unknown stage '$stage': use wheels, kernel or step" >&2
