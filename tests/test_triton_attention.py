@@ -236,3 +236,29 @@ def test_compiled_dropout_follows_torch_seed():
         outputs.append(out.detach())
     assert torch.equal(outputs[0], outputs[1])
     assert not torch.equal(outputs[0], outputs[2])
+
+
+def saved_bytes(core, length: int) -> int:
+    """Bytes autograd keeps from the forward pass of one attention core call until its backward pass."""
+    q, k, v, pos_key, pos_query, mask, _ = make_inputs(2, 2, length, 16, 8, True, True)
+    rel_index = relative_position_index(length, length, 8, 8, 64, device=DEVICE)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        core(q, k, v, pos_key, pos_query, rel_index, mask, 0.125, 0.0)
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, pos_key, pos_query)}
+    return sum(n for ptr, n in storages.items() if ptr not in inputs)
+
+
+def test_memory_kept_for_backward_grows_linearly_with_length():
+    """What the forward pass keeps for the backward pass: linear in L for the kernel (output, log-sum-exp, lookup
+    codes), quadratic for the reference path (probabilities and scores), which shows the measurement sees it."""
+    fast = [saved_bytes(triton_attention, n) for n in (64, 256)]  # 4x the length
+    slow = [saved_bytes(reference_attention, n) for n in (64, 256)]
+    assert fast[1] / fast[0] < 4.5, fast
+    assert slow[1] / slow[0] > 10, slow
+    assert fast[1] < 2 * 2 * 256 * 256 * 4  # less than a single fp32 (B, N, L, L) tensor
