@@ -1,9 +1,10 @@
 """Disentangled self-attention (DeBERTa): content-to-content plus content-to-position (c2p) and
 position-to-content (p2c) terms over a shared relative-embedding table.
 
-The module owns the projections; the score/softmax/value computation ("the core") is a pluggable backend so
-that a fused GPU kernel can replace it. :func:`reference_attention` is the plain, readable definition every other
-backend is tested against.
+The module owns the projections; the score/softmax/value computation ("the core") is a pluggable backend:
+:func:`reference_attention` is the plain, readable definition every other backend is tested against, ``triton``
+the fused kernel of :mod:`pretrain.model.triton_attention`, and ``auto`` (the default) picks the kernel for CUDA
+tensors and the reference path elsewhere.
 
 Notation: B batch, N heads, d head size, Lq/Lk query/key length, 2k rows of the relative-embedding table.
 """
