@@ -71,10 +71,15 @@ class PretrainingModule(L.LightningModule):
         metrics = {f"train/{k}": v.float() for k, v in out.items() if k != "masked_tokens"}
         self.log_dict(metrics, prog_bar=False, batch_size=batch_size)
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        if self._is_logging_step(self.global_step + 1):
             self.check_finite()  # waits for the device: the throughput window below ends on a finished step
             self._log_throughput(batch_size)
         return out["loss"]
+
+    def _is_logging_step(self, completed_steps: int) -> bool:
+        """Whether the step that makes ``completed_steps`` optimizer steps is one the loggers write (before the
+        optimizer step ``global_step`` counts it not yet, after it it does)."""
+        return completed_steps % max(1, self.trainer.log_every_n_steps) == 0
 
     def _log_throughput(self, batch_size: int) -> None:
         """Tokens/s, samples/s and MFU over the steps since the previous logging step (both ends synchronised)."""
@@ -112,7 +117,7 @@ class PretrainingModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Total gradient norm before clipping, at logging steps only (it costs a pass over all gradients).
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        if self._is_logging_step(self.global_step + 1):
             norms = [p.grad.detach().norm(2) for p in self.objective.parameters() if p.grad is not None]
             if norms:
                 self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms), 2))
@@ -121,7 +126,7 @@ class PretrainingModule(L.LightningModule):
         # DeepSpeed partitions the gradients (p.grad is empty here); its engine computes the total norm before
         # clipping in its own step, and keeps it.
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
-        if engine is not None and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        if engine is not None and self._is_logging_step(self.global_step):
             norm = engine.get_global_grad_norm()
             if norm is not None:
                 self.log("train/grad_norm", float(norm))

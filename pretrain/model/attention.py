@@ -91,24 +91,30 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _fused_attention(*args):
+    """The fused kernel of :mod:`pretrain.model.triton_attention`, imported on first use (it needs Triton)."""
+    from pretrain.model.triton_attention import disentangled_attention
+
+    return disentangled_attention(*args)
+
+
 def triton_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
-    """The fused kernel of :mod:`pretrain.model.triton_attention` (imported on first use: it needs Triton)."""
+    """The fused kernel, or a clear error where it cannot run."""
     if not triton_available():
         raise RuntimeError("attention_backend=triton needs a CUDA GPU with the `triton` package (or TRITON_INTERPRET=1 "
                            "for Triton's slow CPU interpreter); use attention_backend=auto or reference")
     reason = triton_supported(query, key)
     if reason is not None:
         raise ValueError(f"attention_backend=triton cannot run this input ({reason}); use attention_backend=auto")
-    from pretrain.model.triton_attention import disentangled_attention
-
-    return disentangled_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p)
+    return _fused_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p)
 
 
 def auto_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
     """The fused kernel on CUDA tensors it supports, the reference path otherwise (CPU, unusual shapes)."""
+    args = (query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p)
     if query.is_cuda and triton_available() and triton_supported(query, key) is None:
-        return triton_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p)
-    return reference_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p)
+        return _fused_attention(*args)
+    return reference_attention(*args)
 
 
 ATTENTION_BACKENDS: dict[str, AttentionCore] = {

@@ -54,6 +54,13 @@ _BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32
 
 
 @triton.jit
+def _batch_and_head(N_HEADS):
+    """The (batch x head) index of this program (grid axis 1, int64 for large offsets), its batch and its head."""
+    bh = tl.program_id(1).to(tl.int64)
+    return bh, bh // N_HEADS, bh % N_HEADS
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """Matrix product with fp32 accumulation: fp32 inputs in full precision (not TF32), 16-bit on tensor cores."""
     if IEEE:
@@ -107,9 +114,7 @@ def _forward_kernel(
     HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // N_HEADS
-    h = bh % N_HEADS
+    bh, b, h = _batch_and_head(N_HEADS)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_in = offs_m < L
@@ -204,9 +209,7 @@ def _backward_query_kernel(
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of query rows: dQ from the content term, and the c2p run prefix sums along each row."""
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // N_HEADS
-    h = bh % N_HEADS
+    bh, b, h = _batch_and_head(N_HEADS)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_in = offs_m < L
@@ -245,9 +248,7 @@ def _backward_key_kernel(
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of key columns: dK and dV from the content term, and the p2c run prefix sums down each column."""
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // N_HEADS
-    h = bh % N_HEADS
+    bh, b, h = _batch_and_head(N_HEADS)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_in = offs_n < L

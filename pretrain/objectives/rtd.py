@@ -99,13 +99,13 @@ class ReplacedTokenDetectionObjective(PretrainingObjective):
         if self.embedding_sharing != "gdes":
             return self.discriminator_tables()
         gen = self.generator.deberta.embeddings
+        exact_start = [t for t in self._shared_tables() if hasattr(self, f"{t}_residual_low")]
+        exact = self.discriminator_tables() if exact_start else {}  # the float64 sums, computed once
         out: dict[str, torch.Tensor | tuple[torch.Tensor, ...] | None] = {"word_embeddings": None,
                                                                            "position_embeddings": None}
         for table in self._shared_tables():
-            if hasattr(self, f"{table}_residual_low"):  # exact start from released tables: the float64 sum
-                out[table] = self.discriminator_tables()[table]
-            else:
-                out[table] = (getattr(gen, table).weight.detach(), getattr(self, f"{table}_residual"))
+            out[table] = exact[table] if table in exact_start else (getattr(gen, table).weight.detach(),
+                                                                    getattr(self, f"{table}_residual"))
         return out
 
     def set_discriminator_tables(self, tables: dict[str, torch.Tensor]) -> None:
