@@ -6,13 +6,44 @@ The objective (an ``nn.Module``) computes the loss; this module only wires it to
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
+from data_prep.atomic_io import write_json_atomic
+from pretrain.model.deberta import DebertaPreTrained
 from pretrain.objectives.base import PretrainingObjective
 from pretrain.perf import device_peak_flops
 from pretrain.settings import OptimSettings
+
+
+ATTENTION_RECORD = "attention_backend.json"  # in the run directory: what the attention backend resolved to, and why
+
+
+def attention_dtype(precision: Any) -> torch.dtype:
+    """The dtype attention computes in under Lightning's ``precision`` (the autocast dtype when mixed)."""
+    text = str(precision)
+    for prefix, dtype in (("bf16", torch.bfloat16), ("16", torch.float16), ("64", torch.float64)):
+        if text.startswith(prefix):
+            return dtype
+    return torch.float32
+
+
+def plan_objective_attention(objective: PretrainingObjective, device_type: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Resolve the attention backend of every model of the objective for this device and dtype, eagerly (the first
+    compiled forward then only reads the outcome): on CUDA, ``auto`` checks the fused kernel against the reference
+    path and falls back with one warning if it fails; ``triton`` raises. The JSON-ready record: per model, and
+    ``fused`` 1.0 when every model runs the kernel, 0.0 when any runs the reference path, None for custom backends.
+    """
+    models = {name: m for name, m in objective.named_modules() if isinstance(m, DebertaPreTrained)
+              and hasattr(m, "deberta")}
+    plans = {name: model.plan_attention(device_type, dtype) for name, model in models.items()}
+    fused = [p["fused"] for p in plans.values()]
+    backends = sorted({p["backend"] for p in plans.values()})
+    return {"backend": ",".join(backends), "device_type": device_type, "dtype": str(dtype).removeprefix("torch."),
+            "fused": None if not fused or None in fused else float(all(fused)), "models": plans}
 
 
 def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -28,6 +59,7 @@ class PretrainingModule(L.LightningModule):
     def __init__(self, objective: PretrainingObjective, optim: OptimSettings, seed: int, tokens_per_sequence: int,
                  run_record: dict | None = None, flops_per_token: float | None = None):
         super().__init__()
+        self.attention_plan: dict[str, Any] | None = None  # resolved at fit start, on the training device
         self.flops_per_token = flops_per_token
         self._peak_flops: float | None = None
         self.objective = objective
@@ -84,6 +116,9 @@ class PretrainingModule(L.LightningModule):
     def _log_throughput(self, batch_size: int) -> None:
         """Tokens/s, samples/s and MFU over the steps since the previous logging step (both ends synchronised)."""
         now = time.perf_counter()
+        fused = (self.attention_plan or {}).get("fused")
+        if fused is not None:  # a constant (1: fused attention kernel, 0: reference path), next to the speed it explains
+            self.log("perf/attention_fused", fused, batch_size=batch_size)
         if self._window is not None:
             started, first_step = self._window
             steps = self.global_step - first_step
@@ -114,6 +149,17 @@ class PretrainingModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.device.type == "cuda":  # MFU only where the device's bf16 peak is known
             self._peak_flops = device_peak_flops(torch.cuda.get_device_name(self.device))
+        self._plan_attention()
+
+    def _plan_attention(self) -> None:
+        """Resolve the attention backend here, where Lightning has placed this rank on its device and before the
+        first (compiled) forward, and record the outcome in the run directory (``attention_backend.json``)."""
+        self.attention_plan = plan_objective_attention(self.objective, self.device.type,
+                                                       attention_dtype(self.trainer.precision))
+        if self.trainer.is_global_zero:
+            root = Path(self.trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(root / ATTENTION_RECORD, self.attention_plan)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Total gradient norm before clipping, at logging steps only (it costs a pass over all gradients).

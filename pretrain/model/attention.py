@@ -6,19 +6,29 @@ The module owns the projections; the score/softmax/value computation ("the core"
 the fused kernel of :mod:`pretrain.model.triton_attention`, and ``auto`` (the default) picks the kernel for CUDA
 tensors and the reference path elsewhere.
 
+Before the kernel's first use on a device where ``auto`` picks it (CUDA), it is checked against the reference path
+on a small problem in the run's dtype (:mod:`pretrain.model.attention_check`), once per (device, dtype, head size,
+position terms). A failure makes ``auto`` warn once, with the numbers, and use the reference path from then on;
+``triton`` raises instead. :func:`plan_attention` resolves this at set-up, before ``torch.compile``, so compiled
+code only reads the cached outcome.
+
 Notation: B batch, N heads, d head size, Lq/Lk query/key length, 2k rows of the relative-embedding table.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.model.attention_check import TOLERANCE, CheckKey, CheckResult, FusedAttentionCheckError, run_check
 from pretrain.model.config import DebertaConfig
+
+log = logging.getLogger(__name__)
 
 
 class AttentionCore(Protocol):
@@ -38,22 +48,24 @@ class AttentionCore(Protocol):
 
 
 def reference_probabilities(query, key, pos_key, pos_query, rel_index, key_padding_mask, scale) -> torch.Tensor:
-    """Attention probabilities (B, N, Lq, Lk) in fp32 (as the original code, for half-precision stability).
+    """Attention probabilities (B, N, Lq, Lk) in fp32 (as the original code, for half-precision stability; fp64
+    inputs stay fp64, which makes this the exact reference the kernel's self-check and GPU tests compare with).
 
     Masking follows HF/original DeBERTa: the pair (i, j) is valid when both tokens are real, so a padded query
     row is fully masked and its softmax is uniform; those rows are zeroed or ignored downstream.
     """
     B, N, Lq, _ = query.shape
     Lk = key.shape[-2]
+    compute = torch.promote_types(query.dtype, torch.float32)
     with torch.autocast(query.device.type, enabled=False):
-        q, k = query.float(), key.float()
+        q, k = query.to(compute), key.to(compute)
         scores = q @ k.transpose(-1, -2)  # (B, N, Lq, Lk)
         index = rel_index.expand(B, N, Lq, Lk)
         if pos_key is not None:  # c2p: query i against the key-side embedding of distance (i - j)
-            c2p = q @ pos_key.float().transpose(-1, -2)  # (B, N, Lq, 2k)
+            c2p = q @ pos_key.to(compute).transpose(-1, -2)  # (B, N, Lq, 2k)
             scores = scores + torch.gather(c2p, -1, index)
         if pos_query is not None:  # p2c: key j against the query-side embedding of distance (i - j)
-            p2c = pos_query.float() @ k.transpose(-1, -2)  # (B, N, 2k, Lk)
+            p2c = pos_query.to(compute) @ k.transpose(-1, -2)  # (B, N, 2k, Lk)
             scores = scores + torch.gather(p2c, -2, index)
         scores = scores * scale
         mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
@@ -70,16 +82,20 @@ def reference_attention(query, key, value, pos_key, pos_query, rel_index, key_pa
     return probs @ value  # (B, N, Lq, d)
 
 
+def kernel_support(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernel cannot compute this head size or dtype, or None when it can."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head size {head_dim} is not a power of two >= 16"
+    if dtype not in TOLERANCE:
+        return f"dtype {dtype}"
+    return None
+
+
 def triton_supported(query: torch.Tensor, key: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot take these inputs, or None when it can."""
     if query.shape[-2] != key.shape[-2]:
         return "query and key lengths differ"
-    d = query.shape[-1]
-    if d < 16 or d & (d - 1):
-        return f"head size {d} is not a power of two >= 16"
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {query.dtype}"
-    return None
+    return kernel_support(query.shape[-1], query.dtype)
 
 
 def triton_available() -> bool:
@@ -98,23 +114,139 @@ def _fused_attention(*args):
     return disentangled_attention(*args)
 
 
-def triton_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
-    """The fused kernel, or a clear error where it cannot run."""
+# Device types on which ``auto`` picks the fused kernel (after its self-check) and ``triton`` checks it before first
+# use. Tests add "cpu" to let Triton's interpreter stand in for CUDA, so the real check runs on a CPU machine.
+KERNEL_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+_CHECKS: dict[CheckKey, CheckResult] = {}  # every self-check this process ran, by configuration
+_PASSED: dict[CheckKey, bool] = {}  # the same outcomes as plain booleans, read by compiled code
+_AUTO_USES_KERNEL: dict[CheckKey, bool] = {}  # auto's decision per configuration, read by compiled code
+
+
+def check_key(query: torch.Tensor, pos_key: torch.Tensor | None, pos_query: torch.Tensor | None) -> CheckKey:
+    return CheckKey(query.device.type, query.dtype, query.shape[-1], pos_key is not None, pos_query is not None)
+
+
+def fused_attention_check(key: CheckKey) -> CheckResult:
+    """The kernel's self-check for ``key``: run (eagerly) on the first request, then cached for the process."""
+    result = _CHECKS.get(key)
+    if result is None:
+        result = run_check(key, _fused_attention, reference_attention)
+        _CHECKS[key] = result
+        _PASSED[key] = result.passed
+        log.info(result.describe())
+    return result
+
+
+def fused_attention_checks() -> list[CheckResult]:
+    """The self-checks run so far in this process (what a run records)."""
+    return list(_CHECKS.values())
+
+
+def clear_fused_attention_checks() -> None:
+    """Forget every check and decision (tests; a process that swaps Triton versions)."""
+    _CHECKS.clear()
+    _PASSED.clear()
+    _AUTO_USES_KERNEL.clear()
+
+
+def _require_check(key: CheckKey) -> None:
+    """``triton``: a failed self-check is an error, never a silent fallback."""
+    result = fused_attention_check(key)
+    if not result.passed:
+        raise FusedAttentionCheckError(result.describe() + "; attention_backend=triton does not fall back: use "
+                                       "attention_backend=auto (reference path after this check) or reference")
+
+
+def _resolve_auto(key: CheckKey) -> bool:
+    """``auto``: whether the kernel serves ``key``; a failed check warns once and sends ``key`` to the reference
+    path for the rest of the process."""
+    if not triton_available():
+        log.info("attention_backend=auto: no usable Triton here, the reference path runs (%s)", key.label())
+        usable = False
+    else:
+        result = fused_attention_check(key)
+        usable = result.passed
+        if not usable:
+            log.warning("%s; attention_backend=auto uses the reference attention path for the rest of this run",
+                        result.describe())
+    _AUTO_USES_KERNEL[key] = usable
+    return usable
+
+
+# Compiled code must not trace the check: when a configuration first appears inside a compiled region, dynamo
+# breaks the graph here, the check runs eagerly, and the next trace reads the cached decision instead.
+_resolve_auto_eagerly = torch.compiler.disable(_resolve_auto)
+_require_check_eagerly = torch.compiler.disable(_require_check)
+
+
+def _require_triton() -> None:
     if not triton_available():
         raise RuntimeError("attention_backend=triton needs a CUDA GPU with the `triton` package (or TRITON_INTERPRET=1 "
                            "for Triton's slow CPU interpreter); use attention_backend=auto or reference")
+
+
+def triton_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
+    """The fused kernel (self-checked before its first use on a kernel device), or a clear error."""
+    _require_triton()
     reason = triton_supported(query, key)
     if reason is not None:
         raise ValueError(f"attention_backend=triton cannot run this input ({reason}); use attention_backend=auto")
+    check = check_key(query, pos_key, pos_query)
+    if check.device_type in KERNEL_DEVICE_TYPES and not _PASSED.get(check, False):
+        _require_check_eagerly(check)  # runs the check once; raises on every call of a failed configuration
     return _fused_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p)
 
 
 def auto_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
-    """The fused kernel on CUDA tensors it supports, the reference path otherwise (CPU, unusual shapes)."""
+    """The fused kernel on kernel devices (CUDA) for inputs it supports and after it passed its self-check; the
+    reference path otherwise (CPU, unusual shapes, a failed check)."""
     args = (query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p)
-    if query.is_cuda and triton_available() and triton_supported(query, key) is None:
-        return _fused_attention(*args)
+    if query.device.type in KERNEL_DEVICE_TYPES and triton_supported(query, key) is None:
+        check = check_key(query, pos_key, pos_query)
+        usable = _AUTO_USES_KERNEL.get(check)
+        if usable is None:
+            usable = _resolve_auto_eagerly(check)
+        if usable:
+            return _fused_attention(*args)
     return reference_attention(*args)
+
+
+def plan_attention(backend: str, device_type: str, dtype: torch.dtype, head_dim: int, has_c2p: bool,
+                   has_p2c: bool) -> dict[str, Any]:
+    """Resolve, once and eagerly (before ``torch.compile``), what ``backend`` will compute for a run on
+    ``device_type`` in ``dtype``: runs the self-check where it applies (``triton`` raises on failure).
+
+    Returns a JSON-ready record: ``fused`` (the kernel runs), ``reason`` and the ``check`` (None where no check
+    applies). Registered custom backends are reported as they are (``fused`` None: unknown).
+    """
+    key = CheckKey(device_type, dtype, head_dim, has_c2p, has_p2c)
+    record: dict[str, Any] = {"backend": backend, "fused": None, "reason": "", "check": None}
+    unsupported = kernel_support(head_dim, dtype)
+    if backend == "reference":
+        record.update(fused=False, reason="attention_backend=reference")
+    elif backend == "auto" and device_type not in KERNEL_DEVICE_TYPES:
+        record.update(fused=False, reason=f"auto: the reference path on {device_type}")
+    elif backend == "auto" and unsupported:
+        record.update(fused=False, reason=f"auto: the reference path ({unsupported})")
+    elif backend == "auto":
+        usable = _resolve_auto(key) if key not in _AUTO_USES_KERNEL else _AUTO_USES_KERNEL[key]
+        check = _CHECKS.get(key)
+        record.update(fused=usable, check=check.to_dict() if check else None,
+                      reason="auto: self-check passed" if usable else
+                      ("auto: self-check failed, reference path" if check else "auto: no usable Triton"))
+    elif backend == "triton":
+        _require_triton()
+        if unsupported:
+            raise ValueError(f"attention_backend=triton cannot run {key.label()} ({unsupported}); use "
+                             "attention_backend=auto")
+        if device_type in KERNEL_DEVICE_TYPES:
+            _require_check(key)
+        check = _CHECKS.get(key)
+        record.update(fused=True, check=check.to_dict() if check else None, reason="attention_backend=triton")
+    else:
+        record["reason"] = f"custom backend {backend!r}"
+    return record
 
 
 ATTENTION_BACKENDS: dict[str, AttentionCore] = {

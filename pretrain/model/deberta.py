@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.model.attention import ATTENTION_BACKENDS, DisentangledSelfAttention
+from pretrain.model.attention import ATTENTION_BACKENDS, DisentangledSelfAttention, plan_attention
 from pretrain.model.config import DebertaConfig
 from pretrain.model.embeddings import Embeddings, TableOverride
 from pretrain.model.encoder import Encoder
@@ -93,6 +93,19 @@ class DebertaPreTrained(nn.Module):
         for m in self.modules():
             if isinstance(m, DisentangledSelfAttention):
                 m.backend = name
+
+    def plan_attention(self, device_type: str, dtype: torch.dtype) -> dict:
+        """Resolve the attention backend for a run on ``device_type`` computing attention in ``dtype`` (the autocast
+        dtype under mixed precision): runs the fused kernel's self-check where it applies, eagerly. Call it before
+        :meth:`compile_layers`, so compiled code only reads the outcome. Returns the JSON-ready record of
+        :func:`~pretrain.model.attention.plan_attention`."""
+        backends = {m.backend for m in self.modules() if isinstance(m, DisentangledSelfAttention)}
+        if len(backends) != 1:
+            raise ValueError(f"plan_attention needs one attention backend on every layer, found {sorted(backends)}; "
+                             "call set_attention_backend first")
+        c = self.config
+        return plan_attention(backends.pop(), device_type, dtype, c.head_size, "c2p" in c.pos_att_type,
+                              "p2c" in c.pos_att_type)
 
     def compile_layers(self, **options) -> None:
         """``torch.compile`` each encoder layer in place (attention projections, the attention kernel as one opaque
