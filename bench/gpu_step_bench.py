@@ -18,7 +18,7 @@ loss, backward, optimiser step, zero_grad):
   ``DebertaV2Model`` discriminator + ``Linear(hidden, 1)``, the word embeddings shared (ES), replacements sampled
   from the generator at masked positions, loss = mlm + 50 * bce; both models compiled; the baseline of RTD rows.
 - ``ours_mlm``: ``pretrain``'s v2 MLM objective (whole-word n-gram masking, loss through the EMD, logits only at
-  masked positions), built by ``pretrain.train.build_objective`` as training builds it.
+  masked positions), built by ``pretrain.objectives.build.build_objective`` as training builds it.
 - ``ours_rtd``: ``pretrain``'s v3 RTD objective (GDES, half-depth generator with the EMD).
 
 Ours run with ``--backend`` (default "auto") on every sub-model (``set_attention_backend``, as ``pretrain.train``
@@ -73,10 +73,9 @@ from data_prep.atomic_io import write_json_atomic  # noqa: E402
 from pretrain.model import DebertaConfig  # noqa: E402
 from pretrain.model.attention import ATTENTION_BACKENDS, DisentangledSelfAttention  # noqa: E402
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens  # noqa: E402
+from pretrain.objectives.build import ObjectiveSettings, build_objective  # noqa: E402
 from pretrain.objectives.masking import MaskingConfig, mask_tokens, sample_replacements  # noqa: E402
 from pretrain.perf import device_peak_flops, training_flops_per_token  # noqa: E402
-from pretrain.settings import ObjectiveSettings  # noqa: E402
-from pretrain.train import build_objective  # noqa: E402
 
 GIB = 1024**3
 CONTESTANTS = ("hf_mlm_eager", "hf_mlm_compiled", "hf_mlm_disentangled_flash", "hf_rtd_compiled", "ours_mlm",
@@ -359,11 +358,16 @@ def encoder_models(objective: PretrainingObjective) -> list[nn.Module]:
     return [m for m in objective.modules() if hasattr(m, "set_attention_backend") and hasattr(m, "deberta")]
 
 
-def prepare_ours(objective: PretrainingObjective, backend: str, compile_model: bool) -> dict[str, Any]:
-    """Select the attention backend on every sub-model and compile each encoder layer in place."""
+def prepare_ours(objective: PretrainingObjective, backend: str, compile_model: bool,
+                 device_type: str = "cpu") -> dict[str, Any]:
+    """Select the attention backend on every sub-model, resolve it for bf16 on this device as training does (the
+    fused kernel's self-check on CUDA), then compile each encoder layer in place."""
     models = encoder_models(objective)
+    fused = []
     for model in models:
         model.set_attention_backend(backend)
+        if hasattr(model, "plan_attention"):
+            fused.append(model.plan_attention(device_type, torch.bfloat16)["fused"])
     how = "off"
     if compile_model:
         for model in models:
@@ -375,7 +379,8 @@ def prepare_ours(objective: PretrainingObjective, backend: str, compile_model: b
                     layer.compile()
                 how = "layer.compile() per encoder layer"
     in_use = sorted({m.backend for m in objective.modules() if isinstance(m, DisentangledSelfAttention)})
-    return {"compiled": compile_model, "compile": how, "attention_backend": ",".join(in_use)}
+    return {"compiled": compile_model, "compile": how, "attention_backend": ",".join(in_use),
+            "attention_fused": None if not fused or None in fused else all(fused)}
 
 
 def build_ours(name: str, config: DebertaConfig) -> PretrainingObjective:
@@ -386,7 +391,7 @@ def ours_workload(name: str, config: DebertaConfig, batch: dict[str, torch.Tenso
                   device: torch.device, compile_model: bool, backend: str) -> Workload:
     settings = objective_settings(name)
     objective = build_ours(name, config).to(device).train()
-    info = prepare_ours(objective, backend, compile_model)
+    info = prepare_ours(objective, backend, compile_model, device.type)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def loss() -> torch.Tensor:
@@ -568,7 +573,7 @@ def train_curve(config: DebertaConfig, objective_name: str, initial_state: dict[
     objective = build_ours(objective_name, config)
     objective.load_state_dict(initial_state)
     objective.to(device).train()
-    backend_in_use = prepare_ours(objective, backend, compile_model)["attention_backend"]
+    backend_in_use = prepare_ours(objective, backend, compile_model, device.type)["attention_backend"]
     optimizer, _ = make_optimizer(objective, device)
     for group in optimizer.param_groups:
         group["lr"] = lr

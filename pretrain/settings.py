@@ -15,31 +15,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain.model import DebertaConfig
+from pretrain.objectives.build import ObjectiveSettings  # noqa: F401 (part of the settings)
 
 
 class SettingsError(ValueError):
     """One or more invalid settings; the message lists every key at fault and what to do."""
-
-
-@dataclass
-class ObjectiveSettings:
-    name: str = "rtd"
-    """"mlm" (DeBERTa-v2: whole-word n-gram MLM through the EMD) or "rtd" (DeBERTa-v3: generator + discriminator)."""
-    mask_prob: float = 0.15
-    max_ngram: int = 3
-    """MLM: whole-word n-gram spans up to this length (original v2 recipe: 3). RTD generator masking uses 1."""
-    whole_word: bool = True
-    use_emd: bool = True
-    """MLM/generator loss through the enhanced mask decoder, as the original code trains."""
-    generator_layers: int | None = None
-    """RTD: generator depth; None = half the discriminator's layers (the v3 recipe)."""
-    embedding_sharing: str = "gdes"
-    """RTD: gdes | es | nes (the v3 paper's ablation)."""
-    rtd_weight: float = 50.0
-    """RTD: loss = MLM + rtd_weight * BCE. 50 is ELECTRA's and the v3 paper's value; the original code defaults to
-    10 (with decoupled optimisers). We use one optimiser for both models (DeepSpeed needs that), as ELECTRA does."""
-    temperature: float = 1.0
-    """RTD: sampling temperature of the generator."""
 
 
 @dataclass

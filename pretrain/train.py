@@ -21,29 +21,14 @@ from pretrain.checkpoints import check_resumable, newest_checkpoint
 from pretrain.csv_log import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
 from pretrain.lightning_module import PretrainingModule
-from pretrain.model import DebertaConfig
 from pretrain.model.deberta import DebertaPreTrained
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
-from pretrain.objectives.masking import MaskingConfig
-from pretrain.objectives.mlm import MaskedLMObjective
-from pretrain.objectives.rtd import ReplacedTokenDetectionObjective
+from pretrain.objectives.build import build_objective  # noqa: F401 (export and tests import it from here too)
 from pretrain.perf import training_flops_per_token
-from pretrain.settings import ObjectiveSettings, Settings, SettingsError, settings_from_config
+from pretrain.settings import Settings, SettingsError, settings_from_config
 from pretrain.strategies import build_strategy, expose_outputs_to_zero3, full_parameters, is_deepspeed, zero_stage
 
 log = logging.getLogger(__name__)
-
-
-def build_objective(model: DebertaConfig, o: ObjectiveSettings, special: SpecialTokens) -> PretrainingObjective:
-    if o.name == "mlm":
-        masking = MaskingConfig(mask_prob=o.mask_prob, max_ngram=o.max_ngram, whole_word=o.whole_word)
-        return MaskedLMObjective(model, special, masking, use_emd=o.use_emd)
-    masking = MaskingConfig(mask_prob=o.mask_prob, max_ngram=o.max_ngram, whole_word=o.whole_word,
-                            replace_with_mask=1.0, replace_with_random=0.0)
-    layers = o.generator_layers or max(1, model.num_hidden_layers // 2)
-    generator_config = DebertaConfig(**{**model.to_dict(), "num_hidden_layers": layers})
-    return ReplacedTokenDetectionObjective(model, special, generator_config, o.embedding_sharing, o.rtd_weight,
-                                           masking, o.temperature)
 
 
 def check_data_against_model(settings: Settings, data: ShardDataModule) -> None:
