@@ -29,6 +29,12 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton needs a C
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _nan_filled_outputs(monkeypatch):
+    """Every buffer the kernels should write starts as NaN, so an entry they miss cannot pass a comparison."""
+    monkeypatch.setenv("DEBERTA_ATTENTION_DEBUG_FILL", "1")
+
+
 def make_inputs(batch, heads, length, head_size, span, c2p, p2c, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
 
@@ -79,6 +85,31 @@ def test_matches_reference_fp32(case):
     rel_index = relative_position_index(length, length, span, buckets, max_position, device=DEVICE)
     args = (q, k, v, pos_key, pos_query, rel_index, mask, grad_out, 0.125)
     assert_same(outputs_and_grads(reference_attention, *args), outputs_and_grads(triton_attention, *args), atol=2e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="swaps a device function, which only the interpreter looks up at "
+                                                      "run time; compiled kernels keep the one they were built with")
+def test_debug_fill_exposes_a_missed_store(monkeypatch):
+    """The NaN fill is what makes the parity tests see unwritten entries: without the kernels' zero stores for
+    table rows a query never reaches, the table gradients (and so the relative projections' gradients) are NaN."""
+    import pretrain.model.triton_attention as kernels
+
+    @triton.jit
+    def skip_zero_stores(OUT, base, offs, L, s_m, LUT, REACHED, TWO_K, lo_index, hi_index, valid,
+                         BLOCK_R: tl.constexpr):
+        pass
+
+    # Distances beyond max_position are clamped: with a long sequence, rows at the table's far ends stay unreached
+    # from some queries.
+    q, k, v, pos_key, pos_query, mask, grad_out = make_inputs(1, 1, 20, 16, 8, True, True)
+    rel_index = relative_position_index(20, 20, 8, 8, 64, device=DEVICE)
+    args = (q, k, v, pos_key, pos_query, rel_index, mask, grad_out, 0.125)
+    _, grads = outputs_and_grads(triton_attention, *args)
+    assert all(torch.isfinite(g).all() for g in grads)
+    monkeypatch.setattr(kernels, "_zero_unreached", skip_zero_stores)
+    _, grads = outputs_and_grads(triton_attention, *args)
+    assert torch.isnan(grads[3]).any() and torch.isnan(grads[4]).any()  # pos_key, pos_query
+    assert not torch.isnan(grads[2]).any()  # v does not depend on the tables
 
 
 def test_matches_reference_fp16():
@@ -210,9 +241,9 @@ def test_custom_op_registration():
 
     q, k, v, pos_key, pos_query, mask, _ = make_inputs(1, 2, 20, 16, 8, True, True, seed=2)
     rel_index = relative_position_index(20, 20, 8, 8, 64, device=DEVICE)
-    code, runs = relative_lookup(rel_index, 16)
+    code, reached = relative_lookup(rel_index, 16)
     seed = torch.zeros((), dtype=torch.int64)
-    args = (q, k, v, pos_key, pos_query, code, runs, mask.to(torch.uint8), 0.125, 0.0, seed)
+    args = (q, k, v, pos_key, pos_query, code, reached, mask.to(torch.uint8), 0.125, 0.0, seed)
     torch.library.opcheck(torch.ops.deberta_pretrain.disentangled_attention.default, args)
 
 

@@ -4,29 +4,41 @@ Why a kernel: the reference path materialises the (B, N, L, L) content scores, t
 probabilities and their gradients in fp32; that is where DeBERTa's step time and memory go. This backend keeps
 score tiles on chip, like flash attention, and never allocates anything of size L x L.
 
-How the relative terms get into a tile. Both position terms depend on the distance only through one table row
-``D(t)``, ``t = i - j`` (see ``relative_position.py``)::
+How the relative terms get into a tile. Both position terms depend on the distance ``t = i - j`` only through one
+row ``D(t)`` of the relative tables (see ``relative_position.py``)::
 
-    score[i, j] = scale * (q_i.k_j + C2P[i, D(i-j)] + P2C[j, D(i-j)])
-    C2P = q @ pos_key^T   (B, N, L, 2k)   content-to-position
-    P2C = k @ pos_query^T (B, N, L, 2k)   position-to-content
+    score[i, j] = scale * (q_i . k_j  +  q_i . pos_key[D(i-j)]  +  k_j . pos_query[D(i-j)])
 
-The two tables are ordinary matmuls (memory linear in L); the kernel adds the gathered entries to each tile of
-``q @ k^T``, with an online softmax, padding masks as HF's (a pair counts when both tokens are real), and
-attention-probability dropout regenerated from a Philox seed in the backward pass.
+A (BLOCK_M, BLOCK_N) tile spans the ``BLOCK_M + BLOCK_N - 1`` consecutive distances of a window. The kernel loads
+the window's rows of ``pos_key`` and ``pos_query`` (by ``D(t)``, so log buckets need no special case), multiplies
+them on tensor cores (``q_tile @ pos_key[window]^T``: (BLOCK_M, W); ``k_tile @ pos_query[window]^T``: (BLOCK_N, W))
+and shears the products into the tile with ``tl.gather`` (column ``c = i - j + BLOCK_N - 1`` of the window). So the
+forward pass moves what flash attention moves: no (B, N, L, 2k) table is written or read.
 
-The backward pass needs ``dC2P[i, r] = sum_j dS[i, j] [D(i-j) = r]`` (and ``dP2C`` with i and j swapped), a
-scatter-add that would need atomics. Because ``D`` is non-decreasing in ``t``, every table row ``r`` covers a
-contiguous run of distances, so the sum over a run is a difference of two prefix sums of ``dS`` along the row.
-The kernel keeps a running prefix sum per row (per column for P2C) and stores it only where a run starts (ends):
-one plain store per (row, r), no atomics, no L x L buffer. :func:`_finalize_kernel` turns those prefix sums into
-the table gradients, which flow into q, k and the relative projections through two matmuls each.
+The backward pass needs the table gradients ``dC2P[i, r] = sum_j dS[i, j] [D(i-j) = r]`` (and ``dP2C[j, r]`` with i
+and j swapped), from which ``dq += dC2P @ pos_key``, ``d pos_key = dC2P^T @ q`` (and the same for k, pos_query)
+are plain batched matmuls. Because ``D`` is non-decreasing in ``t``, the entries of one table row are sums of dS
+over *contiguous runs* of keys along a query row (of queries down a key column). The query-side kernel keeps a
+segmented scan of dS along each row (``tl.associative_scan`` with segment starts at run boundaries, the open
+run's sum carried from tile to tile) and stores each run's sum once, in the input dtype, where the run ends; the
+key-side kernel does the same down each column. Table entries that no pair reaches get an explicit zero. One
+write per table entry, no atomics, no fp32 run buffers, no finalize pass. ``bench/attention_bytes.py`` counts
+the bytes this moves against the earlier design.
 
-Everything here is also runnable by Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which is how the
-CPU test-suite checks the kernel against :func:`pretrain.model.attention.reference_attention`.
+Launch configurations are pinned per (GPU architecture, dtype, head size) in :data:`PINNED_CONFIGS`, chosen from
+the ahead-of-time compile analysis of ``pretrain/model/triton_aot.py`` (registers, spills, shared memory, MMA
+kind; ``python bench/kernel_resources.py`` prints it), so a cold start compiles one variant per kernel.
+``DEBERTA_ATTENTION_AUTOTUNE=1`` autotunes over :data:`TUNING_CANDIDATES` instead. ``DEBERTA_ATTENTION_DEBUG_FILL=1``
+fills every buffer the kernels should write with NaN first, so a missed store cannot pass a parity test.
+
+Everything here also runs in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which is how the CPU
+test-suite checks the kernels against :func:`pretrain.model.attention.reference_attention`.
 """
 
+from __future__ import annotations
+
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -36,23 +48,14 @@ from torch import Tensor
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Table row of a distance lives in the low bits of the lookup code; two flags mark the runs (see module docstring).
-_REL_BITS = 24
+# A distance's table row lives in the low bits of its lookup code; two flags mark where runs of one row begin
+# (smallest distance of the run) and end (largest distance).
+_ROW_BITS = 24
 _RUN_START_BIT = 24
 _RUN_END_BIT = 25
 
 
-def _configs(candidates: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    if INTERPRETING:  # the interpreter runs every config; one small tile exercises multi-block loops on tiny inputs
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
-
-
-_AUTOTUNE_KEY = ["L", "HEAD_DIM", "HAS_C2P", "HAS_P2C", "HAS_DROPOUT"]
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3)])
-_BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 3)])
-
-
+# ---------------------------------------------------------------------------------------------- device side
 @triton.jit
 def _batch_and_head(N_HEADS):
     """The (batch x head) index of this program (grid axis 1, int64 for large offsets), its batch and its head."""
@@ -70,31 +73,47 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _score_tile(q, kt, offs_m, offs_n, L, TWO_K, C2P, P2C, table_base, LUT, q_real, k_real, scale,
-                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, IEEE: tl.constexpr):
-    """Scaled scores of one (BLOCK_M, BLOCK_N) tile, the tile's lookup codes, and which pairs are real.
+def _position_window(POS, pos_base, sp_r, LUT, t_first, L, offs_d, WINDOW: tl.constexpr):
+    """(HEAD_DIM, WINDOW): the projected relative rows ``D(t)`` for ``t = t_first .. t_first + WINDOW - 1``.
 
-    Columns beyond L get -inf (no probability mass).
+    Distances outside the sequence (tile tails, the window's spare column) are clamped into the table; the scores
+    they would feed belong to masked pairs.
+    """
+    t = t_first + tl.arange(0, WINDOW)
+    t = tl.minimum(tl.maximum(t, 1 - L), L - 1)
+    row = tl.load(LUT + t + L - 1) & ((1 << 24) - 1)
+    return tl.load(POS + pos_base + row[None, :].to(tl.int64) * sp_r + offs_d[:, None])
+
+
+@triton.jit
+def _score_tile(q, kt, k, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, pk_base, pq_base, sp_r, LUT, offs_d,
+                q_real, k_real, scale,
+                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """Scaled scores of one (BLOCK_M, BLOCK_N) tile and which of its pairs are real.
+
+    ``q`` (BLOCK_M, d), ``kt`` (d, BLOCK_N) and ``k`` (BLOCK_N, d) hold the tile's rows. Columns beyond L get -inf.
     """
     col_in = offs_n < L
-    inside = (offs_m < L)[:, None] & col_in[None, :]
     s = _dot(q, kt, IEEE)
-    code = tl.load(LUT + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=inside, other=0)
-    rel = code & ((1 << 24) - 1)
-    if HAS_C2P:  # C2P[i, D(i - j)]: consecutive j read neighbouring entries of row i
-        s += tl.load(C2P + table_base + offs_m[:, None] * TWO_K + rel, mask=inside, other=0.0).to(tl.float32)
-    if HAS_P2C:  # P2C[j, D(i - j)]: gathered as a (j, i) tile so that consecutive i read neighbouring entries
-        inside_t = col_in[:, None] & (offs_m < L)[None, :]
-        rel_t = tl.load(LUT + (offs_m[None, :] - offs_n[:, None] + L - 1), mask=inside_t, other=0) & ((1 << 24) - 1)
-        p2c = tl.load(P2C + table_base + offs_n[:, None] * TWO_K + rel_t, mask=inside_t, other=0.0)
-        s += tl.trans(p2c).to(tl.float32)
+    # Window column of pair (i, j): c = (i - i0) - (j - j0) + BLOCK_N - 1, i.e. distance t_first + c.
+    c = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
+    t_first = i0 - j0 - (BLOCK_N - 1)
+    if HAS_C2P:  # q_i . pos_key[D(i - j)]
+        pk = _position_window(POS_K, pk_base, sp_r, LUT, t_first, L, offs_d, WINDOW)
+        c2p = _dot(q, pk.to(q.dtype), IEEE)  # (BLOCK_M, WINDOW)
+        s += tl.gather(c2p, c, axis=1)
+    if HAS_P2C:  # k_j . pos_query[D(i - j)]: gathered as a (j, i) tile, then transposed
+        pq = _position_window(POS_Q, pq_base, sp_r, LUT, t_first, L, offs_d, WINDOW)
+        p2c = _dot(k, pq.to(k.dtype), IEEE)  # (BLOCK_N, WINDOW)
+        s += tl.trans(tl.gather(p2c, tl.trans(c), axis=1))
     s = s * scale
     pair_real = q_real[:, None] & k_real[None, :]
     # As HF's masked_fill + softmax: a real query gives padded keys no weight; a padded query row is fully masked,
     # which makes its softmax uniform over all L keys (score 0 everywhere gives exactly that, with an exact LSE).
     s = tl.where(pair_real, s, tl.where(q_real[:, None], float("-inf"), 0.0))
     s = tl.where(col_in[None, :], s, float("-inf"))
-    return s, code, pair_real, inside
+    return s, pair_real
 
 
 @triton.jit
@@ -104,35 +123,48 @@ def _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p):
     return tl.rand(seed, offsets) >= dropout_p
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed every call must not select another compiled variant
+@triton.jit
+def _rows(X, b, h, offs, offs_d, L, s_b, s_h, s_m):
+    """(len(offs), HEAD_DIM) rows of a (B, N, L, d) tensor addressed by strides; rows beyond L read as 0."""
+    return tl.load(X + b * s_b + h * s_h + offs[:, None] * s_m + offs_d[None, :], mask=(offs < L)[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m):
+    """A block of keys (as rows and transposed), values transposed, and which keys are real tokens."""
+    k = _rows(K, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m)
+    v_t = tl.trans(_rows(V, b, h, offs_n, offs_d, L, sv_b, sv_h, sv_m))
+    k_real = tl.load(MASK + b * L + offs_n, mask=offs_n < L, other=0) != 0
+    return k, tl.trans(k), v_t, k_real
+
+
+@triton.jit
 def _forward_kernel(
-    Q, K, V, C2P, P2C, LUT, MASK, O, LSE,
+    Q, K, V, POS_K, POS_Q, LUT, MASK, O, LSE,
     seed, scale, dropout_p,
-    sq_b, sq_h, sq_m, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, so_b, so_h, so_m,
-    N_HEADS, L, TWO_K,
+    sq_b, sq_h, sq_m, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, so_b, so_h, so_m, sp_h, sp_r,
+    N_HEADS, L,
     HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
 ):
     bh, b, h = _batch_and_head(N_HEADS)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    i0 = tl.program_id(0) * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_in = offs_m < L
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=row_in[:, None], other=0.0)
+    q = _rows(Q, b, h, offs_m, offs_d, L, sq_b, sq_h, sq_m)
     q_real = tl.load(MASK + b * L + offs_m, mask=row_in, other=0) != 0
-    table_base = bh * L * TWO_K
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in range(0, L, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_in = offs_n < L
-        kt = tl.load(K + b * sk_b + h * sk_h + offs_n[None, :] * sk_m + offs_d[:, None], mask=col_in[None, :],
-                     other=0.0)
-        k_real = tl.load(MASK + b * L + offs_n, mask=col_in, other=0) != 0
-        s, code, pair_real, inside = _score_tile(q, kt, offs_m, offs_n, L, TWO_K, C2P, P2C, table_base, LUT,
-                                                 q_real, k_real, scale, HAS_C2P, HAS_P2C, IEEE)
+    for j0 in range(0, L, BLOCK_N):
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        k, kt, v_t, k_real = _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m)
+        s, pair_real = _score_tile(q, kt, k, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, h * sp_h, h * sp_h, sp_r,
+                                   LUT, offs_d, q_real, k_real, scale, HAS_C2P, HAS_P2C, IEEE,
+                                   BLOCK_M, BLOCK_N, WINDOW)
         # Rows beyond L have every score at -inf; keep their running max finite (they are never stored).
         m_new = tl.maximum(tl.maximum(m_i, tl.max(s, 1)), -3.0e38)
         alpha = tl.exp(m_i - m_new)
@@ -141,9 +173,7 @@ def _forward_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_m + offs_d[None, :], mask=col_in[:, None],
-                    other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + _dot(p.to(v_t.dtype), tl.trans(v_t), IEEE)
         m_i = m_new
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / l_safe[:, None]
@@ -153,13 +183,13 @@ def _forward_kernel(
 
 
 @triton.jit
-def _score_gradient(q, kt, v_t, do, lse, delta, offs_m, offs_n, L, TWO_K, C2P, P2C, table_base, LUT, q_real,
-                    k_real, scale, seed, bh, dropout_p,
+def _score_gradient(q, kt, k, v_t, do, lse, delta, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, pk_base, pq_base,
+                    sp_r, LUT, offs_d, q_real, k_real, scale, seed, bh, dropout_p,
                     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    IEEE: tl.constexpr):
-    """Recompute a tile's probabilities and return (P after dropout, dS = d loss / d raw score, lookup codes)."""
-    s, code, pair_real, inside = _score_tile(q, kt, offs_m, offs_n, L, TWO_K, C2P, P2C, table_base, LUT,
-                                             q_real, k_real, scale, HAS_C2P, HAS_P2C, IEEE)
+                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """Recompute a tile's probabilities; return (P after dropout, dS = d loss / d unscaled score)."""
+    s, pair_real = _score_tile(q, kt, k, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, pk_base, pq_base, sp_r, LUT,
+                               offs_d, q_real, k_real, scale, HAS_C2P, HAS_P2C, IEEE, BLOCK_M, BLOCK_N, WINDOW)
     p = tl.exp(s - lse[:, None])  # rows beyond L load lse = +inf, so their p is 0
     dp = _dot(do, v_t, IEEE)
     if HAS_DROPOUT:
@@ -170,17 +200,15 @@ def _score_gradient(q, kt, v_t, do, lse, delta, offs_m, offs_n, L, TWO_K, C2P, P
         p_kept = p
     # A masked pair's score is a constant (as masked_fill in the reference): no gradient flows through it.
     ds = tl.where(pair_real, p * (dp - delta[:, None]), 0.0) * scale
-    return p_kept, ds, code, inside
+    return p_kept, ds
 
 
 @triton.jit
-def _query_block(Q, DO, LSE, DELTA, MASK, b, h, bh, offs_m, offs_d, L,
-                 sq_b, sq_h, sq_m, sdo_b, sdo_h, sdo_m):
+def _query_block(Q, DO, LSE, DELTA, MASK, b, h, bh, offs_m, offs_d, L, sq_b, sq_h, sq_m, sdo_b, sdo_h, sdo_m):
     """What the backward pass needs of a block of query rows; rows beyond L load lse = +inf (probability 0)."""
     row_in = offs_m < L
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=row_in[:, None], other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=row_in[:, None],
-                 other=0.0)
+    q = _rows(Q, b, h, offs_m, offs_d, L, sq_b, sq_h, sq_m)
+    do = _rows(DO, b, h, offs_m, offs_d, L, sdo_b, sdo_h, sdo_m)
     lse = tl.load(LSE + bh * L + offs_m, mask=row_in, other=float("inf"))
     delta = tl.load(DELTA + bh * L + offs_m, mask=row_in, other=0.0)
     q_real = tl.load(MASK + b * L + offs_m, mask=row_in, other=0) != 0
@@ -188,174 +216,236 @@ def _query_block(Q, DO, LSE, DELTA, MASK, b, h, bh, offs_m, offs_d, L,
 
 
 @triton.jit
-def _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m):
-    """A block of keys and values, both transposed to (HEAD_DIM, BLOCK_N), and which keys are real tokens."""
-    col_in = offs_n < L
-    kt = tl.load(K + b * sk_b + h * sk_h + offs_n[None, :] * sk_m + offs_d[:, None], mask=col_in[None, :], other=0.0)
-    v_t = tl.load(V + b * sv_b + h * sv_h + offs_n[None, :] * sv_m + offs_d[:, None], mask=col_in[None, :],
-                  other=0.0)
-    k_real = tl.load(MASK + b * L + offs_n, mask=col_in, other=0) != 0
-    return kt, v_t, k_real
+def _segment_sum(a, a_started, b, b_started):
+    """Combine of a segmented prefix sum: a segment start in the right operand discards what came before it."""
+    return tl.where(b_started != 0, b, a + b), a_started | b_started
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
+def _run_sums(ds, code, carry, last, AXIS: tl.constexpr, START_BIT: tl.constexpr, END_BIT: tl.constexpr):
+    """Sums of dS over runs of one table row along AXIS, for the runs that end in this tile.
+
+    ``carry`` is the open run's sum from the previous tiles (per row for AXIS=1, per column for AXIS=0); ``last``
+    marks the sequence's last position, where every run ends. Returns (sums, where a run ends, the new carry).
+    """
+    started = ((code >> START_BIT) & 1).to(tl.int32)
+    ends = (((code >> END_BIT) & 1) != 0) | last
+    run, begun = tl.associative_scan((ds, started), AXIS, _segment_sum)
+    if AXIS == 1:
+        run += tl.where(begun != 0, 0.0, carry[:, None])
+        edge = (tl.arange(0, ds.shape[1]) == ds.shape[1] - 1)[None, :]
+    else:
+        run += tl.where(begun != 0, 0.0, carry[None, :])
+        edge = (tl.arange(0, ds.shape[0]) == ds.shape[0] - 1)[:, None]
+    carry = tl.sum(tl.where(edge & ~ends, run, 0.0), AXIS)  # the run still open at the tile's edge
+    return run, ends, carry
+
+
+@triton.jit
+def _zero_unreached(OUT, base, offs, L, s_m, LUT, REACHED, TWO_K, lo_index, hi_index, valid,
+                    BLOCK_R: tl.constexpr):
+    """Store 0 in the table entries a row (column) of the attention never reaches.
+
+    The distances of row ``offs`` lie between the LUT entries ``lo_index`` and ``hi_index``; its table rows are
+    ``D`` of those, i.e. the attained rows (``REACHED``) between the two ends.
+    """
+    lo = tl.load(LUT + lo_index, mask=valid, other=0) & ((1 << 24) - 1)
+    hi = tl.load(LUT + hi_index, mask=valid, other=0) & ((1 << 24) - 1)
+    for r0 in range(0, TWO_K, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_in = r < TWO_K
+        reached = tl.load(REACHED + r, mask=r_in, other=0) != 0
+        used = reached[None, :] & (r[None, :] >= lo[:, None]) & (r[None, :] <= hi[:, None])
+        zero = tl.zeros([offs.shape[0], BLOCK_R], tl.float32).to(OUT.dtype.element_ty)
+        tl.store(OUT + base + offs[:, None] * s_m + r[None, :], zero, mask=valid[:, None] & r_in[None, :] & ~used)
+
+
+@triton.jit
 def _backward_query_kernel(
-    Q, K, V, C2P, P2C, LUT, MASK, DO, LSE, DELTA, DQ, RUN_SUMS, ROW_TOTALS,
+    Q, K, V, POS_K, POS_Q, LUT, REACHED, MASK, DO, LSE, DELTA, DQ, DC2P,
     seed, scale, dropout_p,
-    sq_b, sq_h, sq_m, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, sdo_b, sdo_h, sdo_m,
+    sq_b, sq_h, sq_m, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, sdo_b, sdo_h, sdo_m, sp_h, sp_r,
+    sg_b, sg_h, sg_m, st_b, st_h, st_m,
     N_HEADS, L, TWO_K,
     HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    """One block of query rows: dQ from the content term, and the c2p run prefix sums along each row."""
+    """One block of query rows: dQ of the content term and, along each row, the c2p table gradient dC2P."""
     bh, b, h = _batch_and_head(N_HEADS)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    i0 = tl.program_id(0) * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_in = offs_m < L
     q, do, lse, delta, q_real = _query_block(Q, DO, LSE, DELTA, MASK, b, h, bh, offs_m, offs_d, L,
                                              sq_b, sq_h, sq_m, sdo_b, sdo_h, sdo_m)
-    table_base = bh * L * TWO_K
+    table = b * st_b + h * st_h
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    running = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, L, BLOCK_N):  # increasing j: `running` is the prefix sum of dS along the row
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt, v_t, k_real = _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m)
-        p, ds, code, inside = _score_gradient(q, kt, v_t, do, lse, delta, offs_m, offs_n, L, TWO_K, C2P, P2C,
-                                              table_base, LUT, q_real, k_real, scale, seed, bh, dropout_p,
-                                              HAS_C2P, HAS_P2C, HAS_DROPOUT, IEEE)
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
+    carry = tl.zeros([BLOCK_M], tl.float32)
+    for j0 in range(0, L, BLOCK_N):  # increasing j = decreasing distance: a run begins at its largest distance
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        k, kt, v_t, k_real = _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m)
+        p, ds = _score_gradient(q, kt, k, v_t, do, lse, delta, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, h * sp_h,
+                                h * sp_h, sp_r, LUT, offs_d, q_real, k_real, scale, seed, bh, dropout_p,
+                                HAS_C2P, HAS_P2C, HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_N, WINDOW)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
         if HAS_C2P:
-            prefix = tl.cumsum(ds, 1) + running[:, None]
-            running += tl.sum(ds, 1)
-            run_start = ((code >> 24) & 1) != 0
-            rel = code & ((1 << 24) - 1)
-            tl.store(RUN_SUMS + table_base + offs_m[:, None] * TWO_K + rel, prefix, mask=inside & run_start)
-    tl.store(DQ + bh * L * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=row_in[:, None])
-    if HAS_C2P:
-        tl.store(ROW_TOTALS + bh * L + offs_m, running, mask=row_in)
+            inside = row_in[:, None] & (offs_n < L)[None, :]
+            code = tl.load(LUT + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=inside, other=0)
+            run, ends, carry = _run_sums(ds, code, carry, (offs_n == L - 1)[None, :], 1, 25, 24)
+            tl.store(DC2P + table + offs_m[:, None] * st_m + (code & ((1 << 24) - 1)),
+                     run.to(DC2P.dtype.element_ty), mask=inside & ends)
+    tl.store(DQ + b * sg_b + h * sg_h + offs_m[:, None] * sg_m + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_in[:, None])
+    if HAS_C2P:  # row i sees distances i - (L - 1) .. i, at LUT entries i .. i + L - 1
+        _zero_unreached(DC2P, table, offs_m, L, st_m, LUT, REACHED, TWO_K, offs_m, offs_m + L - 1, row_in,
+                        BLOCK_N)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _backward_key_kernel(
-    Q, K, V, C2P, P2C, LUT, MASK, DO, LSE, DELTA, DK, DV, RUN_SUMS, COL_TOTALS,
+    Q, K, V, POS_K, POS_Q, LUT, REACHED, MASK, DO, LSE, DELTA, DK, DV, DP2C,
     seed, scale, dropout_p,
-    sq_b, sq_h, sq_m, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, sdo_b, sdo_h, sdo_m,
+    sq_b, sq_h, sq_m, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, sdo_b, sdo_h, sdo_m, sp_h, sp_r,
+    sg_b, sg_h, sg_m, st_b, st_h, st_m,
     N_HEADS, L, TWO_K,
     HEAD_DIM: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    """One block of key columns: dK and dV from the content term, and the p2c run prefix sums down each column."""
+    """One block of key columns: dK and dV of the content term and, down each column, the p2c table gradient."""
     bh, b, h = _batch_and_head(N_HEADS)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j0 = tl.program_id(0) * BLOCK_N
+    offs_n = j0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_in = offs_n < L
-    kt, v_t, k_real = _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m)
-    table_base = bh * L * TWO_K
+    k, kt, v_t, k_real = _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m)
+    table = b * st_b + h * st_h
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    running = tl.zeros([BLOCK_N], tl.float32)
-    for start_m in range(0, L, BLOCK_M):  # increasing i: `running` is the prefix sum of dS down the column
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+    carry = tl.zeros([BLOCK_N], tl.float32)
+    for i0 in range(0, L, BLOCK_M):  # increasing i = increasing distance: a run begins at its smallest distance
+        offs_m = i0 + tl.arange(0, BLOCK_M)
         q, do, lse, delta, q_real = _query_block(Q, DO, LSE, DELTA, MASK, b, h, bh, offs_m, offs_d, L,
                                                  sq_b, sq_h, sq_m, sdo_b, sdo_h, sdo_m)
-        p, ds, code, inside = _score_gradient(q, kt, v_t, do, lse, delta, offs_m, offs_n, L, TWO_K, C2P, P2C,
-                                              table_base, LUT, q_real, k_real, scale, seed, bh, dropout_p,
-                                              HAS_C2P, HAS_P2C, HAS_DROPOUT, IEEE)
+        p, ds = _score_gradient(q, kt, k, v_t, do, lse, delta, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, h * sp_h,
+                                h * sp_h, sp_r, LUT, offs_d, q_real, k_real, scale, seed, bh, dropout_p,
+                                HAS_C2P, HAS_P2C, HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_N, WINDOW)
         dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
         dk += _dot(tl.trans(ds).to(q.dtype), q, IEEE)
         if HAS_P2C:
-            prefix = tl.cumsum(ds, 0) + running[None, :]
-            running += tl.sum(ds, 0)
-            run_end = ((code >> 25) & 1) != 0
-            rel = code & ((1 << 24) - 1)
-            tl.store(RUN_SUMS + table_base + offs_n[None, :] * TWO_K + rel, prefix, mask=inside & run_end)
-    out = bh * L * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out, dk, mask=col_in[:, None])
-    tl.store(DV + out, dv, mask=col_in[:, None])
-    if HAS_P2C:
-        tl.store(COL_TOTALS + bh * L + offs_n, running, mask=col_in)
+            inside = (offs_m < L)[:, None] & col_in[None, :]
+            code = tl.load(LUT + (offs_m[:, None] - offs_n[None, :] + L - 1), mask=inside, other=0)
+            run, ends, carry = _run_sums(ds, code, carry, (offs_m == L - 1)[:, None], 0, 24, 25)
+            tl.store(DP2C + table + offs_n[None, :] * st_m + (code & ((1 << 24) - 1)),
+                     run.to(DP2C.dtype.element_ty), mask=inside & ends)
+    out = offs_n[:, None] * sg_m + offs_d[None, :]
+    tl.store(DK + b * sg_b + h * sg_h + out, dk.to(DK.dtype.element_ty), mask=col_in[:, None])
+    tl.store(DV + b * sg_b + h * sg_h + out, dv.to(DV.dtype.element_ty), mask=col_in[:, None])
+    if HAS_P2C:  # column j sees distances -j .. L - 1 - j, at LUT entries L - 1 - j .. 2L - 2 - j
+        _zero_unreached(DP2C, table, offs_n, L, st_m, LUT, REACHED, TWO_K, L - 1 - offs_n, 2 * L - 2 - offs_n,
+                        col_in, BLOCK_M)
 
 
-@triton.jit
-def _run_sum_at(RUN_SUMS, SLOT, TPOS, row_base, total, rows, r, r_in, L, TWO_K, POS_SIGN: tl.constexpr):
-    """Prefix sum of dS up to the boundary of table row r (see _finalize_kernel), for a (rows, r) tile."""
-    slot = tl.load(SLOT + r, mask=r_in, other=-1)
-    t = tl.load(TPOS + r, mask=r_in, other=0)
-    pos = rows[:, None] + POS_SIGN * t[None, :]
-    stored = (slot[None, :] >= 0) & (pos >= 0) & (pos < L) & (rows < L)[:, None]
-    value = tl.load(RUN_SUMS + row_base + rows[:, None] * TWO_K + slot[None, :], mask=stored, other=0.0)
-    everything = (slot[None, :] >= 0) & (pos >= L)
-    return tl.where(everything, total[:, None], value)
+# ---------------------------------------------------------------------------------------------- launch settings
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One compiled variant's tiling: BLOCK_M query rows x BLOCK_N key columns, warps and pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def window(self) -> int:
+        """Columns of the relative window: BLOCK_M + BLOCK_N - 1 distances, rounded up to a power of two."""
+        return triton.next_power_of_2(self.block_m + self.block_n)
+
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, WINDOW=self.window)
 
 
-@triton.jit
-def _finalize_kernel(RUN_SUMS, TOTALS, SLOT, TPOS, OUT, L, TWO_K,
-                     POS_SIGN: tl.constexpr, STEP: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Table gradient from the stored run prefix sums: ``out[row, r] = S(r) - S(r + STEP)``.
+KERNELS = ("forward", "backward_query", "backward_key")
+_DEFAULT_CONFIGS = {"forward": LaunchConfig(64, 64, 4, 2), "backward_query": LaunchConfig(64, 64, 8, 1),
+                    "backward_key": LaunchConfig(64, 64, 8, 1)}
+# (compute capability major, kernel, dtype, head size) -> config, from `python bench/kernel_resources.py`
+# (registers, spills and shared memory of every candidate compiled ahead of time for sm_80 and sm_90).
+PINNED_CONFIGS: dict[tuple[int, str, str, int], LaunchConfig] = {}
+TUNING_CANDIDATES = [LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 64, 8, 2), LaunchConfig(64, 64, 8, 1),
+                     LaunchConfig(32, 32, 4, 2), LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 32, 4, 2)]
+_INTERPRETER_CONFIG = LaunchConfig(16, 16, 1, 1)  # small tiles exercise multi-block loops on tiny inputs
 
-    c2p (POS_SIGN=-1, STEP=+1): ``S(r) = sum_j dS[i, j] [D(i - j) >= r]``, the row prefix up to ``j = i - T_lo(r)``.
-    p2c (POS_SIGN=+1, STEP=-1): ``S(r) = sum_i dS[i, j] [D(i - j) <= r]``, the column prefix up to ``i = j + T_hi(r)``.
-    ``SLOT[r]`` is the attained table row whose run bounds r (-1: none, S = 0) and ``TPOS[r]`` that run's boundary
-    distance; boundaries before the first token give 0 and after the last token the full row/column total.
-    """
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    row_base = bh * L * TWO_K
-    total = tl.load(TOTALS + bh * L + rows, mask=rows < L, other=0.0)
-    for r0 in range(0, TWO_K, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_in = r < TWO_K
-        here = _run_sum_at(RUN_SUMS, SLOT, TPOS, row_base, total, rows, r, r_in, L, TWO_K, POS_SIGN)
-        nb = r + STEP
-        nb_in = (nb >= 0) & (nb < TWO_K)
-        there = _run_sum_at(RUN_SUMS, SLOT, TPOS, row_base, total, rows, nb, nb_in, L, TWO_K, POS_SIGN)
-        there = tl.where(nb_in[None, :], there, 0.0)
-        tl.store(OUT + row_base + rows[:, None] * TWO_K + r[None, :], (here - there).to(OUT.dtype.element_ty),
-                 mask=(rows < L)[:, None] & r_in[None, :])
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def pinned_config(kernel: str, capability_major: int, dtype: torch.dtype, head_dim: int) -> LaunchConfig:
+    """The configuration a launch uses when autotuning is off."""
+    key = (capability_major, kernel, dtype_name(dtype), head_dim)
+    return PINNED_CONFIGS.get(key, _DEFAULT_CONFIGS[kernel])
+
+
+def autotuning() -> bool:
+    """``DEBERTA_ATTENTION_AUTOTUNE=1``: benchmark every candidate per shape (slow cold start, one compile each)."""
+    return os.environ.get("DEBERTA_ATTENTION_AUTOTUNE", "0") == "1" and not INTERPRETING
+
+
+def debug_fill() -> bool:
+    """``DEBERTA_ATTENTION_DEBUG_FILL=1``: outputs start as NaN, so an entry a kernel fails to write shows."""
+    return os.environ.get("DEBERTA_ATTENTION_DEBUG_FILL", "0") == "1"
+
+
+_RAW_KERNELS = {"forward": _forward_kernel, "backward_query": _backward_query_kernel,
+                "backward_key": _backward_key_kernel}
+_AUTOTUNE_KEY = ["L", "HEAD_DIM", "HAS_C2P", "HAS_P2C", "HAS_DROPOUT", "IEEE"]
+_TUNED_KERNELS = {
+    name: triton.autotune(
+        configs=[triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in TUNING_CANDIDATES],
+        key=_AUTOTUNE_KEY)(kernel)
+    for name, kernel in _RAW_KERNELS.items()
+}
+
+
+def _launch(name: str, tiled_axis: str, L: int, programs_per_tile: int, dtype: torch.dtype, *args,
+            **constexprs) -> None:
+    """Launch kernel ``name`` on (L / tile, B * N) programs, ``tiled_axis`` naming the block size of grid axis 0:
+    the pinned configuration for this GPU, dtype and head size, or autotuned on request."""
+    if autotuning():
+        grid = lambda meta: (triton.cdiv(L, meta[tiled_axis]), programs_per_tile)  # noqa: E731
+        _TUNED_KERNELS[name][grid](*args, **constexprs)
+        return
+    if INTERPRETING:
+        config = _INTERPRETER_CONFIG
+    else:
+        major = torch.cuda.get_device_capability()[0]
+        config = pinned_config(name, major, dtype, constexprs["HEAD_DIM"])
+    meta = config.meta()
+    _RAW_KERNELS[name][(triton.cdiv(L, meta[tiled_axis]), programs_per_tile)](
+        *args, **constexprs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # ---------------------------------------------------------------------------------------------- host side
 def relative_lookup(rel_index: Tensor, two_k: int) -> tuple[Tensor, Tensor]:
-    """Kernel metadata from the (L, L) table-row index: per-distance codes and per-table-row run boundaries.
+    """Kernel metadata from the (L, L) table-row index.
 
-    Returns ``code`` (2L-1,) int32 indexed by ``i - j + L - 1``: table row ``D`` plus run-start/run-end flags, and
-    ``runs`` (4, 2k) int32: for the c2p side the first attained row >= r and the first distance of its run
-    (``T_lo``), for the p2c side the last attained row <= r and the last distance of its run (``T_hi``).
-    Pure tensor operations: no host synchronisation, traceable by ``torch.compile``.
+    Returns ``code`` (2L-1,) int32 indexed by ``i - j + L - 1``: the table row ``D`` of that distance plus a
+    run-start flag (smallest distance of a run of one row) and a run-end flag (largest), and ``reached`` (2k,)
+    uint8: 1 for the table rows some distance maps to. Pure tensor operations: no host synchronisation,
+    traceable by ``torch.compile``.
     """
-    length = rel_index.shape[0]
     table_row = torch.cat([rel_index[0].flip(0), rel_index[1:, 0]])  # D(t) for t = -(L-1) .. L-1
-    # The prefix-sum scheme needs D non-decreasing in t (true for linear and log buckets); checked without a sync.
+    # The run scheme needs D non-decreasing in t (true for linear and log buckets); checked without a sync.
     torch._assert_async(torch.all(table_row[1:] >= table_row[:-1]))
     changes = table_row[1:] != table_row[:-1]
     edge = torch.ones(1, dtype=torch.bool, device=rel_index.device)
     run_start = torch.cat([edge, changes])
     run_end = torch.cat([changes, edge])
     code = table_row | (run_start.long() << _RUN_START_BIT) | (run_end.long() << _RUN_END_BIT)
-    r = torch.arange(two_k, device=rel_index.device, dtype=table_row.dtype)
-    size = table_row.numel()
-    lo = torch.searchsorted(table_row, r, right=False)  # first t with D(t) >= r
-    lo_slot = torch.where(lo < size, table_row[lo.clamp(max=size - 1)], -1)
-    hi = torch.searchsorted(table_row, r, right=True) - 1  # last t with D(t) <= r
-    hi_slot = torch.where(hi >= 0, table_row[hi.clamp(min=0)], -1)
-    runs = torch.stack([lo_slot, lo - (length - 1), hi_slot, hi - (length - 1)])
-    return code.to(torch.int32), runs.to(torch.int32)
-
-
-def _relative_tables(q: Tensor, k: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor]
-                     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """C2P = q @ pos_key^T and P2C = k @ pos_query^T, (B, N, L, 2k) contiguous, in the inputs' dtype."""
-    c2p = torch.matmul(q, pos_key.to(q.dtype).transpose(-1, -2)).contiguous() if pos_key is not None else None
-    p2c = torch.matmul(k, pos_query.to(k.dtype).transpose(-1, -2)).contiguous() if pos_query is not None else None
-    return c2p, p2c
-
-
-def _strides(x: Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+    reached = torch.zeros(two_k, dtype=torch.uint8, device=rel_index.device)
+    reached[table_row.clamp(max=two_k - 1)] = 1  # (the clamp only matters without relative terms: unused)
+    return code.to(torch.int32), reached
 
 
 def _rows_contiguous(x: Tensor) -> Tensor:
@@ -363,105 +453,126 @@ def _rows_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _strides(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _new(shape_in_memory: tuple[int, ...], order: tuple[int, ...], like: Tensor, dtype: torch.dtype) -> Tensor:
+    """An output laid out as ``shape_in_memory`` and viewed in the order ``order``; NaN-filled in debug mode."""
+    out = (torch.full(shape_in_memory, float("nan"), device=like.device, dtype=dtype) if debug_fill()
+           else torch.empty(shape_in_memory, device=like.device, dtype=dtype))
+    return out.permute(order)
+
+
+def _gradient_buffer(q: Tensor) -> Tensor:
+    """(B, N, L, d) view of (B, L, N, d) memory: the layout the projections' backward wants (no copy there)."""
+    B, N, L, d = q.shape
+    return _new((B, L, N, d), (0, 2, 1, 3), q, q.dtype)
+
+
+def _table_buffer(q: Tensor, two_k: int) -> Tensor:
+    """(B, N, L, 2k) view of (N, B, L, 2k) memory, so the per-head matmuls see (N, B*L, 2k) without a copy."""
+    B, N, L, _ = q.shape
+    return _new((N, B, L, two_k), (1, 0, 2, 3), q, q.dtype)
+
+
+def _per_head(x: Tensor) -> Tensor:
+    """(B, N, L, c) -> (N, B*L, c): a view for the layouts above and for projections' (B, L, N, d) outputs
+    (a copy for other layouts; never used in place then)."""
+    B, N, L, c = x.shape
+    return x.transpose(0, 1).reshape(N, B * L, c)
+
+
+def _per_head_view(x: Tensor) -> Tensor:
+    """:func:`_per_head` of a buffer laid out by this module, as a view that can be updated in place."""
+    B, N, L, c = x.shape
+    return x.transpose(0, 1).view(N, B * L, c)
+
+
+def _positions(pos: Optional[Tensor], like: Tensor) -> Tensor:
+    """A projected relative table (N, 2k, d) as the kernels read it: contiguous, in the inputs' dtype."""
+    return pos.to(like.dtype).contiguous() if pos is not None else like.new_empty(1)
+
+
 @torch.library.custom_op("deberta_pretrain::disentangled_attention", mutates_args=())
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
-                       code: Tensor, runs: Tensor, mask: Tensor, scale: float, dropout_p: float, seed: Tensor
+                       code: Tensor, reached: Tensor, mask: Tensor, scale: float, dropout_p: float, seed: Tensor
                        ) -> tuple[Tensor, Tensor]:
     B, N, L, d = q.shape
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
-    c2p, p2c = _relative_tables(q, k, pos_key, pos_query)
-    two_k = runs.shape[1]
-    out = torch.empty(B, L, N, d, device=q.device, dtype=q.dtype).transpose(1, 2)  # (B, N, L, d) view
-    lse = torch.empty(B, N, L, device=q.device, dtype=torch.float32)
-    dummy = q.new_empty(1)
-
-    def grid(meta):
-        return triton.cdiv(L, meta["BLOCK_M"]), B * N
-
-    _forward_kernel[grid](
-        q, k, v, c2p if c2p is not None else dummy, p2c if p2c is not None else dummy, code, mask, out, lse,
-        int(seed), scale, dropout_p,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), N, L, two_k,
-        HEAD_DIM=d, HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, HAS_DROPOUT=dropout_p > 0.0,
-        IEEE=q.dtype == torch.float32,
-    )
+    pk, pq = _positions(pos_key, q), _positions(pos_query, q)
+    out = _gradient_buffer(q)  # (B, N, L, d) view of (B, L, N, d): what the output projection reads
+    lse = _new((B, N, L), (0, 1, 2), q, torch.float32)
+    _launch("forward", "BLOCK_M", L, B * N, q.dtype,
+            q, k, v, pk, pq, code, mask, out, lse, int(seed), scale, dropout_p,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), reached.shape[0] * d, d, N, L,
+            HEAD_DIM=d, HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_DROPOUT=dropout_p > 0.0,
+            IEEE=q.dtype == torch.float32)
     return out, lse
 
 
 @_attention_forward.register_fake
-def _(q, k, v, pos_key, pos_query, code, runs, mask, scale, dropout_p, seed):
+def _(q, k, v, pos_key, pos_query, code, reached, mask, scale, dropout_p, seed):
     B, N, L, d = q.shape
-    out = q.new_empty(B, L, N, d).transpose(1, 2)
-    return out, q.new_empty(B, N, L, dtype=torch.float32)
+    return q.new_empty(B, L, N, d).transpose(1, 2), q.new_empty(B, N, L, dtype=torch.float32)
 
 
 @torch.library.custom_op("deberta_pretrain::disentangled_attention_backward", mutates_args=())
 def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
-                        pos_query: Optional[Tensor], out: Tensor, lse: Tensor, code: Tensor, runs: Tensor,
+                        pos_query: Optional[Tensor], out: Tensor, lse: Tensor, code: Tensor, reached: Tensor,
                         mask: Tensor, scale: float, dropout_p: float, seed: Tensor
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, N, L, d = q.shape
     # grad_out may be an expanded tensor (stride 0), e.g. the gradient of out.sum()
     grad_out, q, k, v = (_rows_contiguous(t) for t in (grad_out, q, k, v))
-    c2p, p2c = _relative_tables(q, k, pos_key, pos_query)  # recomputed: cheaper than keeping them per layer
-    two_k = runs.shape[1]
+    pk, pq = _positions(pos_key, q), _positions(pos_query, q)
+    two_k = reached.shape[0]
     delta = (grad_out.float() * out.float()).sum(-1)  # (B, N, L): rowsum(dO * O), as in flash attention
-    dq = torch.empty(B, N, L, d, device=q.device, dtype=torch.float32)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
-    dummy = q.new_empty(1)
-    c2p_sums = torch.empty(B, N, L, two_k, device=q.device, dtype=torch.float32) if c2p is not None else dummy
-    p2c_sums = torch.empty(B, N, L, two_k, device=q.device, dtype=torch.float32) if p2c is not None else dummy
-    row_totals = torch.empty(B, N, L, device=q.device, dtype=torch.float32)
-    col_totals = torch.empty_like(row_totals)
-    common = dict(HEAD_DIM=d, HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, HAS_DROPOUT=dropout_p > 0.0,
-                  IEEE=q.dtype == torch.float32)
-    tensors = (q, k, v, c2p if c2p is not None else dummy, p2c if p2c is not None else dummy, code, mask, grad_out,
-               lse, delta)
-    scalars = (int(seed), scale, dropout_p, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), N, L,
-               two_k)
-    _backward_query_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * N)](
-        *tensors, dq, c2p_sums, row_totals, *scalars, **common)
-    _backward_key_kernel[lambda meta: (triton.cdiv(L, meta["BLOCK_N"]), B * N)](
-        *tensors, dk, dv, p2c_sums, col_totals, *scalars, **common)
+    dq, dk, dv = _gradient_buffer(q), _gradient_buffer(q), _gradient_buffer(q)
+    d_c2p = _table_buffer(q, two_k) if pos_key is not None else q.new_empty(1, 1, 1, 1)
+    d_p2c = _table_buffer(q, two_k) if pos_query is not None else q.new_empty(1, 1, 1, 1)
+    common = dict(HEAD_DIM=d, HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
+                  HAS_DROPOUT=dropout_p > 0.0, IEEE=q.dtype == torch.float32)
+    inputs = (q, k, v, pk, pq, code, reached, mask, grad_out, lse, delta)
+    scalars = (int(seed), scale, dropout_p, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+               two_k * d, d)
+    _launch("backward_query", "BLOCK_M", L, B * N, q.dtype, *inputs, dq, d_c2p, *scalars,
+            *_strides(dq), *_strides(d_c2p), N, L, two_k, **common)
+    _launch("backward_key", "BLOCK_N", L, B * N, q.dtype, *inputs, dk, dv, d_p2c, *scalars,
+            *_strides(dk), *_strides(d_p2c), N, L, two_k, **common)
 
+    # The relative terms' share of dq/dk and the gradients of the projected tables: batched matmuls per head over
+    # the (N, B*L, .) views, accumulating into dq/dk in place (no temporaries of the table's size).
     d_pos_key, d_pos_query = q.new_empty(0), q.new_empty(0)
-    blocks = dict(BLOCK_L=16 if INTERPRETING else 32, BLOCK_R=16 if INTERPRETING else 128)
-    if c2p is not None:  # dC2P -> dq and d pos_key
-        d_c2p = torch.empty(B, N, L, two_k, device=q.device, dtype=q.dtype)
-        _finalize_kernel[(triton.cdiv(L, blocks["BLOCK_L"]), B * N)](
-            c2p_sums, row_totals, runs[0], runs[1], d_c2p, L, two_k, POS_SIGN=-1, STEP=1, **blocks)
-        dq += torch.matmul(d_c2p, pos_key.to(q.dtype)).float()
-        d_pos_key = torch.einsum("bnlr,bnld->nrd", d_c2p, q).to(pos_key.dtype)
-    if p2c is not None:  # dP2C -> dk and d pos_query
-        d_p2c = torch.empty(B, N, L, two_k, device=q.device, dtype=q.dtype)
-        _finalize_kernel[(triton.cdiv(L, blocks["BLOCK_L"]), B * N)](
-            p2c_sums, col_totals, runs[2], runs[3], d_p2c, L, two_k, POS_SIGN=1, STEP=-1, **blocks)
-        dk += torch.matmul(d_p2c, pos_query.to(k.dtype)).float()
-        d_pos_query = torch.einsum("bnlr,bnld->nrd", d_p2c, k).to(pos_query.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_pos_key, d_pos_query
+    if pos_key is not None:
+        _per_head_view(dq).baddbmm_(_per_head_view(d_c2p), pk)
+        d_pos_key = torch.bmm(_per_head_view(d_c2p).transpose(1, 2), _per_head(q)).to(pos_key.dtype)
+    if pos_query is not None:
+        _per_head_view(dk).baddbmm_(_per_head_view(d_p2c), pq)
+        d_pos_query = torch.bmm(_per_head_view(d_p2c).transpose(1, 2), _per_head(k)).to(pos_query.dtype)
+    return dq, dk, dv, d_pos_key, d_pos_query
 
 
 @_attention_backward.register_fake
-def _(grad_out, q, k, v, pos_key, pos_query, out, lse, code, runs, mask, scale, dropout_p, seed):
-    # Gradients come back contiguous (B, N, L, d), as the real implementation returns them.
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+def _(grad_out, q, k, v, pos_key, pos_query, out, lse, code, reached, mask, scale, dropout_p, seed):
+    B, N, L, d = q.shape
+    return (*(q.new_empty(B, L, N, d).transpose(1, 2) for _ in range(3)),
             pos_key.new_empty(pos_key.shape) if pos_key is not None else q.new_empty(0),
             pos_query.new_empty(pos_query.shape) if pos_query is not None else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pos_key, pos_query, code, runs, mask, scale, dropout_p, seed = inputs
+    q, k, v, pos_key, pos_query, code, reached, mask, scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, code, runs, mask, seed)
+    ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, code, reached, mask, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.mark_non_differentiable(lse)  # the log-sum-exp is kept for the backward pass only
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, pos_key, pos_query, out, lse, code, runs, mask, seed = ctx.saved_tensors
+    q, k, v, pos_key, pos_query, out, lse, code, reached, mask, seed = ctx.saved_tensors
     dq, dk, dv, d_pos_key, d_pos_query = _attention_backward(
-        grad_out, q, k, v, pos_key, pos_query, out, lse, code, runs, mask, ctx.scale, ctx.dropout_p, seed)
+        grad_out, q, k, v, pos_key, pos_query, out, lse, code, reached, mask, ctx.scale, ctx.dropout_p, seed)
     return (dq, dk, dv, d_pos_key if pos_key is not None else None, d_pos_query if pos_query is not None else None,
             None, None, None, None, None, None)
 
@@ -476,10 +587,10 @@ def disentangled_attention(query, key, value, pos_key, pos_query, rel_index, key
     seeded step gives the same mask on every run.
     """
     two_k = next((t.shape[1] for t in (pos_key, pos_query) if t is not None), 1)
-    code, runs = relative_lookup(rel_index, two_k)
+    code, reached = relative_lookup(rel_index, two_k)
     seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
     value = value.to(query.dtype)
     out, _ = torch.ops.deberta_pretrain.disentangled_attention(
-        query, key.to(query.dtype), value, pos_key, pos_query, code, runs,
+        query, key.to(query.dtype), value, pos_key, pos_query, code, reached,
         key_padding_mask.to(torch.uint8).contiguous(), float(scale), float(dropout_p), seed)
     return out
