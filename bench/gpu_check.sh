@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# One GPU check that fits a lease: everything the first GPU session should learn, in at most 8 minutes from a cold
+# Triton cache, on a bare GPU image (python3, torch, triton, transformers, pytest; no Hydra/omegaconf/Lightning/
+# DeepSpeed/datasets needed, and no network).
+#
+#   bash bench/gpu_check.sh              # on the GPU machine, from the repository root
+#   bash bench/gpu_check.sh --dry-run    # any CPU machine: every stage on CPU (Triton's interpreter), tiny shapes,
+#                                        #   about two minutes (GPU_CHECK_DRY_RUN=1 does the same); CI runs this
+#
+# Stages, in order, each under its own `timeout` (seconds), every stage runs even when an earlier one fails:
+#   environment       15   nvidia-smi, torch/triton/transformers versions
+#   self_check        60   attention_backend=auto's self-check on CUDA: bf16/fp16/fp32 x head size 64/128 (warms
+#                          the Triton cache for the tests)
+#   kernel_tests     150   tests/test_attention_gpu.py: kernel vs float64 and vs the same-dtype reference, outputs
+#                          and every gradient (bf16/fp16/fp32, head size 64/128, L up to 512, padding)
+#   attention_bench   60   bench/attention_bench.py at v3-base, B=32, 12 heads, L=512, d=64, bf16: ours vs flash
+#                          SDPA without positions vs the reference, fwd+bwd
+#   step_512         180   bench/gpu_step_bench.py at L=512, B=32: ours MLM/RTD compiled, HF MLM compiled and
+#                          eager, HF-built RTD compiled (5 timed steps after 2 warm-up steps)
+#   step_2048      rest    if at least 60 s of the 480 s are left: L=2048, B=8, ours MLM vs HF compiled and HF +
+#                          disentangled-flash (that row is skipped unless the package is importable)
+# Total budget 480 s; the last stage gets what the others left (at most 150 s).
+#
+# Results in $OUT (default bench/results): gpu_check.json (per stage: status, seconds, limit, key figures) and
+# gpu_check.md (the same as one table), plus each stage's log and JSON. Optional wheels: a carried .whl/ directory
+# is installed into /tmp/site first (pytest if the image lacks it, disentangled-flash for the 2048 row); the check
+# itself needs none, and the script says so when .whl/ is absent.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+
+DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
+for arg in "$@"; do
+    case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    *) echo "unknown argument '$arg' (use --dry-run or nothing)" >&2; exit 2 ;;
+    esac
+done
+OUT=${OUT:-bench/results}
+PYTHON=${PYTHON:-python3}
+TOTAL_BUDGET=480
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+STAGES="$OUT/gpu_check_stages.tsv"
+: > "$STAGES"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+CACHE=${GPU_CHECK_CACHE:-/tmp/gpu_check_cache}  # compiled kernels and graphs shared by the stages (and a rerun)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$CACHE/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$CACHE/inductor}
+if [ "$DRY_RUN" = 1 ]; then
+    export GPU_CHECK_DRY_RUN=1 TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+fi
+START=$(date +%s)
+
+install_wheels() {
+    if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+        echo "installing the carried wheels into /tmp/site: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || echo "WARNING: installing the wheels from .whl/ failed; continuing without them"
+        export PYTHONPATH=$PYTHONPATH:/tmp/site
+    else
+        echo "no .whl/ directory: nothing installed (the check needs no wheels; without pytest in the image the" \
+             "kernel_tests stage fails, without disentangled-flash its 2048 row is skipped)"
+    fi
+}
+
+# run_stage NAME LIMIT COMMAND...: run with a time limit, log to $OUT/NAME.log, record "name rc seconds limit".
+run_stage() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    local t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    local t1=$(date +%s)
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((t1 - t0))" "$limit" >> "$STAGES"
+    echo "   rc=$rc after $((t1 - t0))s; last lines of $OUT/$name.log:"
+    tail -n 3 "$OUT/$name.log" | sed 's/^/   | /'
+}
+
+skip_stage() {
+    printf '%s\tskipped\t0\t%s\t%s\n' "$1" "$2" "$3" >> "$STAGES"
+    echo "== $1 skipped: $3"
+}
+
+install_wheels 2>&1 | tee "$OUT/wheels.log"
+
+if [ "$DRY_RUN" = 1 ]; then
+    DEVICE=(--device cpu)
+    ATTN=(--device cpu --tiny)
+    STEP=(--device cpu --tiny --no-compile --steps 2 --warmup 1)
+    STEP_512=(--seq-lens 64 --batch-sizes 2)
+    STEP_2048=(--seq-lens 128 --batch-sizes 2)
+else
+    DEVICE=(--device cuda)
+    ATTN=(--device cuda --shapes 32x512 --warmup 3 --repeats 10)
+    STEP=(--device cuda --steps 5 --warmup 2)
+    STEP_512=(--seq-lens 512 --batch-sizes 32)
+    STEP_2048=(--seq-lens 2048 --batch-sizes 8)
+fi
+
+run_stage environment 15 "$PYTHON" bench/gpu_check.py environment --out "$OUT/environment.json"
+run_stage self_check 60 "$PYTHON" bench/gpu_check.py self-check "${DEVICE[@]}" --out "$OUT/self_check.json"
+run_stage kernel_tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_attention_gpu.py \
+    --junitxml "$OUT/kernel_tests.xml"
+run_stage attention_bench 60 "$PYTHON" bench/attention_bench.py "${ATTN[@]}" --out "$OUT/attention_bench.json"
+run_stage step_512 180 "$PYTHON" bench/gpu_step_bench.py "${STEP[@]}" "${STEP_512[@]}" --out "$OUT/step_512.json" \
+    --contestants ours_mlm hf_mlm_compiled hf_mlm_eager ours_rtd hf_rtd_compiled
+left=$((TOTAL_BUDGET - ($(date +%s) - START) - 10))
+limit=$((left < 150 ? left : 150))
+if [ "$limit" -ge 60 ]; then
+    run_stage step_2048 "$limit" "$PYTHON" bench/gpu_step_bench.py "${STEP[@]}" "${STEP_2048[@]}" \
+        --out "$OUT/step_2048.json" --contestants ours_mlm hf_mlm_compiled hf_mlm_disentangled_flash
+else
+    skip_stage step_2048 "$limit" "only ${left}s of the ${TOTAL_BUDGET}s budget left"
+fi
+
+"$PYTHON" bench/gpu_check.py report --out "$OUT" --dry-run "$DRY_RUN" --total-seconds $(($(date +%s) - START)) \
+    --budget "$TOTAL_BUDGET"

@@ -1,0 +1,109 @@
+"""The GPU check (bench/gpu_check.sh) cannot rot between GPU sessions: its dry run executes every stage on CPU, and
+the code it runs imports on a GPU image that has none of the training stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["environment", "self_check", "kernel_tests", "attention_bench", "step_512", "step_2048"]
+# What the GPU image lacks (or, for Lightning, what pretrain.model and the benchmarks must not need).
+MISSING_ON_GPU_IMAGE = ["hydra", "omegaconf", "lightning", "pytorch_lightning", "deepspeed", "datasets", "jieba",
+                        "wandb"]
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = set({blocked!r})
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: not on the GPU image)", name=name)
+        return None
+
+sys.meta_path.insert(0, Blocker())
+"""
+
+IMPORTS = """
+import importlib.util, sys
+sys.path.insert(0, {repo!r})
+import pretrain.model, pretrain.objectives, pretrain.objectives.build, pretrain.model.attention_check
+for script in ("bench/gpu_step_bench.py", "bench/attention_bench.py", "bench/gpu_check.py"):
+    spec = importlib.util.spec_from_file_location(script.split("/")[1][:-3], {repo!r} + "/" + script)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look themselves up here
+    spec.loader.exec_module(module)
+print("imported without the training stack")
+import omegaconf  # the blocker works: this must fail
+"""
+
+
+def test_model_objectives_and_benchmarks_import_without_the_training_stack():
+    code = BLOCKER.format(blocked=MISSING_ON_GPU_IMAGE) + IMPORTS.format(repo=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    # Everything before the marker imported; the failing last import proves the blocker was active.
+    assert done.stdout.strip() == "imported without the training stack", done.stderr[-3000:]
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith("No module named 'omegaconf' (blocked: not on the GPU image)"), done.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bench/gpu_check.sh uses GNU timeout")
+def test_dry_run_runs_every_stage_and_writes_json_and_markdown(tmp_path):
+    pytest.importorskip("triton", reason="the `triton` package is not installed (pip install -e '.[test]')")
+    out = tmp_path / "results"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "GPU_CHECK_CACHE": str(tmp_path / "cache"),
+           "WANDB_MODE": "disabled"}
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["dry_run"] is True and report["budget_seconds"] == 480
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert list(stages) == STAGES
+    for name, stage in stages.items():
+        assert stage["status"] == "ok", (name, stage["status"], (out / f"{name}.log").read_text()[-2000:])
+        assert 0 <= stage["seconds"] <= stage["limit"], name
+        assert stage["figures"], name
+    figures = {name: stage["figures"] for name, stage in stages.items()}
+    assert all(check["passed"] for check in figures["self_check"].values())
+    assert figures["kernel_tests"]["passed"] >= 4 and figures["kernel_tests"]["failures"] == 0
+    assert figures["attention_bench"]["max_rel_deviation"] < 1e-5
+    assert set(figures["step_512"]) == {"ours_mlm", "hf_mlm_compiled", "hf_mlm_eager", "ours_rtd", "hf_rtd_compiled"}
+    assert all(row["tokens_per_s"] > 0 for row in figures["step_512"].values())
+    assert figures["step_2048"]["ours_mlm"]["status"] == "ok"
+    assert not list(out.glob("*.tmp"))
+
+    table = (out / "gpu_check.md").read_text().splitlines()
+    assert "| stage | status | seconds | limit | key figures |" in table
+    for name in STAGES:
+        assert any(line.startswith(f"| {name} | ok | ") for line in table), name
+    assert "no .whl/ directory: nothing installed" in done.stdout
+
+
+def test_report_marks_failed_timed_out_and_missing_stages(tmp_path):
+    """The report's verdicts come from the exit codes and the stages' own outputs, not from their presence."""
+    (tmp_path / "gpu_check_stages.tsv").write_text(
+        "environment\t0\t1\t15\nself_check\t1\t3\t60\nkernel_tests\t124\t150\t150\nstep_2048\tskipped\t0\t40\t"
+        "only 50s of the 480s budget left\n")
+    (tmp_path / "environment.json").write_text(json.dumps({"device_name": "NVIDIA H200", "torch": "2.11"}))
+    plan = {"fused": False, "check": {"dtype": "bfloat16", "head_dim": 64, "passed": False, "tolerance_max_rel": 0.05,
+                                      "errors": {"out": {"max_abs": 3.0, "max_rel": 0.9}}, "exception": None}}
+    (tmp_path / "self_check.json").write_text(json.dumps({"device": "cuda", "plans": [plan]}))
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "report", "--out", str(tmp_path),
+                           "--total-seconds", "300", "--budget", "480"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    stages = {s["stage"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())["stages"]}
+    assert stages["environment"]["status"] == "ok"
+    assert stages["self_check"]["status"] == "failed (exit 1): self-check failed: bfloat16 d64"
+    assert stages["self_check"]["figures"]["bfloat16 d64"]["worst_max_rel"] == 0.9
+    assert stages["kernel_tests"]["status"].startswith("timeout after 150 s")
+    assert stages["attention_bench"]["status"] == "missing: the stage did not run"
+    assert stages["step_2048"]["status"] == "skipped: only 50s of the 480s budget left"
