@@ -117,7 +117,7 @@ class PretrainingModule(L.LightningModule):
         """Tokens/s, samples/s and MFU over the steps since the previous logging step (both ends synchronised)."""
         now = time.perf_counter()
         fused = (self.attention_plan or {}).get("fused")
-        if fused is not None:  # a constant (1: fused attention kernel, 0: reference path), next to the speed it explains
+        if fused is not None:  # a constant (1: fused kernel, 0: reference path), next to the speed it explains
             self.log("perf/attention_fused", fused, batch_size=batch_size)
         if self._window is not None:
             started, first_step = self._window

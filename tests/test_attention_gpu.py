@@ -74,8 +74,8 @@ def run(core, inputs, dtype, rounded_through):
     the output and gradients in float64."""
     names = ("q", "k", "v", "pos_key", "pos_query")
     leaves = {n: inputs[n].to(rounded_through).to(DEVICE, dtype).requires_grad_() for n in names}
-    out = core(*(leaves[n] for n in names), inputs["rel_index"], inputs["mask"], 1.0 / (3 * inputs["q"].shape[-1]) ** 0.5,
-               0.0)
+    scale = 1.0 / (3 * inputs["q"].shape[-1]) ** 0.5
+    out = core(*(leaves[n] for n in names), inputs["rel_index"], inputs["mask"], scale, 0.0)
     out.backward(inputs["grad_out"].to(rounded_through).to(DEVICE, dtype))
     return {"out": out.detach().double(), **{f"grad_{n}": leaves[n].grad.double() for n in names}}
 
