@@ -27,7 +27,7 @@
 # is installed into /tmp/site first (pytest if the image lacks it, disentangled-flash for the 2048 row); the check
 # itself needs none, and the script says so when .whl/ is absent.
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
 for arg in "$@"; do
@@ -36,11 +36,12 @@ for arg in "$@"; do
     *) echo "unknown argument '$arg' (use --dry-run or nothing)" >&2; exit 2 ;;
     esac
 done
-OUT=${OUT:-bench/results}
+OUT=${OUT:-$REPO/bench/results}
 PYTHON=${PYTHON:-python3}
 TOTAL_BUDGET=480
 mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+OUT=$(cd "$OUT" && pwd)  # absolute, as given relative to the caller's directory
+cd "$REPO"
 STAGES="$OUT/gpu_check_stages.tsv"
 : > "$STAGES"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1

@@ -7,8 +7,10 @@ fp32/fp16 there. ``GPU_CHECK_DRY_RUN=1`` (what ``bash bench/gpu_check.sh --dry-r
 versions in the interpreter instead, so this file cannot rot between GPU sessions.
 
 Errors are ``max |kernel - expected| / max |expected|`` per tensor. Tolerances (stated, by dtype): against float64,
-about ten times the rounding a correct kernel makes (bf16 keeps 8 significant bits, fp16 11; fp32 uses IEEE dots);
-against the reference path in the same dtype, the same bound, since both round independently.
+3e-2 bf16, 5e-3 fp16, 2e-5 fp32, about ten times the rounding a correct kernel makes (bf16 keeps 8 significant
+bits, fp16 11; fp32 uses IEEE dots); against the reference path in the same dtype, 5e-2 bf16, 1e-2 fp16, 2e-5
+fp32, looser in 16 bits because that path rounds too (its probabilities and their gradient in the dtype), so the
+two errors add up.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.skipif(
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL_VS_FP64 = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 2e-5}
-TOL_VS_SAME_DTYPE = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 2e-5}
+TOL_VS_SAME_DTYPE = {"bf16": 5e-2, "fp16": 1e-2, "fp32": 2e-5}
 
 # (dtype, batch, heads, length, head_dim): v3-base heads at 512 tokens, head size 128 at two partial 128-row tiles;
 # lengths are multiples of 16, so the tests share compiled kernel variants with the self-check and the benchmarks.
