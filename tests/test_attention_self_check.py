@@ -150,6 +150,21 @@ def test_compiled_code_reads_the_planned_outcome(kernel_on_cpu, monkeypatch):
     torch.testing.assert_close(compiled(*args), attention.reference_attention(*args), atol=1e-6, rtol=0)
 
 
+def test_first_use_inside_compiled_code_runs_the_check_eagerly(kernel_on_cpu, monkeypatch, caplog):
+    """Not planned beforehand: dynamo breaks the graph at the check, which runs eagerly (real tensors, real kernel),
+    and the compiled function then follows its outcome."""
+    monkeypatch.setattr(attention, "_fused_attention", scaled_output(1.1))
+    args = core_args(torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(attention.auto_attention, backend="eager")
+    with caplog.at_level(logging.WARNING, logger="pretrain.model.attention"):
+        out = compiled(*args)
+    (check,) = attention.fused_attention_checks()
+    assert not check.passed and all(0.09 < e["max_rel"] < 0.11 for e in check.errors.values())
+    assert len(check_warnings(caplog)) == 1
+    torch.testing.assert_close(out, attention.reference_attention(*args), atol=1e-6, rtol=0)
+
+
 def test_attention_dtype_follows_lightning_precision():
     from pretrain.lightning_module import attention_dtype
 
