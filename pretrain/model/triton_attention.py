@@ -37,8 +37,10 @@ test-suite checks the kernels against :func:`pretrain.model.attention.reference_
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -86,13 +88,35 @@ def _position_window(POS, pos_base, sp_r, LUT, t_first, L, offs_d, WINDOW: tl.co
 
 
 @triton.jit
-def _score_tile(q, kt, k, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, pk_base, pq_base, sp_r, LUT, offs_d,
+def _sheared_part(x, POS, pos_base, sp_r, LUT, t_first, L, offs_d, c, FIRST: tl.constexpr, AXIS: tl.constexpr,
+                  PART: tl.constexpr, IEEE: tl.constexpr):
+    """The relative term of a tile from window columns FIRST .. FIRST + PART - 1 (0 for the other pairs).
+
+    AXIS=1 (c2p): ``x`` is the query block (BLOCK_M, d), the product (BLOCK_M, PART) is sheared along rows.
+    AXIS=0 (p2c): ``x`` is the transposed key block (d, BLOCK_N), the product (PART, BLOCK_N) down columns.
+    The window is done in two parts so that only half of it is live in registers at a time (the difference
+    between spilling and not at 64 x 64 tiles). The product is rounded to the input dtype before the shear, as a
+    stored table would be: half the registers and shared memory of the gather.
+    """
+    pos = _position_window(POS, pos_base, sp_r, LUT, t_first + FIRST, L, offs_d, PART)  # (d, PART)
+    if AXIS == 1:
+        product = _dot(x, pos.to(x.dtype), IEEE).to(x.dtype)
+    else:
+        product = _dot(tl.trans(pos).to(x.dtype), x, IEEE).to(x.dtype)
+    index = c - FIRST
+    here = (index >= 0) & (index < PART)
+    gathered = tl.gather(product, tl.minimum(tl.maximum(index, 0), PART - 1), axis=AXIS)
+    return tl.where(here, gathered.to(tl.float32), 0.0)
+
+
+@triton.jit
+def _score_tile(q, kt, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, pos_base, sp_r, LUT, offs_d,
                 q_real, k_real, scale,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
     """Scaled scores of one (BLOCK_M, BLOCK_N) tile and which of its pairs are real.
 
-    ``q`` (BLOCK_M, d), ``kt`` (d, BLOCK_N) and ``k`` (BLOCK_N, d) hold the tile's rows. Columns beyond L get -inf.
+    ``q`` (BLOCK_M, d) and ``kt`` (d, BLOCK_N) hold the tile's queries and keys. Columns beyond L get -inf.
     """
     col_in = offs_n < L
     s = _dot(q, kt, IEEE)
@@ -100,13 +124,11 @@ def _score_tile(q, kt, k, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, pk_base, pq_b
     c = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
     t_first = i0 - j0 - (BLOCK_N - 1)
     if HAS_C2P:  # q_i . pos_key[D(i - j)]
-        pk = _position_window(POS_K, pk_base, sp_r, LUT, t_first, L, offs_d, WINDOW)
-        c2p = _dot(q, pk.to(q.dtype), IEEE)  # (BLOCK_M, WINDOW)
-        s += tl.gather(c2p, c, axis=1)
-    if HAS_P2C:  # k_j . pos_query[D(i - j)]: gathered as a (j, i) tile, then transposed
-        pq = _position_window(POS_Q, pq_base, sp_r, LUT, t_first, L, offs_d, WINDOW)
-        p2c = _dot(k, pq.to(k.dtype), IEEE)  # (BLOCK_N, WINDOW)
-        s += tl.trans(tl.gather(p2c, tl.trans(c), axis=1))
+        s += _sheared_part(q, POS_K, pos_base, sp_r, LUT, t_first, L, offs_d, c, 0, 1, WINDOW // 2, IEEE)
+        s += _sheared_part(q, POS_K, pos_base, sp_r, LUT, t_first, L, offs_d, c, WINDOW // 2, 1, WINDOW // 2, IEEE)
+    if HAS_P2C:  # k_j . pos_query[D(i - j)]: the window is (rows of the window, BLOCK_N), sheared down the columns
+        s += _sheared_part(kt, POS_Q, pos_base, sp_r, LUT, t_first, L, offs_d, c, 0, 0, WINDOW // 2, IEEE)
+        s += _sheared_part(kt, POS_Q, pos_base, sp_r, LUT, t_first, L, offs_d, c, WINDOW // 2, 0, WINDOW // 2, IEEE)
     s = s * scale
     pair_real = q_real[:, None] & k_real[None, :]
     # As HF's masked_fill + softmax: a real query gives padded keys no weight; a padded query row is fully masked,
@@ -139,7 +161,7 @@ def _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h
     return k, tl.trans(k), v_t, k_real
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not select another variant
 def _forward_kernel(
     Q, K, V, POS_K, POS_Q, LUT, MASK, O, LSE,
     seed, scale, dropout_p,
@@ -162,7 +184,7 @@ def _forward_kernel(
     for j0 in range(0, L, BLOCK_N):
         offs_n = j0 + tl.arange(0, BLOCK_N)
         k, kt, v_t, k_real = _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m)
-        s, pair_real = _score_tile(q, kt, k, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, h * sp_h, h * sp_h, sp_r,
+        s, pair_real = _score_tile(q, kt, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, h * sp_h, sp_r,
                                    LUT, offs_d, q_real, k_real, scale, HAS_C2P, HAS_P2C, IEEE,
                                    BLOCK_M, BLOCK_N, WINDOW)
         # Rows beyond L have every score at -inf; keep their running max finite (they are never stored).
@@ -183,12 +205,12 @@ def _forward_kernel(
 
 
 @triton.jit
-def _score_gradient(q, kt, k, v_t, do, lse, delta, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, pk_base, pq_base,
+def _score_gradient(q, kt, v_t, do, lse, delta, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, pos_base,
                     sp_r, LUT, offs_d, q_real, k_real, scale, seed, bh, dropout_p,
                     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
     """Recompute a tile's probabilities; return (P after dropout, dS = d loss / d unscaled score)."""
-    s, pair_real = _score_tile(q, kt, k, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, pk_base, pq_base, sp_r, LUT,
+    s, pair_real = _score_tile(q, kt, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, pos_base, sp_r, LUT,
                                offs_d, q_real, k_real, scale, HAS_C2P, HAS_P2C, IEEE, BLOCK_M, BLOCK_N, WINDOW)
     p = tl.exp(s - lse[:, None])  # rows beyond L load lse = +inf, so their p is 0
     dp = _dot(do, v_t, IEEE)
@@ -213,6 +235,18 @@ def _query_block(Q, DO, LSE, DELTA, MASK, b, h, bh, offs_m, offs_d, L, sq_b, sq_
     delta = tl.load(DELTA + bh * L + offs_m, mask=row_in, other=0.0)
     q_real = tl.load(MASK + b * L + offs_m, mask=row_in, other=0) != 0
     return q, do, lse, delta, q_real
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, so_b, so_h, so_m, sdo_b, sdo_h, sdo_m, N_HEADS, L,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Flash attention's ``delta = rowsum(dO * O)`` per query row, in fp32, from one read of O and dO."""
+    bh, b, h = _batch_and_head(N_HEADS)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = _rows(O, b, h, offs_m, offs_d, L, so_b, so_h, so_m).to(tl.float32)
+    do = _rows(DO, b, h, offs_m, offs_d, L, sdo_b, sdo_h, sdo_m).to(tl.float32)
+    tl.store(DELTA + bh * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
 
 
 @triton.jit
@@ -260,7 +294,7 @@ def _zero_unreached(OUT, base, offs, L, s_m, LUT, REACHED, TWO_K, lo_index, hi_i
         tl.store(OUT + base + offs[:, None] * s_m + r[None, :], zero, mask=valid[:, None] & r_in[None, :] & ~used)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not select another variant
 def _backward_query_kernel(
     Q, K, V, POS_K, POS_Q, LUT, REACHED, MASK, DO, LSE, DELTA, DQ, DC2P,
     seed, scale, dropout_p,
@@ -285,8 +319,8 @@ def _backward_query_kernel(
     for j0 in range(0, L, BLOCK_N):  # increasing j = decreasing distance: a run begins at its largest distance
         offs_n = j0 + tl.arange(0, BLOCK_N)
         k, kt, v_t, k_real = _key_block(K, V, MASK, b, h, offs_n, offs_d, L, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m)
-        p, ds = _score_gradient(q, kt, k, v_t, do, lse, delta, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, h * sp_h,
-                                h * sp_h, sp_r, LUT, offs_d, q_real, k_real, scale, seed, bh, dropout_p,
+        p, ds = _score_gradient(q, kt, v_t, do, lse, delta, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, h * sp_h,
+                                sp_r, LUT, offs_d, q_real, k_real, scale, seed, bh, dropout_p,
                                 HAS_C2P, HAS_P2C, HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_N, WINDOW)
         dq += _dot(ds.to(k.dtype), k, IEEE)
         if HAS_C2P:
@@ -302,7 +336,7 @@ def _backward_query_kernel(
                         BLOCK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not select another variant
 def _backward_key_kernel(
     Q, K, V, POS_K, POS_Q, LUT, REACHED, MASK, DO, LSE, DELTA, DK, DV, DP2C,
     seed, scale, dropout_p,
@@ -328,8 +362,8 @@ def _backward_key_kernel(
         offs_m = i0 + tl.arange(0, BLOCK_M)
         q, do, lse, delta, q_real = _query_block(Q, DO, LSE, DELTA, MASK, b, h, bh, offs_m, offs_d, L,
                                                  sq_b, sq_h, sq_m, sdo_b, sdo_h, sdo_m)
-        p, ds = _score_gradient(q, kt, k, v_t, do, lse, delta, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, h * sp_h,
-                                h * sp_h, sp_r, LUT, offs_d, q_real, k_real, scale, seed, bh, dropout_p,
+        p, ds = _score_gradient(q, kt, v_t, do, lse, delta, i0, j0, offs_m, offs_n, L, POS_K, POS_Q, h * sp_h,
+                                sp_r, LUT, offs_d, q_real, k_real, scale, seed, bh, dropout_p,
                                 HAS_C2P, HAS_P2C, HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_N, WINDOW)
         dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
         dk += _dot(tl.trans(ds).to(q.dtype), q, IEEE)
@@ -367,11 +401,15 @@ class LaunchConfig:
 
 
 KERNELS = ("forward", "backward_query", "backward_key")
-_DEFAULT_CONFIGS = {"forward": LaunchConfig(64, 64, 4, 2), "backward_query": LaunchConfig(64, 64, 8, 1),
-                    "backward_key": LaunchConfig(64, 64, 8, 1)}
-# (compute capability major, kernel, dtype, head size) -> config, from `python bench/kernel_resources.py`
-# (registers, spills and shared memory of every candidate compiled ahead of time for sm_80 and sm_90).
-PINNED_CONFIGS: dict[tuple[int, str, str, int], LaunchConfig] = {}
+# Where no pinned entry exists (another GPU generation, another head size): small tiles.
+_DEFAULT_CONFIGS = {"forward": LaunchConfig(32, 32, 4, 2), "backward_query": LaunchConfig(32, 32, 4, 2),
+                    "backward_key": LaunchConfig(16, 32, 4, 1)}
+# "<compute capability>/<kernel>/<dtype>/<head size>" -> [BLOCK_M, BLOCK_N, warps, stages], chosen by
+# `python bench/kernel_resources.py --select` from registers, spills and shared memory of every candidate
+# compiled ahead of time (see pretrain/model/triton_aot.py).
+PINNED_CONFIGS_FILE = Path(__file__).with_name("pinned_configs.json")
+PINNED_CONFIGS: dict[str, list[int]] = (json.loads(PINNED_CONFIGS_FILE.read_text())["configs"]
+                                        if PINNED_CONFIGS_FILE.exists() else {})
 TUNING_CANDIDATES = [LaunchConfig(64, 64, 4, 2), LaunchConfig(64, 64, 8, 2), LaunchConfig(64, 64, 8, 1),
                      LaunchConfig(32, 32, 4, 2), LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 32, 4, 2)]
 _INTERPRETER_CONFIG = LaunchConfig(16, 16, 1, 1)  # small tiles exercise multi-block loops on tiny inputs
@@ -383,8 +421,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def pinned_config(kernel: str, capability_major: int, dtype: torch.dtype, head_dim: int) -> LaunchConfig:
     """The configuration a launch uses when autotuning is off."""
-    key = (capability_major, kernel, dtype_name(dtype), head_dim)
-    return PINNED_CONFIGS.get(key, _DEFAULT_CONFIGS[kernel])
+    pinned = PINNED_CONFIGS.get(f"{capability_major * 10}/{kernel}/{dtype_name(dtype)}/{head_dim}")
+    return LaunchConfig(*pinned) if pinned else _DEFAULT_CONFIGS[kernel]
 
 
 def autotuning() -> bool:
@@ -398,13 +436,14 @@ def debug_fill() -> bool:
 
 
 _RAW_KERNELS = {"forward": _forward_kernel, "backward_query": _backward_query_kernel,
-                "backward_key": _backward_key_kernel}
+                "backward_key": _backward_key_kernel, "delta": _delta_kernel}
+_DELTA_CONFIG = LaunchConfig(64, 64, 4, 1)  # one pass over O and dO; nothing to tune
 _AUTOTUNE_KEY = ["L", "HEAD_DIM", "HAS_C2P", "HAS_P2C", "HAS_DROPOUT", "IEEE"]
 _TUNED_KERNELS = {
     name: triton.autotune(
         configs=[triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in TUNING_CANDIDATES],
         key=_AUTOTUNE_KEY)(kernel)
-    for name, kernel in _RAW_KERNELS.items()
+    for name, kernel in _RAW_KERNELS.items() if name in KERNELS
 }
 
 
@@ -412,16 +451,18 @@ def _launch(name: str, tiled_axis: str, L: int, programs_per_tile: int, dtype: t
             **constexprs) -> None:
     """Launch kernel ``name`` on (L / tile, B * N) programs, ``tiled_axis`` naming the block size of grid axis 0:
     the pinned configuration for this GPU, dtype and head size, or autotuned on request."""
-    if autotuning():
+    if autotuning() and name in KERNELS:
         grid = lambda meta: (triton.cdiv(L, meta[tiled_axis]), programs_per_tile)  # noqa: E731
         _TUNED_KERNELS[name][grid](*args, **constexprs)
         return
     if INTERPRETING:
         config = _INTERPRETER_CONFIG
+    elif name == "delta":
+        config = _DELTA_CONFIG
     else:
         major = torch.cuda.get_device_capability()[0]
         config = pinned_config(name, major, dtype, constexprs["HEAD_DIM"])
-    meta = config.meta()
+    meta = config.meta() if name in KERNELS else dict(BLOCK_M=config.block_m)
     _RAW_KERNELS[name][(triton.cdiv(L, meta[tiled_axis]), programs_per_tile)](
         *args, **constexprs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -527,7 +568,9 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_k
     grad_out, q, k, v = (_rows_contiguous(t) for t in (grad_out, q, k, v))
     pk, pq = _positions(pos_key, q), _positions(pos_query, q)
     two_k = reached.shape[0]
-    delta = (grad_out.float() * out.float()).sum(-1)  # (B, N, L): rowsum(dO * O), as in flash attention
+    delta = _new((B, N, L), (0, 1, 2), q, torch.float32)
+    _launch("delta", "BLOCK_M", L, B * N, q.dtype, out, grad_out, delta, *_strides(out), *_strides(grad_out), N, L,
+            HEAD_DIM=d)
     dq, dk, dv = _gradient_buffer(q), _gradient_buffer(q), _gradient_buffer(q)
     d_c2p = _table_buffer(q, two_k) if pos_key is not None else q.new_empty(1, 1, 1, 1)
     d_p2c = _table_buffer(q, two_k) if pos_query is not None else q.new_empty(1, 1, 1, 1)

@@ -1,0 +1,101 @@
+"""Ahead-of-time compilation of every attention-kernel variant for Hopper (sm_90) and Ampere (sm_80), on a CPU.
+
+Triton compiles for a named target without a GPU and its wheel ships ptxas, so these tests know before any GPU
+run that every variant the host code can launch compiles, and that the pinned 16-bit configurations neither spill
+registers nor exceed the card's shared memory, and that the sm_90 forward pass runs on wgmma tensor cores. The same
+is checked with Triton 3.6, the release GPU images ship today, in a separate cached install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="the `triton` package is not installed (pip install -e '.[test]')")
+try:
+    from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+except ImportError:  # pragma: no cover - a Triton build without the NVIDIA backend
+    pytest.skip("this Triton has no NVIDIA backend to compile for", allow_module_level=True)
+
+from pretrain.model.triton_aot import DTYPES, HEAD_DIMS, Variant, compile_rows, pinned_variants  # noqa: E402
+from pretrain.model.triton_attention import KERNELS, LaunchConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = (90, 80)
+GPU_IMAGE_TRITON = "3.6.0"
+
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated (Triton 3.9 warns otherwise)
+
+
+@pytest.fixture(scope="module")
+def pinned_rows():
+    jobs = [(variant, arch) for arch in ARCHS for variant in pinned_variants(arch)]
+    return compile_rows(jobs, workers=min(2, os.cpu_count() or 1))
+
+
+def test_aot_every_launchable_variant_compiles(pinned_rows):
+    failed = [(r["arch"], r["variant"], r.get("error")) for r in pinned_rows if r["status"] != "ok"]
+    assert not failed
+    covered = {(r["arch"], r["kernel"], r["dtype"], r["head_dim"], r["dropout"]) for r in pinned_rows}
+    for arch in ARCHS:
+        for kernel in KERNELS:
+            for dtype in DTYPES:
+                for head_dim in HEAD_DIMS:
+                    assert {(f"sm_{arch}", kernel, dtype, head_dim, dropout) for dropout in (False, True)} <= covered
+    assert {r["kernel"] for r in pinned_rows} == {*KERNELS, "delta"}
+
+
+def test_aot_16bit_pinned_configs_do_not_spill_or_exceed_shared_memory(pinned_rows):
+    bad = [(r["arch"], r["variant"], r["problems"]) for r in pinned_rows
+           if r["dtype"] in ("bf16", "fp16") and r["problems"]]
+    assert not bad
+
+
+def test_aot_sm90_forward_uses_wgmma(pinned_rows):
+    forward = [r for r in pinned_rows if r["arch"] == "sm_90" and r["kernel"] == "forward"
+               and r["dtype"] in ("bf16", "fp16") and r["head_dim"] == 64]
+    assert forward and all(r["mma"] == "wgmma" for r in forward), [(r["variant"], r["mma"]) for r in forward]
+    ampere = [r for r in pinned_rows if r["arch"] == "sm_80" and r["dtype"] == "bf16" and r["kernel"] != "delta"]
+    assert all(r["mma"] == "mma.sync" for r in ampere)  # no wgmma before Hopper
+
+
+def test_aot_resource_check_flags_a_spilling_configuration():
+    """What the checks above would say of a bad choice: 64 x 64 tiles with 4 warps spill in the key-side kernel."""
+    [row] = compile_rows([(Variant("backward_key", "bf16", 64, False, LaunchConfig(64, 64, 4, 2)), 90)])
+    assert row["status"] == "ok" and row["spill_store_bytes"] > 0
+    assert any("spills" in problem for problem in row["problems"])
+
+
+def _triton_for_gpu_images() -> Path:
+    """Triton 3.6 installed once into a cache directory beside (not into) the project's environment."""
+    target = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deberta-pretrain" / \
+        f"triton-{GPU_IMAGE_TRITON}"
+    if not (target / "triton" / "__init__.py").exists():
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+                               str(target), f"triton=={GPU_IMAGE_TRITON}"], capture_output=True, text=True,
+                              timeout=600)
+        if done.returncode != 0:
+            pytest.skip(f"could not install triton=={GPU_IMAGE_TRITON} into {target}: {done.stderr[-300:]}")
+    return target
+
+
+def test_aot_compiles_with_the_triton_of_gpu_images(tmp_path):
+    site = _triton_for_gpu_images()
+    out = tmp_path / "resources.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "kernel_resources.py"), "--arch", "90",
+                           "--dtypes", "bf16", "fp16", "--head-dims", "64", "--json", str(out), "--jobs", "2"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["triton"] == GPU_IMAGE_TRITON
+    rows = report["rows"]
+    assert len(rows) == len(KERNELS) * 2 * 2 + 2  # kernels x dtypes x dropout, plus the delta pre-pass
+    assert all(r["status"] == "ok" and not r["problems"] for r in rows), [
+        (r["variant"], r.get("problems"), r.get("error")) for r in rows if r["status"] != "ok" or r["problems"]]
