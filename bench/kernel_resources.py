@@ -17,6 +17,7 @@ under every Triton release analysed (the project's, and the one GPU images ship)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -109,6 +110,10 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (90 = H100)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
+    parser.add_argument("--config", type=int, nargs=4, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"),
+                        help="compile this tile instead of the pinned ones")
+    parser.add_argument("--no-dropout", action="store_true", help="only the variants without dropout")
     parser.add_argument("--json", type=Path, help="also write every row here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--clean-candidates", type=Path, metavar="OUT.json",
@@ -130,13 +135,19 @@ def main(argv=None) -> int:
         analyses = [json.loads(path.read_text()) for path in args.pin]
         table = pin([a["clean"] for a in analyses])
         tmp = PINNED_CONFIGS_FILE.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"triton_releases_analysed": [a["triton"] for a in analyses], "configs": table},
-                                  indent=1, sort_keys=True) + "\n")
+        entries = ",\n".join(f"  {json.dumps(key)}: {json.dumps(table[key])}" for key in sorted(table))
+        tmp.write_text(f'{{"triton_releases_analysed": {json.dumps([a["triton"] for a in analyses])},\n'
+                       f' "configs": {{\n{entries}\n }}\n}}\n')
         os.replace(tmp, PINNED_CONFIGS_FILE)
         print(f"wrote {PINNED_CONFIGS_FILE}")
         return 0
-    jobs = [(variant, arch) for arch in args.arch
-            for variant in pinned_variants(arch, dtypes=args.dtypes, head_dims=args.head_dims)]
+    dropouts = (False,) if args.no_dropout else (False, True)
+    variants = {arch: pinned_variants(arch, dtypes=args.dtypes, head_dims=args.head_dims, dropouts=dropouts,
+                                      kernel_names=args.kernels) for arch in args.arch}
+    if args.config:
+        variants = {arch: [dataclasses.replace(v, config=LaunchConfig(*args.config)) for v in found
+                           if v.kernel in KERNELS] for arch, found in variants.items()}
+    jobs = [(variant, arch) for arch, found in variants.items() for variant in found]
     rows = compile_rows(jobs, args.jobs)
     print(markdown(rows))
     import triton

@@ -35,6 +35,14 @@ pytestmark = pytest.mark.skipif(
     reason="GPU only: compiled kernels in bf16/fp16/fp32 against float64 (no CUDA device here; the CPU interpreter "
            "has no bf16 tl.dot; GPU_CHECK_DRY_RUN=1 with TRITON_INTERPRET=1 runs tiny fp32/fp16 versions)")
 
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_outputs(monkeypatch):
+    """Every buffer the kernels should write starts as NaN (``DEBERTA_ATTENTION_DEBUG_FILL``): a missed store fails."""
+    monkeypatch.setenv("DEBERTA_ATTENTION_DEBUG_FILL", "1")
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL_VS_FP64 = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 2e-5}
 TOL_VS_SAME_DTYPE = {"bf16": 5e-2, "fp16": 1e-2, "fp32": 2e-5}

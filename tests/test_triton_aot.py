@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,21 +23,35 @@ try:
 except ImportError:  # pragma: no cover - a Triton build without the NVIDIA backend
     pytest.skip("this Triton has no NVIDIA backend to compile for", allow_module_level=True)
 
-from pretrain.model.triton_aot import DTYPES, HEAD_DIMS, Variant, compile_rows, pinned_variants  # noqa: E402
-from pretrain.model.triton_attention import KERNELS, LaunchConfig  # noqa: E402
+from pretrain.model.triton_aot import DTYPES, HEAD_DIMS  # noqa: E402
+from pretrain.model.triton_attention import KERNELS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = (90, 80)
 GPU_IMAGE_TRITON = "3.6.0"
 
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated (Triton 3.9 warns otherwise)
+
+
+def _compile_in_subprocess(arguments: list[str], extra_path: list[str] = ()) -> dict:
+    """Run ``bench/kernel_resources.py`` in a fresh process without ``TRITON_INTERPRET`` (which the test-suite sets
+    on CPU machines, and which replaces the kernels by Python functions) and return its JSON report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "resources.json"
+        env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+        env.update(PYTHONPATH=os.pathsep.join([*extra_path, str(REPO)]), TRITON_DEFAULT_FP_FUSION="1")
+        done = subprocess.run([sys.executable, str(REPO / "bench" / "kernel_resources.py"), *arguments,
+                               "--json", str(out), "--jobs", str(min(2, os.cpu_count() or 1))],
+                              env=env, capture_output=True, text=True, timeout=1800)
+        assert out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+        return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def pinned_rows():
-    jobs = [(variant, arch) for arch in ARCHS for variant in pinned_variants(arch)]
-    return compile_rows(jobs, workers=min(2, os.cpu_count() or 1))
+    """Every pinned variant (3 kernels + the delta pre-pass, 3 dtypes, head size 64/128, with/without dropout)
+    compiled for sm_90 and sm_80."""
+    return _compile_in_subprocess(["--arch", *map(str, ARCHS)])["rows"]
 
 
 def test_aot_every_launchable_variant_compiles(pinned_rows):
@@ -67,7 +82,9 @@ def test_aot_sm90_forward_uses_wgmma(pinned_rows):
 
 def test_aot_resource_check_flags_a_spilling_configuration():
     """What the checks above would say of a bad choice: 64 x 64 tiles with 4 warps spill in the key-side kernel."""
-    [row] = compile_rows([(Variant("backward_key", "bf16", 64, False, LaunchConfig(64, 64, 4, 2)), 90)])
+    report = _compile_in_subprocess(["--arch", "90", "--dtypes", "bf16", "--head-dims", "64", "--kernels",
+                                     "backward_key", "--config", "64", "64", "4", "2", "--no-dropout"])
+    [row] = [r for r in report["rows"] if r["kernel"] == "backward_key"]
     assert row["status"] == "ok" and row["spill_store_bytes"] > 0
     assert any("spills" in problem for problem in row["problems"])
 
@@ -85,15 +102,9 @@ def _triton_for_gpu_images() -> Path:
     return target
 
 
-def test_aot_compiles_with_the_triton_of_gpu_images(tmp_path):
-    site = _triton_for_gpu_images()
-    out = tmp_path / "resources.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "kernel_resources.py"), "--arch", "90",
-                           "--dtypes", "bf16", "fp16", "--head-dims", "64", "--json", str(out), "--jobs", "2"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    report = json.loads(out.read_text())
+def test_aot_compiles_with_the_triton_of_gpu_images():
+    report = _compile_in_subprocess(["--arch", "90", "--dtypes", "bf16", "fp16", "--head-dims", "64"],
+                                    extra_path=[str(_triton_for_gpu_images())])
     assert report["triton"] == GPU_IMAGE_TRITON
     rows = report["rows"]
     assert len(rows) == len(KERNELS) * 2 * 2 + 2  # kernels x dtypes x dropout, plus the delta pre-pass

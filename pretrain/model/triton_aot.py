@@ -101,6 +101,9 @@ def _torch_dtype(name: str):
 
 def _source(variant: Variant) -> ASTSource:
     """The kernel with argument types and constants as a launch at the v3-base shape specialises them."""
+    if kernels.INTERPRETING:
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset: with it, Triton's interpreter "
+                           "replaces the kernels by Python functions (run in a process without it)")
     fn = kernels._RAW_KERNELS[variant.kernel]
     constants = dict(HEAD_DIM=variant.head_dim, HAS_C2P=variant.c2p, HAS_P2C=variant.p2c,
                      HAS_DROPOUT=variant.dropout, IEEE=variant.dtype == "fp32", **variant.config.meta())
