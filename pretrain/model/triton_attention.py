@@ -50,9 +50,8 @@ from torch import Tensor
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# A distance's table row lives in the low bits of its lookup code; two flags mark where runs of one row begin
-# (smallest distance of the run) and end (largest distance).
-_ROW_BITS = 24
+# A distance's table row lives in the low 24 bits of its lookup code; bits 24 and 25 flag where a run of one row
+# begins (its smallest distance) and ends (its largest). The kernels spell these numbers out (Triton constants).
 _RUN_START_BIT = 24
 _RUN_END_BIT = 25
 
@@ -405,8 +404,8 @@ KERNELS = ("forward", "backward_query", "backward_key")
 _DEFAULT_CONFIGS = {"forward": LaunchConfig(32, 32, 4, 2), "backward_query": LaunchConfig(32, 32, 4, 2),
                     "backward_key": LaunchConfig(16, 32, 4, 1)}
 # "<compute capability>/<kernel>/<dtype>/<head size>" -> [BLOCK_M, BLOCK_N, warps, stages], chosen by
-# `python bench/kernel_resources.py --select` from registers, spills and shared memory of every candidate
-# compiled ahead of time (see pretrain/model/triton_aot.py).
+# `python bench/kernel_resources.py --clean-candidates ... / --pin ...` from registers, spills and shared memory of
+# every candidate compiled ahead of time (pretrain/model/triton_aot.py) under the Triton releases named in the file.
 PINNED_CONFIGS_FILE = Path(__file__).with_name("pinned_configs.json")
 PINNED_CONFIGS: dict[str, list[int]] = (json.loads(PINNED_CONFIGS_FILE.read_text())["configs"]
                                         if PINNED_CONFIGS_FILE.exists() else {})
