@@ -11,7 +11,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from data_prep.reader import ResumableDistributedSampler, ShardedDataset
-from pretrain.settings import DataSettings
+from pretrain.settings import DataSettings, SettingsError
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -56,7 +56,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_samples") != len(self.train_set) or state.get("seed") != self.settings.seed:
-            raise ValueError(
+            raise SettingsError(
                 f"checkpoint data position was saved for {state.get('num_samples')} sequences with seed "
                 f"{state.get('seed')}, but data.path={self.settings.path} has {len(self.train_set)} with seed "
                 f"{self.settings.seed}: resume with the same shards and data.seed, or start a new output_dir"

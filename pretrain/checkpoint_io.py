@@ -1,0 +1,112 @@
+"""Checkpoint writes that a kill or a full disk cannot half-do, on any filesystem layout.
+
+Lightning's default save serialises into memory and then writes through an fsspec transaction, whose temp file
+lives in ``$TMPDIR``: on a cluster that is node-local while ``output_dir`` is on Lustre/NFS, so the final move is a
+copy that first truncates the old ``last.ckpt``. A kill or ENOSPC during that copy left a 0-byte or partial
+``last.ckpt`` and a full-size temp file in ``$TMPDIR``. Here the temp file is created in the destination directory
+(mode 0666 minus the umask, like any file the user writes), written, flushed and fsynced, renamed over the target
+with ``os.replace`` (atomic within one directory) and the directory is fsynced, so the target is always either the
+old complete file or the new complete one. A failed save removes its temp file and raises; the previous
+checkpoints are untouched.
+
+DeepSpeed writes its checkpoint directories itself (each ``step-N.ckpt/`` is new, and ``latest`` is written last),
+and ``last.ckpt`` is then a link to the newest: Lightning re-creates it by deleting the old link first. Here the new
+link is made under a temp name and renamed over the old one, so ``last.ckpt`` never disappears.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from data_prep.atomic_io import fsync_dir
+from pretrain import safe_load
+
+TEMP_MARK = ".tmp-"  # temp files are ".<name>.tmp-<pid>" beside their target; never a checkpoint candidate
+
+
+def temp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}")
+
+
+def save_atomic(obj: Any, target: str | os.PathLike) -> None:
+    """``torch.save(obj, target)`` through a temp file in ``target``'s directory (see the module docstring)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(target)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(target.parent)
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete temp files a killed save left in ``directory`` (only ours: ``.<name>.ckpt.tmp-<pid>``)."""
+    removed = []
+    if directory.is_dir():
+        for path in directory.glob(f".*.ckpt{TEMP_MARK}*"):
+            if path.is_file() or path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O: atomic writes in the destination directory, restricted-unpickler reads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        save_atomic(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None):
+        safe_load.register_allowed_globals()
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+def replace_link(target: str, linkpath: str) -> None:
+    """Point ``linkpath`` at ``target`` (relative), atomically: a new link under a temp name, renamed over."""
+    link = Path(linkpath)
+    tmp = temp_path(link)
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    if link.is_dir() and not link.is_symlink():  # a real directory from an older layout: rename cannot replace it
+        import shutil
+
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` with an atomic ``last.ckpt`` link, and the step's metrics logged before its checkpoint.
+
+    Lightning saves checkpoints in ``on_train_batch_end`` and writes that step's metrics only afterwards; a kill
+    in between lost the step's ``metrics.csv`` row for good (a resume starts after it). Logging the step's metrics
+    first (the CSV writer merges the second, identical call into the same row) makes every step before a
+    checkpoint's step present in ``metrics.csv`` whenever the checkpoint exists.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.loggers and trainer.is_global_zero:
+            trainer._logger_connector.update_train_step_metrics()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @staticmethod
+    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            replace_link(filepath, linkpath)
+        trainer.strategy.barrier()
