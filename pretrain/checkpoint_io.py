@@ -25,7 +25,6 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data_prep.atomic_io import fsync_dir
-from pretrain import safe_load
 
 TEMP_MARK = ".tmp-"  # temp files are ".<name>.tmp-<pid>" beside their target; never a checkpoint candidate
 
@@ -34,23 +33,48 @@ def temp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}")
 
 
+class _RecordingWriter:
+    """A file wrapper that keeps the ``OSError`` of a failed write: torch's zip writer turns it into a bare
+    ``RuntimeError: file write failed``, losing the errno (ENOSPC, EDQUOT) the user needs to see."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_atomic(obj: Any, target: str | os.PathLike) -> None:
-    """``torch.save(obj, target)`` through a temp file in ``target``'s directory (see the module docstring)."""
+    """``torch.save(obj, target)`` through a temp file in ``target``'s directory (see the module docstring).
+    A failed write raises ``OSError`` naming ``target``, and leaves neither a temp file nor a changed target."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target)
+    writer = None
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        cause = err if isinstance(err, OSError) else (writer.error if writer is not None else None)
+        if cause is not None:
+            raise OSError(cause.errno, f"saving a checkpoint failed: {cause.strerror}", str(target)) from None
         raise
     fsync_dir(target.parent)
 
@@ -73,7 +97,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomic(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None):
-        safe_load.register_allowed_globals()
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 

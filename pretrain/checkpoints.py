@@ -50,9 +50,9 @@ def _rank0_states_file(path: Path) -> Path:
                           f"{tag_dir} (interrupted while saving?); resume from an older checkpoint")
 
 
-def _load(path: Path) -> Any:
+def _load(path: Path, deepspeed: bool = False) -> Any:
     try:
-        return safe_load.load(path)
+        return safe_load.load(path, deepspeed=deepspeed)
     except safe_load.ForbiddenContentError as err:
         raise RefusedCheckpointError(str(err)) from None
     except safe_load.UnsafeCheckpointError as err:
@@ -65,7 +65,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     (global_step, deberta_pretrain, ...) plus ``dp_world_size``."""
     path = Path(path)
     if is_deepspeed_checkpoint(path):
-        data = _load(_rank0_states_file(path))
+        data = _load(_rank0_states_file(path), deepspeed=True)
     elif path.is_file():
         data = _load(path)
     else:
@@ -83,7 +83,7 @@ def verify_checkpoint(path: Path) -> None:
     if is_deepspeed_checkpoint(path):
         files = sorted((path / DEEPSPEED_TAG).glob("*.pt"))
         for file in files:
-            _load(file)
+            _load(file, deepspeed=True)
     else:
         read_metadata(path)
 

@@ -314,8 +314,20 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, tokenizer: 
     return target
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _replace_directory(staging: Path, target: Path) -> None:
+    """Swap the assembled ``staging`` directory in as ``target``, with the modes of anything the user creates
+    (``mkdtemp`` makes 0700, and copied tokenizer files keep their source's mode: colleagues could not read the
+    export)."""
+    umask = _current_umask()
+    os.chmod(staging, 0o777 & ~umask)
     for file in staging.iterdir():
+        os.chmod(file, 0o666 & ~umask)
         with open(file, "rb") as fh:
             os.fsync(fh.fileno())
     if target.exists():

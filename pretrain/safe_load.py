@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-# (module, name) of every non-tensor class Lightning / DeepSpeed store in checkpoints this project writes.
-_ALLOWED = [
+# (module, name) of every non-tensor class DeepSpeed stores in its ZeRO checkpoint files (Lightning's own files
+# need none). Registered only when a DeepSpeed checkpoint is read: importing DeepSpeed costs seconds.
+_DEEPSPEED_ALLOWED = [
     ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
     ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
@@ -40,39 +41,38 @@ class ForbiddenContentError(UnsafeCheckpointError):
     """A file whose pickle names a global outside the allow-list: crafted, not merely damaged."""
 
 
-def allowed_globals() -> list[Any]:
-    """The allow-listed classes that are importable here (DeepSpeed is optional for non-ZeRO runs)."""
+def register_deepspeed_globals() -> None:
+    """Add DeepSpeed's checkpoint classes to torch's safe globals (once per process)."""
+    global _registered
+    if _registered:
+        return
     found = []
-    for module, name in _ALLOWED:
+    for module, name in _DEEPSPEED_ALLOWED:
         try:
             found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
-            continue
-    return found
+            continue  # an older/newer DeepSpeed without this class: its files cannot contain it either
+    torch.serialization.add_safe_globals(found)
+    _registered = True
 
 
-def register_allowed_globals() -> None:
-    """Add the allow-list to torch's safe globals once per process, so Lightning's own ``weights_only=True``
-    loads (``trainer.fit(..., weights_only=True)``) accept our files too."""
-    global _registered
-    if not _registered:
-        torch.serialization.add_safe_globals(allowed_globals())
-        _registered = True
-
-
-def load(path: str | Path, mmap: bool = True) -> Any:
-    """``torch.load`` with the restricted unpickler; raises :class:`UnsafeCheckpointError` naming ``path`` and
-    why (a forbidden global, a truncated/corrupt file)."""
-    register_allowed_globals()
+def load(path: str | Path, mmap: bool = True, deepspeed: bool = False) -> Any:
+    """``torch.load`` with the restricted unpickler (plus DeepSpeed's classes for a file of a ZeRO checkpoint);
+    raises :class:`UnsafeCheckpointError` naming ``path`` and why (a forbidden global, a truncated/corrupt file)."""
+    if deepspeed:
+        register_deepspeed_globals()
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        reason = str(err).split("\n\n")[0].strip().replace("\n", " ")
-        if "Unsupported global" in reason or "unsupported" in reason.lower():
+        # torch's message: a paragraph about the weights_only default, then the unpickler's reason
+        paragraphs = [p.strip().replace("\n", " ") for p in str(err).split("\n\n") if p.strip()]
+        named = [p for p in paragraphs if "GLOBAL" in p or "Unsupported global" in p]
+        if named:
             raise ForbiddenContentError(
                 f"{path}: refused to read: the file asks to run code that checkpoints written by this project never "
-                f"contain ({reason[:300]}). Do not use this file; resume from another checkpoint") from None
+                f"contain ({named[0][:300]}). Do not use this file; resume from another checkpoint") from None
+        reason = paragraphs[1] if len(paragraphs) > 1 else (paragraphs[0] if paragraphs else type(err).__name__)
         raise UnsafeCheckpointError(f"{path}: not a readable checkpoint ({reason[:300]})") from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
         reason = str(err).split("\n")[0][:300] or type(err).__name__
