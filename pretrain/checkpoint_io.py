@@ -100,6 +100,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
+def _log_step_to_csv(trainer, pl_module) -> None:
+    """What Lightning's logger connector will log for this step, sent to the CSV logger now."""
+    from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
+
+    from pretrain.csv_log import ResumableCSVLogger
+
+    connector = trainer._logger_connector
+    if trainer.fit_loop._should_accumulate() and pl_module.automatic_optimization:
+        return
+    if not connector.should_update_logs:
+        return
+    metrics = connector.metrics["log"]
+    if not metrics:
+        return
+    scalars = convert_tensors_to_scalars(metrics)
+    scalars.setdefault("epoch", trainer.current_epoch)
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    for logger in trainer.loggers:
+        if isinstance(logger, ResumableCSVLogger):
+            logger.log_metrics(scalars, step=step)
+            logger.save()
+
+
 def replace_link(target: str, linkpath: str) -> None:
     """Point ``linkpath`` at ``target`` (relative), atomically: a new link under a temp name, renamed over."""
     link = Path(linkpath)
@@ -115,17 +138,19 @@ def replace_link(target: str, linkpath: str) -> None:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` with an atomic ``last.ckpt`` link, and the step's metrics logged before its checkpoint.
+    """``ModelCheckpoint`` with an atomic ``last.ckpt`` link, and the step's metrics row written before its checkpoint.
 
     Lightning saves checkpoints in ``on_train_batch_end`` and writes that step's metrics only afterwards; a kill
-    in between lost the step's ``metrics.csv`` row for good (a resume starts after it). Logging the step's metrics
-    first (the CSV writer merges the second, identical call into the same row) makes every step before a
-    checkpoint's step present in ``metrics.csv`` whenever the checkpoint exists.
+    in between lost the step's ``metrics.csv`` row for good (a resume starts after it). At a checkpoint step the
+    row goes to the CSV logger first (the CSV writer merges Lightning's own call for the same step into that row;
+    other loggers are left to Lightning, so they see each step once), so every step below a checkpoint's step has
+    its row whenever that checkpoint exists.
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.loggers and trainer.is_global_zero:
-            trainer._logger_connector.update_train_step_metrics()
+        saving = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if saving:
+            _log_step_to_csv(trainer, pl_module)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @staticmethod
