@@ -425,7 +425,8 @@ def prepare_shards(
         settings.seq_len, settings.shard_size, dtype, tok.special_ids, settings.cross_document, on_shard, start
     )
 
-    docs = chain.from_iterable(corpus.iter_documents(p, corpus_options) for p in inputs)
+    stats = corpus.CorpusStats()  # skipped records/documents (--skip-*), recorded in the manifest
+    docs = chain.from_iterable(corpus.iter_documents(p, corpus_options, stats) for p in inputs)
     batches = iter_batches(docs, start["doc"])
     n_docs = start["doc"]
     stopped = False
@@ -488,6 +489,8 @@ def prepare_shards(
             "tokens": sum(s["tokens"] for s in shards),
             "content_tokens": sum(s["content_tokens"] for s in shards),
             "input_bytes": sum(i["bytes"] for i in wanted["inputs"]),
+            "skipped_invalid_text": stats.skipped_invalid,
+            "skipped_missing_text": stats.skipped_missing_text,
         },
         "shards": shards,
     }

@@ -466,6 +466,7 @@ def train_tokenizer(
             "settings": wanted,
             "corpus_stats": {"documents": stats.documents, "bytes": stats.bytes,
                              "skipped_invalid_utf8": stats.skipped_invalid,
+                             "skipped_missing_text": stats.skipped_missing_text,
                              "sentences_seen": seen, "sentences_sampled": min(seen, settings.max_sentences)},
             "input_sizes": {str(p): _size(p) for p in inputs},
             "added_pieces": added,
