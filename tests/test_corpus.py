@@ -64,7 +64,7 @@ def test_cli_flags_round_trip():
     options = corpus_options_from_args(args)
     assert args.input == ["a", "b"]
     assert options.to_dict() == {"text_field": "body", "doc_per_line": True, "normalization": "none",
-                                 "lowercase": True, "skip_invalid_utf8": True}
+                                 "lowercase": True, "skip_invalid_utf8": True, "skip_missing_text": False}
     with pytest.raises(SystemExit):
         parser.parse_args([])  # --input is required
 
