@@ -291,3 +291,55 @@ def test_export_gets_the_users_umask(four_steps, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert stat.S_IMODE((out / "hf").stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in (out / "hf").iterdir()} == {0o644}
+
+
+# --- shard corruption the default check catches before the first optimizer step --------------------------------
+
+@pytest.fixture(scope="module")
+def three_shards(shards, tmp_path_factory) -> Path:
+    """The `shards` corpus packed into three shards (500, 500, 368 sequences) by the real command."""
+    out = tmp_path_factory.mktemp("three") / "shards"
+    root = shards.parent
+    subprocess.run([sys.executable, "-m", "data_prep", "shards", "--input", str(root / "corpus.jsonl"), "--tokenizer",
+                    str(root / "tok"), "--out", str(out), "--seq-len", "64", "--workers", "1", "--shard-size", "500"],
+                   check=True, capture_output=True, cwd=REPO)
+    return out
+
+
+def test_damaged_shard_sets_are_refused_before_training(three_shards, tmp_path):
+    import json
+
+    import numpy as np
+
+    from data_prep import shard_format as sf
+    from data_prep.errors import DataPrepError
+
+    def attempt(shard_dir: Path, name: str):
+        with pytest.raises(DataPrepError) as err:
+            train(compose_config(run_args(shard_dir, tmp_path / f"run_{name}", 2)))
+        assert not (tmp_path / f"run_{name}" / "checkpoints").exists()  # not one optimizer step
+        return str(err.value)
+
+    swapped = Path(shutil.copytree(three_shards, tmp_path / "swapped"))
+    a, b = swapped / "shard-00000.bin", swapped / "shard-00001.bin"
+    a.rename(swapped / "x"), b.rename(a), (swapped / "x").rename(b)
+    message = attempt(swapped, "swapped")
+    assert "shard-00000.bin" in message and "header says shard 1, but it is shard 0" in message
+
+    edited = Path(shutil.copytree(three_shards, tmp_path / "edited"))
+    manifest = json.loads((edited / sf.MANIFEST_NAME).read_text())
+    manifest["tokenizer"]["special_ids"]["mask"] = 5
+    (edited / sf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    message = attempt(edited, "edited")
+    assert "contradicts the shard set's own tokenizer copy" in message and "special_ids.mask=5" in message
+
+    out_of_vocab = Path(shutil.copytree(three_shards, tmp_path / "oov"))
+    for path in sorted(out_of_vocab.glob("shard-*.bin")):  # same size and header; a byte flipped in every sequence
+        header = sf.read_header(path)
+        ids = np.memmap(path, dtype="<u2", mode="r+", offset=sf.HEADER_SIZE,
+                        shape=(header.num_sequences, header.seq_len))
+        ids[:, 5] = 60000
+        ids.flush()
+        del ids
+    message = attempt(out_of_vocab, "oov")
+    assert "token id 60000 >= vocabulary size" in message and "shard-0000" in message
