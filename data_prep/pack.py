@@ -85,26 +85,78 @@ def init_worker(tok_state: dict, lang: str, jieba_dict: str | None) -> None:
         _WORKER["special"] = wb.special_table(tok)
 
 
-def encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Tokenize a batch: (ids uint32, flags uint8 with WORD_START/DOC_START, per-doc lengths, utf-8 bytes)."""
+MAX_PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of at most this many characters
+
+
+def split_long_text(text: str, limit: int = MAX_PIECE_CHARS) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters, cut at a space or newline in the second half of each
+    window (that one character dropped), so that a huge document (one 50 MB line) never goes to the tokenizer
+    whole: its per-token objects took ~150 bytes per character. SentencePiece, Metaspace and BERT pre-tokenizers
+    all split at whitespace, so the ids equal the whole text's; a window with no whitespace at all (e.g. Chinese)
+    is cut at the limit, which can change the tokens at that one position."""
+    if len(text) <= limit:
+        return [text]
+    pieces, start, n = [], 0, len(text)
+    while n - start > limit:
+        end = start + limit
+        cut = max(text.rfind(" ", start + limit // 2, end), text.rfind("\n", start + limit // 2, end))
+        if cut > start:
+            pieces.append(text[start:cut])
+            start = cut + 1
+        else:
+            pieces.append(text[start:end])
+            start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+def _encode_pieces(tok, pieces: list[str]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(ids uint32, word-start flags for zh else None) of each piece; the tokenizer sees at most BATCH_CHARS of
+    text per call, so its per-token objects stay bounded whatever the document size."""
     from data_prep import word_boundaries as wb
 
+    out: list[tuple[np.ndarray, np.ndarray | None]] = []
+    i = 0
+    while i < len(pieces):
+        j, size = i, 0
+        while j < len(pieces) and (j == i or size + len(pieces[j]) <= BATCH_CHARS):
+            size += len(pieces[j])
+            j += 1
+        group = pieces[i:j]
+        if _WORKER["lang"] == "zh":
+            encodings = tok.encode_batch(group, offsets=True)
+            starts = wb.jieba_word_starts(
+                encodings, group, _WORKER["segmenter"], _WORKER["continuation"], _WORKER["special"]
+            )
+            out += [(np.asarray(e.ids, dtype=np.uint32), f.astype(np.uint8)) for e, f in zip(encodings, starts)]
+        else:
+            out += [(np.asarray(ids, dtype=np.uint32), None) for ids in tok.encode_batch(group)]
+        i = j
+    return out
+
+
+def encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Tokenize a batch: (ids uint32, flags uint8 with WORD_START/DOC_START, per-doc lengths, utf-8 bytes).
+
+    Documents longer than ``MAX_PIECE_CHARS`` are tokenized piece by piece (``split_long_text``) and their ids
+    concatenated: one document, as before, in bounded tokenizer memory."""
     tok = _WORKER["tok"]
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    pieces, owners = [], []
+    for d, text in enumerate(texts):
+        for piece in split_long_text(text):
+            pieces.append(piece)
+            owners.append(d)
+    encoded = _encode_pieces(tok, pieces)
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    for d, (ids, _) in zip(owners, encoded):
+        lengths[d] += len(ids)
+    ids = np.concatenate([e[0] for e in encoded]) if encoded else np.zeros(0, np.uint32)
     if _WORKER["lang"] == "zh":
-        encodings = tok.encode_batch(texts, offsets=True)
-        id_lists = [e.ids for e in encodings]
-        starts = wb.jieba_word_starts(
-            encodings, texts, _WORKER["segmenter"], _WORKER["continuation"], _WORKER["special"]
-        )
-        flags = np.concatenate(starts).astype(np.uint8) if starts else np.zeros(0, np.uint8)
+        flags = np.concatenate([e[1] for e in encoded]) if encoded else np.zeros(0, np.uint8)
     else:
-        id_lists = tok.encode_batch(texts)
-        flags = None
-    lengths = np.fromiter((len(x) for x in id_lists), dtype=np.int64, count=len(id_lists))
-    ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.uint32, count=int(lengths.sum()))
-    if flags is None:
         flags = _WORKER["start_table"][ids]
+    del encoded
     doc_starts = np.cumsum(lengths) - lengths
     doc_starts = doc_starts[lengths > 0]
     flags[doc_starts] |= sf.DOC_START

@@ -321,3 +321,23 @@ def test_records_without_text_and_nul_files_are_refused_or_skipped_and_counted(t
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"error: {nul}: a NUL byte (not text: a binary file?) at byte offset 0" in res.stderr
     assert not (tmp_path / "o3" / sf.MANIFEST_NAME).exists()
+
+
+def test_one_huge_document_is_tokenized_in_pieces_with_the_ids_of_the_whole(tmp_path, docs, spm_dir):
+    """A single-line document several times MAX_PIECE_CHARS long goes to the tokenizer in whitespace-cut pieces
+    (bounded memory); its ids and word starts equal those of the whole text tokenized at once."""
+    text = " ".join(" ".join(d.split()) for d in docs["en"])
+    assert len(text) > 3 * pack.MAX_PIECE_CHARS
+    pieces = pack.split_long_text(text)
+    assert len(pieces) > 3 and max(map(len, pieces)) <= pack.MAX_PIECE_CHARS
+    corpus = tmp_path / "one_line.txt"
+    corpus.write_text(text + "\n", encoding="utf-8")
+    _shards([corpus], spm_dir, tmp_path / "o", seq_len=256, shard_size=1000, workers=1)
+    ids, flags = read_all(tmp_path / "o")
+    decoded = sf.decode_documents(ids, flags)
+    tok = load_tokenizer(spm_dir)
+    whole = tok.encode_batch([text])[0]
+    assert len(decoded) == 1 and decoded[0].tolist() == whole
+    keep = (flags & sf.SPECIAL) == 0
+    expected_starts = tok.word_start_table()[np.asarray(whole)]
+    assert np.array_equal((flags[keep] & sf.WORD_START).astype(bool), expected_starts)
