@@ -16,6 +16,7 @@ link is made under a temp name and renamed over the old one, so ``last.ckpt`` ne
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -33,20 +34,27 @@ def temp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}")
 
 
+CHECKSUM_SUFFIX = ".sha256"  # NAME.ckpt.sha256 beside each file checkpoint, `sha256sum -c` format
+
+
 class _RecordingWriter:
-    """A file wrapper that keeps the ``OSError`` of a failed write: torch's zip writer turns it into a bare
-    ``RuntimeError: file write failed``, losing the errno (ENOSPC, EDQUOT) the user needs to see."""
+    """A file wrapper that hashes what is written (the checksum costs no second read) and keeps the ``OSError``
+    of a failed write: torch's zip writer turns it into a bare ``RuntimeError: file write failed``, losing the
+    errno (ENOSPC, EDQUOT) the user needs to see."""
 
     def __init__(self, f) -> None:
         self.f = f
         self.error: OSError | None = None
+        self.sha256 = hashlib.sha256()
 
     def write(self, data) -> int:
         try:
-            return self.f.write(data)
+            written = self.f.write(data)
         except OSError as err:
             self.error = err
             raise
+        self.sha256.update(memoryview(data)[:written] if written is not None else data)
+        return written
 
     def flush(self) -> None:
         self.f.flush()
@@ -76,7 +84,38 @@ def save_atomic(obj: Any, target: str | os.PathLike) -> None:
         if cause is not None:
             raise OSError(cause.errno, f"saving a checkpoint failed: {cause.strerror}", str(target)) from None
         raise
+    _write_text_atomic(checksum_path(target), f"{writer.sha256.hexdigest()}  {target.name}\n")
     fsync_dir(target.parent)
+
+
+def checksum_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + CHECKSUM_SUFFIX)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = temp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checksum_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` does not match the sha256 recorded when it was written, or None (also when none was
+    recorded: older checkpoints, DeepSpeed directories)."""
+    record = checksum_path(checkpoint)
+    if not checkpoint.is_file() or not record.is_file():
+        return None
+    expected = record.read_text(encoding="utf-8").split()[0]
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        return (f"its sha256 {digest.hexdigest()[:16]}... differs from {expected[:16]}... recorded in {record.name} "
+                "when it was written (damaged since, or a kill between the file and its checksum)")
+    return None
 
 
 def remove_stale_temps(directory: Path) -> list[Path]:
@@ -95,6 +134,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         save_atomic(checkpoint, path)
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        checksum_path(Path(path)).unlink(missing_ok=True)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)

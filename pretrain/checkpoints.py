@@ -78,8 +78,15 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def verify_checkpoint(path: Path) -> None:
     """Restricted-read every file of a checkpoint before Lightning or DeepSpeed reads it (DeepSpeed unpickles its
-    shard files with ``weights_only=False``): a crafted or damaged shard is refused here, naming the file."""
+    shard files with ``weights_only=False``): a crafted or damaged shard is refused here, naming the file. A file
+    checkpoint is also compared with the sha256 recorded beside it when it was written (flipped bytes inside a
+    tensor read back without error otherwise)."""
+    from pretrain.checkpoint_io import checksum_problem
+
     path = Path(path)
+    problem = checksum_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     if is_deepspeed_checkpoint(path):
         files = sorted((path / DEEPSPEED_TAG).glob("*.pt"))
         for file in files:
@@ -150,7 +157,7 @@ def newest_checkpoint(output_dir: Path) -> ResumePoint | None:
         except RefusedCheckpointError:
             raise
         except CheckpointError as err:
-            bad.append((path, str(err)))
+            bad.append((path, str(err).removeprefix(f"{path}: ")))
             continue
         return ResumePoint(path, step, bad)
     if bad:

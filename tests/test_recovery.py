@@ -219,12 +219,19 @@ def test_damaged_or_missing_last_ckpt_resumes_from_the_newest_good_one(shards, r
     os.truncate(last, last.stat().st_size // 2)  # a kill or a full disk while it was written (old behaviour)
     missing = copy_run(four_steps, tmp_path, "missing")
     (missing / "checkpoints" / "last.ckpt").unlink()  # DeepSpeed's link removed before it was re-created
-    for run in (truncated, missing):
+    flipped = copy_run(four_steps, tmp_path, "flipped")
+    with open(flipped / "checkpoints" / "last.ckpt", "r+b") as f:  # damage inside the tensor data: it still
+        f.seek(f.seek(0, os.SEEK_END) // 2)                          # unpickles; only the checksum sees it
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    for run in (truncated, missing, flipped):
         _, objects = train(compose_config(run_args(shards, run)))
         assert objects["trainer"].ckpt_path == str(run / "checkpoints" / "step-00000004.ckpt")
         assert losses(run) == reference
         assert_one_row_per_step(run)
     assert f"not resuming from {last}" in caplog.text and "truncated or corrupt" in caplog.text
+    assert f"not resuming from {flipped / 'checkpoints' / 'last.ckpt'}: its sha256" in caplog.text
 
     none_left = copy_run(four_steps, tmp_path, "none_left")
     before = (none_left / "metrics.csv").read_bytes()
