@@ -287,8 +287,9 @@ def _iter_text(path: Path, options: CorpusOptions, stats: CorpusStats | None) ->
                     continue
                 if options.doc_per_line:
                     yield line
-                elif line.strip():
+                elif line and not line.isspace():  # (not line.strip(): no copy of a huge line)
                     lines.append(line.rstrip("\r\n"))
+                    raw = line = None  # a generator keeps its locals: do not hold two more copies of the line
                 elif lines:
                     if bad:
                         if stats is not None:

@@ -328,7 +328,7 @@ def test_one_huge_document_is_tokenized_in_pieces_with_the_ids_of_the_whole(tmp_
     (bounded memory); its ids and word starts equal those of the whole text tokenized at once."""
     text = " ".join(" ".join(d.split()) for d in docs["en"])
     assert len(text) > 3 * pack.MAX_PIECE_CHARS
-    pieces = pack.split_long_text(text)
+    pieces = list(pack.split_long_text(text))
     assert len(pieces) > 3 and max(map(len, pieces)) <= pack.MAX_PIECE_CHARS
     corpus = tmp_path / "one_line.txt"
     corpus.write_text(text + "\n", encoding="utf-8")
