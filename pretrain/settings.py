@@ -52,6 +52,8 @@ class DataSettings:
     seed: int = 1234
     """Seed of the global data order (fixed for a run: resume continues the same order)."""
     verify: str = "fast"
+    """fast: sizes, headers and the tokenizer copy at start-up, every shard's sha256 in a background thread during
+    training (verified before each checkpoint); full: every sha256 at start-up (reads everything first); none."""
     val_path: str | None = None
     """Optional held-out shard directory for validation loss/accuracy."""
     val_batches: int = 20

@@ -351,6 +351,21 @@ def test_damaged_shard_sets_are_refused_before_training(three_shards, tmp_path):
     message = attempt(out_of_vocab, "oov")
     assert "token id 60000 >= vocabulary size" in message and "shard-0000" in message
 
+    # flipped bytes that decode fine (a word-start flag): the background sha256 stops the run before the first
+    # checkpoint, naming the shard
+    flipped = Path(shutil.copytree(three_shards, tmp_path / "flipped"))
+    for path in sorted(flipped.glob("shard-*.bin")):
+        header = sf.read_header(path)
+        with open(path, "r+b") as f:
+            f.seek(sf.HEADER_SIZE + header.num_sequences * header.seq_len * 2 + 7)  # a flags byte
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ sf.WORD_START]))
+    run = tmp_path / "run_flipped"
+    with pytest.raises(DataPrepError, match=r"shard .*shard-0000\d\.bin is corrupted: sha256"):
+        train(compose_config(run_args(flipped, run, 4)))
+    assert not list(run.glob("checkpoints/*.ckpt"))
+
 
 # --- the same under DeepSpeed ZeRO-1 on two processes ------------------------------------------------------------
 
