@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +174,6 @@ def replace_link(target: str, linkpath: str) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(os.path.relpath(target, link.parent), tmp)
     if link.is_dir() and not link.is_symlink():  # a real directory from an older layout: rename cannot replace it
-        import shutil
-
         shutil.rmtree(link)
     os.replace(tmp, link)
     fsync_dir(link.parent)

@@ -134,6 +134,13 @@ def test_crafted_pickles_are_refused_and_run_nothing(shards, four_steps, tmp_pat
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"error: {tmp_path / 'hpc' / 'hpc_ckpt_1.ckpt'}: refused to read" in result.stderr
 
+    from pretrain import hf
+
+    weights = tmp_path / "hf_dir" / "pytorch_model.bin"  # a weights file for model.init_from / hf.from_pretrained
+    craft(weights, marker)
+    with pytest.raises(hf.CheckpointError, match="refused to read: not a plain weights file"):
+        hf.read_state_dict(weights.parent)
+
     for checkpoint in (tmp_path / "last" / "checkpoints" / "last.ckpt",
                        tmp_path / "deepspeed" / "checkpoints" / "step-00000009.ckpt"):
         result = cli([str(checkpoint), str(tmp_path / "exported")], runner=["-m", "pretrain.export"])
