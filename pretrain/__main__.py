@@ -18,6 +18,9 @@ from pretrain.settings import SettingsError
 
 
 def _fail(message: str) -> None:
+    if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the original message only
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = last.split(": ", 1)[1] if last.startswith(("data_prep.", "pretrain.")) else last
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
