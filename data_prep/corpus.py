@@ -51,6 +51,7 @@ class CorpusOptions:
     normalization: str = "nfkc"  # "nfkc" or "none"
     lowercase: bool = False
     skip_invalid_utf8: bool = False  # default: invalid UTF-8 is an error naming the file and byte offset
+    skip_missing_text: bool = False  # default: records without the text field are an error naming file and count
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -70,7 +71,8 @@ class CorpusStats:
 
     documents: int = 0
     bytes: int = 0  # UTF-8 bytes of the documents yielded (after normalisation)
-    skipped_invalid: int = 0  # documents (or lines, with doc_per_line) dropped for invalid UTF-8
+    skipped_invalid: int = 0  # documents (or lines, with doc_per_line) dropped for invalid UTF-8 or NUL bytes
+    skipped_missing_text: int = 0  # records without the text field (or with a null one), --skip-missing-text
     inputs: list[str] = field(default_factory=list)  # inputs read, in order
 
     def to_dict(self) -> dict:
@@ -96,8 +98,11 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Unicode normalisation applied to every document (default %(default)s)")
     g.add_argument("--lowercase", action="store_true", help="lower-case every document (default: keep case)")
     g.add_argument("--skip-invalid-utf8", action="store_true",
-                   help="skip (and count) plain-text documents with invalid UTF-8 instead of stopping with an "
-                        "error that names the file and byte offset")
+                   help="skip (and count) plain-text documents with invalid UTF-8 or NUL bytes instead of stopping "
+                        "with an error that names the file and byte offset")
+    g.add_argument("--skip-missing-text", action="store_true",
+                   help="skip (and count in the manifest) json/parquet records without the text field or with a "
+                        "null one, instead of stopping with an error that names the file and the count")
 
 
 def corpus_options_from_args(args: argparse.Namespace) -> CorpusOptions:
@@ -107,6 +112,7 @@ def corpus_options_from_args(args: argparse.Namespace) -> CorpusOptions:
         normalization=args.normalize,
         lowercase=args.lowercase,
         skip_invalid_utf8=args.skip_invalid_utf8,
+        skip_missing_text=args.skip_missing_text,
     )
 
 
@@ -208,7 +214,7 @@ def iter_documents(path: Path, options: CorpusOptions, stats: CorpusStats | None
     if stats is not None:
         stats.inputs.append(str(path))
     kind = _kind(path)
-    raw = _iter_text(path, options, stats) if kind == "text" else _iter_records(path, kind, options)
+    raw = _iter_text(path, options, stats) if kind == "text" else _iter_records(path, kind, options, stats)
     for text in raw:
         doc = normalize_text(text, options)
         if doc:
@@ -262,11 +268,14 @@ def _iter_text(path: Path, options: CorpusOptions, stats: CorpusStats | None) ->
                     start += 3
                 try:
                     line = raw.decode("utf-8")
+                    if "\x00" in line:  # valid UTF-8, but never text: a binary file or a NUL-filled one
+                        raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL")
                 except UnicodeDecodeError as err:
                     if not options.skip_invalid_utf8:
+                        what = "a NUL byte (not text: a binary file?)" if err.reason == "NUL" else "invalid UTF-8"
                         raise DataPrepError(
-                            f"{path}: invalid UTF-8 at byte offset {start + err.start}{where} (line {lineno}); "
-                            f"convert the file to UTF-8 or pass --skip-invalid-utf8 to skip such "
+                            f"{path}: {what} at byte offset {start + err.start}{where} (line {lineno}); "
+                            f"convert the file to UTF-8 text or pass --skip-invalid-utf8 to skip such "
                             f"{'lines' if options.doc_per_line else 'documents'}"
                         ) from None
                     if options.doc_per_line:
@@ -278,8 +287,9 @@ def _iter_text(path: Path, options: CorpusOptions, stats: CorpusStats | None) ->
                     continue
                 if options.doc_per_line:
                     yield line
-                elif line.strip():
+                elif line and not line.isspace():  # (not line.strip(): no copy of a huge line)
                     lines.append(line.rstrip("\r\n"))
+                    raw = line = None  # a generator keeps its locals: do not hold two more copies of the line
                 elif lines:
                     if bad:
                         if stats is not None:
@@ -299,11 +309,16 @@ def _iter_text(path: Path, options: CorpusOptions, stats: CorpusStats | None) ->
             yield "\n".join(lines)
 
 
-def _iter_records(path: Path, kind: str, options: CorpusOptions) -> Iterator[str]:
-    """json/parquet/arrow/saved datasets through the ``datasets`` library, one field of each record."""
+def _iter_records(path: Path, kind: str, options: CorpusOptions, stats: CorpusStats | None = None) -> Iterator[str]:
+    """json/parquet/arrow/saved datasets through the ``datasets`` library, one field of each record.
+
+    Records without the field (or with a null one) are counted; unless ``--skip-missing-text`` they end the file
+    with an error naming the count (the shard manifest, written last, is then never written)."""
     name = options.text_field
+    missing, first_missing, total = 0, None, 0
     try:
         for index, record in enumerate(_iter_rows(path, kind, name)):
+            total += 1
             if index == 0 and name not in record:
                 fields = ", ".join(sorted(record)) or "none"
                 raise DataPrepError(
@@ -311,6 +326,8 @@ def _iter_records(path: Path, kind: str, options: CorpusOptions) -> Iterator[str
                 )
             value = record.get(name)
             if value is None:
+                missing += 1
+                first_missing = index if first_missing is None else first_missing
                 continue
             if not isinstance(value, str):
                 raise DataPrepError(
@@ -318,6 +335,12 @@ def _iter_records(path: Path, kind: str, options: CorpusOptions) -> Iterator[str
                     f"pass --text-field naming a string field"
                 )
             yield value
+        if missing and not options.skip_missing_text:
+            raise DataPrepError(
+                f"{path}: {missing} of {total} records have no {name!r} field or a null one (the first is record "
+                f"{first_missing}); fix the file, or pass --skip-missing-text to skip them (counted in the manifest)")
+        if stats is not None:
+            stats.skipped_missing_text += missing
     except DataPrepError:
         raise
     except Exception as err:  # pyarrow/datasets raise many types for unreadable files

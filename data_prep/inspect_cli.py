@@ -1,7 +1,7 @@
 """``python -m data_prep inspect DIR``: summarise a shard directory, decode a few sequences, validate the shards.
 
-Exit status 1 when any shard fails validation (fast: size + header against the manifest; ``--full``: sha256 too),
-so it can gate a training launch. Word starts are marked with ``|`` in the decoded text.
+Exit status 1 when any shard fails validation (by default every shard's sha256, size and header, and the tokenizer
+copy against the manifest; ``--fast`` skips the sha256, which reads all data), so it can gate a training launch. Word starts are marked with ``|`` in the decoded text.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from data_prep.errors import DataPrepError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", metavar="DIR", help="shard directory written by `python -m data_prep shards`")
-    parser.add_argument("--full", action="store_true", help="also verify every shard's sha256 (reads all data)")
+    parser.add_argument("--fast", action="store_true",
+                        help="skip the sha256 of every shard (which reads all data): sizes, headers and the "
+                             "tokenizer copy only")
+    parser.add_argument("--full", action="store_true", help="verify every shard's sha256 (the default)")
     parser.add_argument("--num", type=int, default=3, metavar="N", help="sequences to decode (default %(default)s)")
 
 
@@ -76,10 +79,11 @@ def run(args: argparse.Namespace) -> int:
         failures.append(f"tokenizer copy {tok_dir} does not match the manifest checksum")
     else:
         tok = load_tokenizer(tok_dir)
+        failures += [f"{directory / sf.MANIFEST_NAME}: {p}" for p in sf.tokenizer_mismatches(manifest, tok)]
 
     for i, entry in enumerate(manifest["shards"]):
         try:
-            headers[i] = sf.check_shard(directory, entry, manifest["settings"], full=args.full)
+            headers[i] = sf.check_shard(directory, entry, manifest["settings"], full=not args.fast, position=i)
         except DataPrepError as err:
             failures.append(str(err))
 
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"[{entry['file']} #{row}] {render_sequence(tok, ids[row], flags[row])}")
                 shown += 1
 
-    mode = "full (sha256)" if args.full else "fast (size + header)"
+    mode = "fast (size + header)" if args.fast else "full (sha256)"
     if failures:
         print(f"\nvalidation {mode}: {len(failures)} problem(s)")
         for f in failures:

@@ -85,25 +85,83 @@ def init_worker(tok_state: dict, lang: str, jieba_dict: str | None) -> None:
         _WORKER["special"] = wb.special_table(tok)
 
 
-def encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Tokenize a batch: (ids uint32, flags uint8 with WORD_START/DOC_START, per-doc lengths, utf-8 bytes)."""
+MAX_PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of at most this many characters
+HUGE_BATCH_CHARS = 8 * BATCH_CHARS  # a batch this large (one huge document) is tokenized in the main process
+
+
+def split_long_text(text: str, limit: int = MAX_PIECE_CHARS) -> Iterator[str]:
+    """``text`` in pieces of at most ``limit`` characters, cut at a space or newline in the second half of each
+    window (that one character dropped), so that a huge document (one 50 MB line) never goes to the tokenizer
+    whole: its per-token objects took ~150 bytes per character. SentencePiece, Metaspace and BERT pre-tokenizers
+    all split at whitespace, so the ids equal the whole text's; a window with no whitespace at all (e.g. Chinese)
+    is cut at the limit, which can change the tokens at that one position. Lazy: one piece at a time."""
+    start, n = 0, len(text)
+    while n - start > limit:
+        end = start + limit
+        cut = max(text.rfind(" ", start + limit // 2, end), text.rfind("\n", start + limit // 2, end))
+        if cut > start:
+            yield text[start:cut]
+            start = cut + 1
+        else:
+            yield text[start:end]
+            start = end
+    yield text[start:] if start else text
+
+
+def _encode_groups(tok, pieces: Iterator[tuple[int, str]]) -> Iterator[tuple[list[int], np.ndarray, np.ndarray | None]]:
+    """(owner document of each piece, ids uint32, word-start flags for zh else None) per group of pieces; the
+    tokenizer sees at most BATCH_CHARS of text per call, so its per-token objects stay bounded whatever the
+    document size."""
     from data_prep import word_boundaries as wb
 
+    def flush(group: list[tuple[int, str]]):
+        owners, texts = [o for o, _ in group], [t for _, t in group]
+        if _WORKER["lang"] == "zh":
+            encodings = tok.encode_batch(texts, offsets=True)
+            starts = wb.jieba_word_starts(
+                encodings, texts, _WORKER["segmenter"], _WORKER["continuation"], _WORKER["special"]
+            )
+            lengths = [len(e.ids) for e in encodings]
+            ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), np.uint32, count=sum(lengths))
+            flags = np.concatenate(starts).astype(np.uint8) if starts else np.zeros(0, np.uint8)
+        else:
+            id_lists = tok.encode_batch(texts)
+            lengths = [len(x) for x in id_lists]
+            ids = np.fromiter(chain.from_iterable(id_lists), np.uint32, count=sum(lengths))
+            flags = None
+        return owners, lengths, ids, flags
+
+    group: list[tuple[int, str]] = []
+    size = 0
+    for owner, piece in pieces:
+        if group and size + len(piece) > BATCH_CHARS:
+            yield flush(group)
+            group, size = [], 0
+        group.append((owner, piece))
+        size += len(piece)
+    if group:
+        yield flush(group)
+
+
+def encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Tokenize a batch: (ids uint32, flags uint8 with WORD_START/DOC_START, per-doc lengths, utf-8 bytes).
+
+    Documents longer than ``MAX_PIECE_CHARS`` are tokenized piece by piece (``split_long_text``) and their ids
+    concatenated: one document, as before, in bounded tokenizer memory."""
     tok = _WORKER["tok"]
-    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    nbytes = sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
+    pieces = ((d, piece) for d, text in enumerate(texts) for piece in split_long_text(text))
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    id_chunks, flag_chunks = [], []
+    for owners, piece_lengths, ids, flags in _encode_groups(tok, pieces):
+        np.add.at(lengths, owners, piece_lengths)
+        id_chunks.append(ids)
+        flag_chunks.append(flags)
+    ids = np.concatenate(id_chunks) if id_chunks else np.zeros(0, np.uint32)
+    del id_chunks
     if _WORKER["lang"] == "zh":
-        encodings = tok.encode_batch(texts, offsets=True)
-        id_lists = [e.ids for e in encodings]
-        starts = wb.jieba_word_starts(
-            encodings, texts, _WORKER["segmenter"], _WORKER["continuation"], _WORKER["special"]
-        )
-        flags = np.concatenate(starts).astype(np.uint8) if starts else np.zeros(0, np.uint8)
+        flags = np.concatenate(flag_chunks) if flag_chunks else np.zeros(0, np.uint8)
     else:
-        id_lists = tok.encode_batch(texts)
-        flags = None
-    lengths = np.fromiter((len(x) for x in id_lists), dtype=np.int64, count=len(id_lists))
-    ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.uint32, count=int(lengths.sum()))
-    if flags is None:
         flags = _WORKER["start_table"][ids]
     doc_starts = np.cumsum(lengths) - lengths
     doc_starts = doc_starts[lengths > 0]
@@ -425,7 +483,8 @@ def prepare_shards(
         settings.seq_len, settings.shard_size, dtype, tok.special_ids, settings.cross_document, on_shard, start
     )
 
-    docs = chain.from_iterable(corpus.iter_documents(p, corpus_options) for p in inputs)
+    stats = corpus.CorpusStats()  # skipped records/documents (--skip-*), recorded in the manifest
+    docs = chain.from_iterable(corpus.iter_documents(p, corpus_options, stats) for p in inputs)
     batches = iter_batches(docs, start["doc"])
     n_docs = start["doc"]
     stopped = False
@@ -456,6 +515,16 @@ def prepare_shards(
             with ctx.Pool(workers, initializer=init_worker, initargs=(tok_state, settings.lang, settings.jieba_dict)) as pool:
                 inflight: deque = deque()
                 for first, texts in batches:
+                    if sum(map(len, texts)) > HUGE_BATCH_CHARS:
+                        # a huge document: tokenized here, piece by piece, instead of being copied to a worker
+                        # and its ids back (each copy as large as the document)
+                        while inflight:
+                            f, res = inflight.popleft()
+                            handle(f, res.get())
+                        if "tok" not in _WORKER:
+                            init_worker(tok_state, settings.lang, settings.jieba_dict)
+                        handle(first, encode_batch(texts))
+                        continue
                     inflight.append((first, pool.apply_async(encode_batch, (texts,))))
                     while len(inflight) >= 2 * workers + 2:
                         f, res = inflight.popleft()
@@ -488,6 +557,8 @@ def prepare_shards(
             "tokens": sum(s["tokens"] for s in shards),
             "content_tokens": sum(s["content_tokens"] for s in shards),
             "input_bytes": sum(i["bytes"] for i in wanted["inputs"]),
+            "skipped_invalid_text": stats.skipped_invalid,
+            "skipped_missing_text": stats.skipped_missing_text,
         },
         "shards": shards,
     }

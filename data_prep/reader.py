@@ -36,7 +36,8 @@ class ShardedDataset:
     """Random access to the packed sequences of a shard directory, memory-mapped (nothing is loaded up front).
 
     ``verify``: "fast" (default) checks every shard's size and header against the manifest and the bundled
-    tokenizer copy against its checksum; "full" also checksums every shard (reads everything); "none" skips it.
+    tokenizer copy against its checksum and the manifest's special ids; "full" also checksums every shard (reads
+    everything); "none" skips it. Token ids >= the vocabulary size are refused as sequences are read.
     ``tokenizer_dir``: the tokenizer training will use; a DataPrepError if it is not the one the shards were made
     with. Items are dicts of numpy arrays (``DataLoader``'s default collate turns them into tensors):
     ``input_ids`` int64 [seq_len], ``word_start`` bool [seq_len], ``special_tokens_mask`` bool [seq_len]
@@ -83,12 +84,22 @@ class ShardedDataset:
             )
 
     def verify(self, full: bool = False) -> None:
-        """Raise DataPrepError naming the first bad shard (fast: size + header; full: also sha256)."""
+        """Raise DataPrepError naming the first problem. Fast: the tokenizer copy against its checksum and against
+        the manifest's special ids and vocabulary size, every shard's size and header (including its index
+        against its manifest position); full: also every shard's sha256. Token ids are checked against the
+        vocabulary as each sequence is read (``__getitem__``)."""
         copy = self.tokenizer_dir
         if copy.is_dir():
             self.check_tokenizer(copy)
+            from data_prep.text_tokenizer import load_tokenizer
+
+            problems = sf.tokenizer_mismatches(self.manifest, load_tokenizer(copy))
+            if problems:
+                raise DataPrepError(f"{self.path / sf.MANIFEST_NAME} contradicts the shard set's own tokenizer copy "
+                                    f"({'; '.join(problems)}): the manifest was edited or mixed up; re-create the "
+                                    "shards")
         for i, entry in enumerate(self.shards):
-            self._headers[i] = sf.check_shard(self.path, entry, self.settings, full=full)
+            self._headers[i] = sf.check_shard(self.path, entry, self.settings, full=full, position=i)
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
@@ -96,7 +107,7 @@ class ShardedDataset:
     def _shard(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         maps = self._maps.get(s)
         if maps is None:
-            header = self._headers[s] or sf.check_shard(self.path, self.shards[s], self.settings)
+            header = self._headers[s] or sf.check_shard(self.path, self.shards[s], self.settings, position=s)
             maps = self._maps[s] = sf.open_shard(self.path / self.shards[s]["file"], header)
         return maps
 
@@ -116,6 +127,13 @@ class ShardedDataset:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         ids, flags = self.raw(index)
+        top = int(ids.max())
+        if top >= self.vocab_size:  # one pass over seq_len ids: negligible next to a training step
+            s, row = self.locate(int(index))
+            raise DataPrepError(
+                f"shard {self.path / self.shards[s]['file']} sequence {row}: token id {top} >= vocabulary size "
+                f"{self.vocab_size}; the shard is damaged or from another tokenizer: re-create it "
+                "(`python -m data_prep inspect` checks every shard)")
         return {
             "input_ids": ids.astype(np.int64),
             "word_start": (flags & sf.WORD_START).astype(bool),

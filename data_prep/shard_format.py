@@ -226,10 +226,13 @@ def load_manifest(directory: Path) -> dict:
     return manifest
 
 
-def check_shard(directory: Path, entry: dict, settings: dict, full: bool = False) -> ShardHeader:
+def check_shard(directory: Path, entry: dict, settings: dict, full: bool = False,
+                position: int | None = None) -> ShardHeader:
     """Validate one shard against its manifest entry: size + header (fast), plus sha256 when ``full``.
 
-    Raises DataPrepError naming the shard and what differs.
+    ``position`` (the entry's place in the manifest) is compared with the index in the shard's header, so two
+    same-shape shards swapped or renamed are caught by the fast check. Raises DataPrepError naming the shard and
+    what differs.
     """
     path = Path(directory) / entry["file"]
     if not path.exists():
@@ -241,6 +244,9 @@ def check_shard(directory: Path, entry: dict, settings: dict, full: bool = False
         problems.append(f"seq_len {header.seq_len} != manifest {settings['seq_len']}")
     if header.token_itemsize != itemsize:
         problems.append(f"token itemsize {header.token_itemsize} != manifest dtype {settings['dtype']}")
+    if position is not None and header.index != position:
+        problems.append(f"its header says shard {header.index}, but it is shard {position} in the manifest "
+                        "(shards swapped, renamed or copied from another shard set?)")
     if header.num_sequences != entry["sequences"]:
         problems.append(f"{header.num_sequences} sequences != manifest {entry['sequences']}")
     size = path.stat().st_size
@@ -256,6 +262,22 @@ def check_shard(directory: Path, entry: dict, settings: dict, full: bool = False
                 f"re-create it (delete it and re-run the same `python -m data_prep shards` command)"
             )
     return header
+
+
+def tokenizer_mismatches(manifest: dict, tok) -> list[str]:
+    """What the manifest says about its tokenizer (special ids, vocabulary size) that the shard set's own
+    tokenizer copy ``tok`` contradicts: an edited manifest (``special_ids.mask=5``) would otherwise train with
+    wrong ids without a word."""
+    recorded = manifest["tokenizer"]
+    problems = []
+    for name, value in sorted(recorded.get("special_ids", {}).items()):
+        actual = tok.special_ids.get(name)
+        if actual is not None and int(value) != int(actual):
+            problems.append(f"special_ids.{name}={value} in the manifest, but the tokenizer copy has {actual}")
+    if int(recorded.get("vocab_size", tok.vocab_size)) != int(tok.vocab_size):
+        problems.append(f"vocab_size={recorded['vocab_size']} in the manifest, but the tokenizer copy has "
+                        f"{tok.vocab_size}")
+    return problems
 
 
 def decode_documents(ids: np.ndarray, flags: np.ndarray) -> list[np.ndarray]:

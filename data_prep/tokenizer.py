@@ -365,6 +365,10 @@ def check_existing(out: Path, wanted: dict, overwrite: bool) -> bool:
         )
     if not overwrite:
         raise DataPrepError(f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another --out")
+    if not record.is_file():  # --overwrite replaces only what this command wrote (`--out . --overwrite`...)
+        raise DataPrepError(
+            f"--out {out} is not a tokenizer directory written by `python -m data_prep tokenizer` (no {RECORD_FILE} "
+            "there), so --overwrite will not delete it; choose another --out, or remove the directory yourself")
     return False
 
 
@@ -462,6 +466,7 @@ def train_tokenizer(
             "settings": wanted,
             "corpus_stats": {"documents": stats.documents, "bytes": stats.bytes,
                              "skipped_invalid_utf8": stats.skipped_invalid,
+                             "skipped_missing_text": stats.skipped_missing_text,
                              "sentences_seen": seen, "sentences_sampled": min(seen, settings.max_sentences)},
             "input_sizes": {str(p): _size(p) for p in inputs},
             "added_pieces": added,

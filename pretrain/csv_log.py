@@ -1,53 +1,155 @@
-"""A CSV logger that survives resumption: ``metrics.csv`` keeps the rows of the run before it was interrupted.
+"""``metrics.csv`` with exactly one row per logged step, across any number of kills and resumes.
 
-Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts. A resumed run instead keeps the rows up
-to the step it resumes from and drops the rows the interrupted run logged after its last checkpoint (those steps
-are trained again), so the file reads as one uninterrupted run.
+Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts, writes one row per ``log_metrics`` call
+(the learning-rate monitor, the training step and validation each add their own row for the same step) and
+rewrites the whole file in place when a new column appears (a kill then leaves an empty file). This writer instead:
+
+- merges every call for one step into one row; the row of the step in progress stays open (it is rewritten in
+  place, one ``pwrite``, when more values for it arrive) until a later step is logged;
+- appends finished rows with one ``write`` and rewrites the file atomically (temp file + ``os.replace``) only when
+  the header grows, so a kill leaves every row already written intact;
+- on resume keeps the rows of the steps before the checkpoint's step (one per step, a half-written last line
+  dropped) and drops the rows the interrupted run logged after its checkpoint (those steps are trained again).
+
+Together with :class:`pretrain.checkpoint_io.RunCheckpoint`, which logs a step's metrics before its checkpoint is
+written, every step below a checkpoint's step has its row whenever that checkpoint exists.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
+from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from data_prep.atomic_io import fsync_dir
 
 
-class _ResumingWriter(ExperimentWriter):
+def _encode(rows: list[dict[str, Any]], header: list[str], with_header: bool = False) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
+    if with_header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def read_rows(path: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """(header, rows) of a metrics file, one row per step (merged), without a half-written last line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]  # a kill mid-line: the line was never finished
+    reader = csv.DictReader(io.StringIO(data.decode("utf-8", errors="replace")))
+    header = list(reader.fieldnames or [])
+    merged: dict[int, dict[str, Any]] = {}
+    for row in reader:
+        if row.get("step") in (None, ""):
+            continue
+        step = int(float(row["step"]))
+        values = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
+        merged.setdefault(step, {}).update(values)
+    return header, [merged[s] for s in sorted(merged)]
+
+
+class _OneRowPerStepWriter(ExperimentWriter):
     def __init__(self, log_dir: str, resume_step: int | None) -> None:
         self.resume_step = resume_step
+        self._open: dict[str, Any] | None = None  # the row of the newest step, still receiving values
+        self._open_offset: int | None = None  # where the open row starts in the file, once written
+        self._done: list[dict[str, Any]] = []  # finished rows not yet written
+        self._dirty = False  # the open row has values not on disk yet
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
         path = self.metrics_file_path
         if not os.path.isfile(path):
             return
-        if self.resume_step is None:  # a fresh run in a used directory: start a fresh file
+        if self.resume_step is None:  # a fresh run in a used directory (no checkpoint to resume): a fresh file
             os.remove(path)
             return
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < self.resume_step]
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        header, rows = read_rows(path)
+        rows = [r for r in rows if int(float(r["step"])) < self.resume_step]
         self.metrics_keys = sorted(header)
+        self._write_all(rows)
+
+    def _write_all(self, rows: list[dict[str, Any]]) -> None:
+        """Atomically replace the file with ``rows`` (+ the open row, whose offset is recorded)."""
+        path = self.metrics_file_path
+        body = _encode(rows, self.metrics_keys, with_header=True)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(body)
+            if self._open is not None:
+                self._open_offset = len(body)
+                f.write(_encode([self._open], self.metrics_keys))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path) or ".")
+
+    def log_metrics(self, metrics_dict: dict[str, Any], step: int | None = None) -> None:
+        values = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics_dict.items()}
+        if step is None:
+            step = int(self._open["step"]) + 1 if self._open else 0
+        if self._open is not None and step <= self._open["step"]:
+            if step == self._open["step"] and any(self._open.get(k) != v for k, v in values.items()):
+                self._open.update(values)
+                self._dirty = True
+            return  # (a step already closed cannot come back within one run: never a second row for it)
+        if self._open is not None and self._open_offset is not None:
+            self.save()  # its final values on disk; the row is finished
+        elif self._open is not None:
+            self._done.append(self._open)
+        self._open, self._open_offset, self._dirty = {**values, "step": step}, None, True
+
+    def _rewrite_open(self) -> None:
+        """Write the open row over its earlier version (one pwrite: a kill cannot leave half of it)."""
+        data = _encode([self._open], self.metrics_keys)
+        fd = os.open(self.metrics_file_path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, self._open_offset)
+            os.ftruncate(fd, self._open_offset + len(data))
+        finally:
+            os.close(fd)
+
+    def save(self) -> None:
+        if self._open is None or not (self._dirty or self._done):
+            return
+        rows = self._done + [self._open]
+        new_keys = set().union(*rows) - set(self.metrics_keys)
+        path = self.metrics_file_path
+        if new_keys or not os.path.isfile(path):
+            old = []
+            if os.path.isfile(path):
+                old = [r for r in read_rows(path)[1] if self._open_offset is None
+                       or int(float(r["step"])) != self._open["step"]]
+            self.metrics_keys = sorted(set(self.metrics_keys) | new_keys)
+            self._write_all(old + self._done)
+        elif self._open_offset is not None and not self._done:
+            self._rewrite_open()
+        else:
+            if self._open_offset is not None:  # cannot happen: rows are finished only after their own save
+                raise RuntimeError("metrics.csv: a finished row after a written open row")
+            data = _encode(self._done, self.metrics_keys)
+            with open(path, "ab") as f:
+                start = f.tell()
+                f.write(data + _encode([self._open], self.metrics_keys))  # one write
+            self._open_offset = start + len(data)
+        self._done, self._dirty = [], False
 
 
 class ResumableCSVLogger(CSVLogger):
-    """``CSVLogger`` writing ``save_dir/metrics.csv``; pass ``resume_step`` (the checkpoint's global step) when
-    resuming so earlier rows are kept."""
+    """``CSVLogger`` writing ``save_dir/metrics.csv``, one row per step; pass ``resume_step`` (the checkpoint's
+    global step) when resuming so earlier rows are kept."""
 
     def __init__(self, save_dir: str, resume_step: int | None = None, flush_logs_every_n_steps: int = 1,
                  **kwargs) -> None:
-        # Flushing at every logging step keeps the file in step with the checkpoints: a killed run loses no rows
-        # that a resume would not retrain (appending a line is cheap next to a training step).
+        # Writing at every logging step keeps the file in step with the checkpoints (one small write per step).
         super().__init__(save_dir=save_dir, name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps,
                          **kwargs)
         self.resume_step = resume_step
@@ -57,5 +159,5 @@ class ResumableCSVLogger(CSVLogger):
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ResumingWriter(self.log_dir, self.resume_step)
+            self._experiment = _OneRowPerStepWriter(self.log_dir, self.resume_step)
         return self._experiment

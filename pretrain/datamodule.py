@@ -11,7 +11,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from data_prep.reader import ResumableDistributedSampler, ShardedDataset
-from pretrain.settings import DataSettings
+from data_prep.shard_hashes import LazyShardHasher
+from pretrain.settings import DataSettings, SettingsError
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -22,6 +23,7 @@ class ShardDataModule(L.LightningDataModule):
         self.val_set = ShardedDataset(settings.val_path, verify=settings.verify) if settings.val_path else None
         self.sampler: ResumableDistributedSampler | None = None
         self.consumed = 0  # global samples consumed by training (all ranks), the whole data position
+        self.hasher: LazyShardHasher | None = None  # shard sha256s verified in the background (verify=fast)
 
     @property
     def seq_len(self) -> int:
@@ -34,6 +36,9 @@ class ShardDataModule(L.LightningDataModule):
             world_size=trainer.world_size if trainer else 1, seed=self.settings.seed, endless=True,
         )
         self.sampler.consumed = self.consumed
+        if self.settings.verify == "fast" and (trainer is None or trainer.is_global_zero) and self.hasher is None:
+            # one rank hashes (the others would re-read the same files); it stops the whole run on a mismatch
+            self.hasher = LazyShardHasher(self.train_set, self.sampler.order, self.consumed)
         return DataLoader(self.train_set, batch_size=self.settings.batch_size, sampler=self.sampler,
                           num_workers=self.settings.num_workers, drop_last=True,
                           persistent_workers=False, pin_memory=False)
@@ -50,13 +55,20 @@ class ShardDataModule(L.LightningDataModule):
         self.consumed += self.settings.batch_size * world
         if self.sampler is not None:
             self.sampler.consumed = self.consumed
+        if self.hasher is not None:
+            self.hasher.raise_if_failed()
 
     def state_dict(self) -> dict:
+        """The data position, for a checkpoint: first every shard trained on since the previous checkpoint must
+        have passed its sha256 (this waits for the background hashes), so no checkpoint holds weights trained on
+        a damaged shard."""
+        if self.hasher is not None:
+            self.hasher.verify_used(self.consumed)
         return {"consumed": self.consumed, "seed": self.settings.seed, "num_samples": len(self.train_set)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_samples") != len(self.train_set) or state.get("seed") != self.settings.seed:
-            raise ValueError(
+            raise SettingsError(
                 f"checkpoint data position was saved for {state.get('num_samples')} sequences with seed "
                 f"{state.get('seed')}, but data.path={self.settings.path} has {len(self.train_set)} with seed "
                 f"{self.settings.seed}: resume with the same shards and data.seed, or start a new output_dir"

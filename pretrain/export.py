@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoints import DEEPSPEED_TAG, CheckpointError, is_deepspeed_checkpoint, read_metadata
+from pretrain.checkpoints import (DEEPSPEED_TAG, CheckpointError, is_deepspeed_checkpoint, read_metadata,
+                                  verify_checkpoint)
 from pretrain.model import DebertaConfig
 from pretrain.objectives.base import SpecialTokens
 from pretrain.settings import ObjectiveSettings
@@ -43,6 +44,7 @@ def load_objective(checkpoint_path: Path):
         raise ExportError(f"{checkpoint_path}: no such checkpoint file or directory")
     try:
         checkpoint = read_metadata(checkpoint_path)
+        verify_checkpoint(checkpoint_path)  # DeepSpeed's consolidation unpickles every shard without restrictions
     except CheckpointError as err:
         raise ExportError(str(err)) from None
     record = checkpoint.get("deberta_pretrain")
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only or missing output directory
+        print(f"error: writing {args.out}: {err.strerror or err} ({err.filename or args.out}); free space or "
+              "choose another OUT", file=sys.stderr)
         return 2
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -90,6 +91,10 @@ def _load_one(file: Path) -> dict[str, torch.Tensor]:
         if file.suffix == ".safetensors":
             return load_file(str(file))
         state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # the restricted unpickler refused it: nothing in it was run
+        reason = " ".join(str(err).split("\n\n")[1:2]).strip() or str(err)[:200]
+        raise CheckpointError(f"{file}: refused to read: not a plain weights file ({reason}); do not load it with "
+                              "weights_only=False: re-download or re-export it") from None
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
         raise CheckpointError(f"{file}: cannot be read as a weights file ({err}); re-download or re-export it") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -314,8 +319,20 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, tokenizer: 
     return target
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _replace_directory(staging: Path, target: Path) -> None:
+    """Swap the assembled ``staging`` directory in as ``target``, with the modes of anything the user creates
+    (``mkdtemp`` makes 0700, and copied tokenizer files keep their source's mode: colleagues could not read the
+    export)."""
+    umask = _current_umask()
+    os.chmod(staging, 0o777 & ~umask)
     for file in staging.iterdir():
+        os.chmod(file, 0o666 & ~umask)
         with open(file, "rb") as fh:
             os.fsync(fh.fileno())
     if target.exists():

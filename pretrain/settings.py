@@ -32,6 +32,8 @@ class DataSettings:
     seed: int = 1234
     """Seed of the global data order (fixed for a run: resume continues the same order)."""
     verify: str = "fast"
+    """fast: sizes, headers and the tokenizer copy at start-up, every shard's sha256 in a background thread during
+    training (verified before each checkpoint); full: every sha256 at start-up (reads everything first); none."""
     val_path: str | None = None
     """Optional held-out shard directory for validation loss/accuracy."""
     val_batches: int = 20
@@ -107,6 +109,15 @@ class LoggerSettings:
 
 
 @dataclass
+class ResumeSettings:
+    """Resuming an existing output_dir (``resume.*``)."""
+
+    allow_changes: list[str] = field(default_factory=list)
+    """Settings that may differ from the checkpoint's (``optim.lr``, or a whole section: ``optim``); any other
+    difference in model/objective/optim/data/seed/trainer settings stops the resume with the list."""
+
+
+@dataclass
 class InitSettings:
     """Continued pretraining (``model.init_from=DIR``, ``model.init_generator_from=DIR``). They sit in the ``model``
     section on the command line but are not architecture fields, so they are split off here; the checkpoint's own
@@ -152,6 +163,7 @@ class Settings:
     trainer: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of `lightning.Trainer`, passed through after validation."""
     init: InitSettings = field(default_factory=InitSettings)
+    resume: ResumeSettings = field(default_factory=ResumeSettings)
 
 
 def _section(cls, raw: Any, key: str, problems: list[str]):
@@ -204,7 +216,8 @@ def settings_from_config(cfg: DictConfig) -> Settings:
     optim = _section(OptimSettings, cfg.get("optim"), "optim", problems)
     logger = _section(LoggerSettings, cfg.get("logger"), "logger", problems)
     strategy = _section(StrategySettings, cfg.get("strategy"), "strategy", problems)
-    groups = {"model", "objective", "data", "optim", "trainer", "experiment", "hydra", "logger", "strategy"}
+    resume = _section(ResumeSettings, cfg.get("resume"), "resume", problems)
+    groups = {"model", "objective", "data", "optim", "trainer", "experiment", "hydra", "logger", "strategy", "resume"}
     top_level = {k: v for k, v in cfg.items() if k not in groups}
     run = _section(RunSettings, top_level, "config", problems)
     trainer = OmegaConf.to_container(cfg.get("trainer", {}), resolve=True)
@@ -231,4 +244,5 @@ def settings_from_config(cfg: DictConfig) -> Settings:
         problems.append(f"attention_backend={run.attention_backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
     if problems:
         raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    return Settings(model, objective, data, optim, run, logger, trainer=trainer, strategy=strategy, init=init)
+    return Settings(model, objective, data, optim, run, logger, trainer=trainer, strategy=strategy, init=init,
+                    resume=resume)

@@ -1,23 +1,25 @@
 """``train(cfg)``: settings -> data -> objective -> Lightning Trainer -> fit -> HuggingFace export.
 
 No CLI parsing here (``__main__`` does that), so tests call ``train`` with a composed config. Re-running with the
-same ``output_dir`` resumes from ``checkpoints/last.ckpt``.
+same ``output_dir`` resumes from its newest usable checkpoint (``pretrain.checkpoints``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from pretrain import hf, init_from
-from pretrain.checkpoints import check_resumable, newest_checkpoint
+from pretrain.checkpoint_io import AtomicCheckpointIO, RunCheckpoint, remove_stale_temps
+from pretrain.checkpoints import check_resumable, newest_checkpoint, read_metadata
 from pretrain.csv_log import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
 from pretrain.lightning_module import PretrainingModule
@@ -25,6 +27,8 @@ from pretrain.model.deberta import DebertaPreTrained
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
 from pretrain.objectives.build import build_objective  # noqa: F401 (export and tests import it from here too)
 from pretrain.perf import training_flops_per_token
+from pretrain.resume_check import check_changes, optimisation_settings
+from pretrain.run_lock import RunLock, launching_process
 from pretrain.settings import Settings, SettingsError, settings_from_config
 from pretrain.strategies import build_strategy, expose_outputs_to_zero3, full_parameters, is_deepspeed, zero_stage
 
@@ -75,8 +79,24 @@ def build_loggers(settings: Settings, output_dir: Path, resume_step: int | None)
     return loggers
 
 
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """The resolved config, written atomically (a kill never leaves a half config.yaml)."""
+    from data_prep.atomic_io import fsync_dir
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    OmegaConf.save(cfg, tmp, resolve=True)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train under the output_dir's run lock (one run per output_dir; see ``pretrain.run_lock``)."""
     settings = settings_from_config(cfg)
+    with RunLock(settings.run.output_dir):
+        return _train(cfg, settings)
+
+
+def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     L.seed_everything(settings.run.seed, workers=True)
     data = ShardDataModule(settings.data)
     settings, start = init_from.prepare(settings, data.train_set)  # model.init_from: the checkpoint's architecture
@@ -98,7 +118,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             if compile_layers:
                 model.compile_layers()
     run_record = {"model": settings.model.to_dict(), "objective": dataclasses.asdict(settings.objective),
-                  "special_tokens": dataclasses.asdict(special), "tokenizer_dir": str(data.train_set.tokenizer_dir.resolve())}
+                  "special_tokens": dataclasses.asdict(special), "tokenizer_dir": str(data.train_set.tokenizer_dir.resolve()),
+                  "optimisation": optimisation_settings(settings)}
     flops = training_flops_per_token(settings.model, data.seq_len, settings.objective.name, settings.objective.mask_prob,
                                      settings.objective.generator_layers, settings.objective.use_emd)
     module = PretrainingModule(objective, settings.optim, settings.run.seed, data.seq_len, run_record, flops)
@@ -112,29 +133,43 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     save_last = "link" if is_deepspeed(strategy) else True
     if zero_stage(strategy) == 3:
         expose_outputs_to_zero3(objective)
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step:08d}", save_last=save_last, save_top_k=2,
+    checkpoint = RunCheckpoint(dirpath=checkpoint_dir, filename="step-{step:08d}", save_last=save_last, save_top_k=2,
                                  monitor="step", mode="max", every_n_train_steps=settings.run.checkpoint_every_n_steps,
                                  auto_insert_metric_name=False,
                                  enable_version_counter=False)  # a resumed run overwrites/relinks last.ckpt, no last-v1
-    newest = newest_checkpoint(output_dir)  # checkpoints/last.ckpt or a SLURM requeue hpc_ckpt_N.ckpt
-    resume, resume_step = (str(newest[0]), newest[1]) if newest else (None, None)
-    if resume:
+    if launching_process():
+        for path in remove_stale_temps(checkpoint_dir):
+            log.warning("removed %s, left by a save that was interrupted", path)
+    newest = newest_checkpoint(output_dir)  # newest complete, readable one of last.ckpt, hpc_ckpt_N, step-N
+    resume, resume_step = (str(newest.path), newest.step) if newest else (None, None)
+    if newest:
+        for path, why in newest.skipped:
+            log.warning("not resuming from %s: %s", path, why)
         log.info("resuming from %s (step %d)", resume, resume_step)
+        saved = read_metadata(newest.path).get("deberta_pretrain") or {}
+        allowed = check_changes(saved, settings, newest.path, newest.step, output_dir, launching_process())
+        if allowed:
+            log.warning("resuming with changed settings (resume.allow_changes): %s",
+                        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in allowed.items()))
+        run_record["changes"] = [*saved.get("changes", []),
+                                 *([{"step": newest.step, "changes": {k: list(v) for k, v in allowed.items()}}]
+                                   if allowed else [])]
     loggers = build_loggers(settings, output_dir, resume_step)
     if not settings.data.val_path:
         trainer_args["limit_val_batches"] = 0
     # The progress bar reads its metrics from the device at each refresh: refresh at logging steps only.
     progress = TQDMProgressBar(refresh_rate=max(1, int(trainer_args.get("log_every_n_steps") or 50)))
     trainer = L.Trainer(default_root_dir=str(output_dir), callbacks=[checkpoint, LearningRateMonitor("step"), progress],
-                        logger=loggers, use_distributed_sampler=False, strategy=strategy, **trainer_args)
+                        logger=loggers, use_distributed_sampler=False, strategy=strategy,
+                        plugins=[AtomicCheckpointIO()], **trainer_args)
     if resume:
         check_resumable(Path(resume), is_deepspeed(strategy), trainer.world_size)
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+        save_config(cfg, output_dir / "config.yaml")
     trained = settings.trainer["max_steps"] > 0  # 0: export the starting model as it is
     if trained:
-        trainer.fit(module, datamodule=data, ckpt_path=resume)
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)  # files verified in newest_checkpoint
 
     exported: list[Path] = []
     if settings.run.export_hf:

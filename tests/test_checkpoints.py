@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.checkpoints import newest_checkpoint
+from pretrain.checkpoints import newest_checkpoint as _newest
+
+
+def newest_checkpoint(output_dir):
+    point = _newest(output_dir)
+    return None if point is None else (point.path, point.step)
 
 
 def save(path, step):

@@ -64,7 +64,7 @@ def test_cli_flags_round_trip():
     options = corpus_options_from_args(args)
     assert args.input == ["a", "b"]
     assert options.to_dict() == {"text_field": "body", "doc_per_line": True, "normalization": "none",
-                                 "lowercase": True, "skip_invalid_utf8": True}
+                                 "lowercase": True, "skip_invalid_utf8": True, "skip_missing_text": False}
     with pytest.raises(SystemExit):
         parser.parse_args([])  # --input is required
 
@@ -128,9 +128,12 @@ def test_jsonl_json_parquet_and_saved_datasets(tmp_path):
         {"train": ds, "validation": datasets.Dataset.from_list([{"text": "val", "id": 4}])}
     ).save_to_disk(str(tmp_path / "dict"))
     expected = ["First", "second"]
+    skip = CorpusOptions(skip_missing_text=True)  # a null text is a record without text: skipped only when asked
     for name in ["a.jsonl", "b.json", "c.parquet", "saved"]:
-        assert list(iter_documents(tmp_path / name, CorpusOptions())) == expected, name
-    assert list(iter_documents(tmp_path / "dict", CorpusOptions())) == expected + ["val"]
+        with pytest.raises(DataPrepError, match=r"1 of 3 records have no 'text' field or a null one"):
+            list(iter_documents(tmp_path / name, CorpusOptions()))
+        assert list(iter_documents(tmp_path / name, skip)) == expected, name
+    assert list(iter_documents(tmp_path / "dict", skip)) == expected + ["val"]
     # a directory of inputs keeps saved datasets whole instead of reading their .arrow files one by one
     assert [p.name for p in resolve_inputs([str(tmp_path)])] == ["a.jsonl", "b.json", "c.parquet", "dict", "saved"]
 

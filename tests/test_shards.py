@@ -294,3 +294,50 @@ def test_tokenizer_directory_without_tokenizer_files(tmp_path, en_inputs):
     (tmp_path / "tok").mkdir()
     with pytest.raises(DataPrepError, match="none of tokenizer.json, spm.model or vocab.txt"):
         _shards(en_inputs, tmp_path / "tok", tmp_path / "o")
+
+
+def test_records_without_text_and_nul_files_are_refused_or_skipped_and_counted(tmp_path, spm_dir):
+    """Half the records lack the text field: an error naming the file and the count, no manifest; with
+    --skip-missing-text the shards are made and the manifest counts what was skipped. A file of NUL bytes is not
+    text: an error naming the file and offset."""
+    lines = [json.dumps({"text": f"Document number {i} has some words in it."} if i % 2 else {"id": i})
+             for i in range(50)]
+    half = tmp_path / "half.jsonl"
+    half.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    res = run_cli("shards", "--input", half, "--tokenizer", spm_dir, "--out", tmp_path / "o1", "--workers", "1",
+                  "--seq-len", "32")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"error: {half}: 25 of 50 records have no 'text' field" in res.stderr and "--skip-missing-text" in res.stderr
+    assert not (tmp_path / "o1" / sf.MANIFEST_NAME).exists()
+    res = run_cli("shards", "--input", half, "--tokenizer", spm_dir, "--out", tmp_path / "o2", "--workers", "1",
+                  "--seq-len", "32", "--skip-missing-text")
+    assert res.returncode == 0, res.stderr
+    totals = json.loads((tmp_path / "o2" / sf.MANIFEST_NAME).read_text())["totals"]
+    assert totals["documents"] == 25 and totals["skipped_missing_text"] == 25
+
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"\x00" * 4096)
+    res = run_cli("shards", "--input", nul, "--tokenizer", spm_dir, "--out", tmp_path / "o3", "--workers", "1")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"error: {nul}: a NUL byte (not text: a binary file?) at byte offset 0" in res.stderr
+    assert not (tmp_path / "o3" / sf.MANIFEST_NAME).exists()
+
+
+def test_one_huge_document_is_tokenized_in_pieces_with_the_ids_of_the_whole(tmp_path, docs, spm_dir):
+    """A single-line document several times MAX_PIECE_CHARS long goes to the tokenizer in whitespace-cut pieces
+    (bounded memory); its ids and word starts equal those of the whole text tokenized at once."""
+    text = " ".join(" ".join(d.split()) for d in docs["en"])
+    assert len(text) > 3 * pack.MAX_PIECE_CHARS
+    pieces = list(pack.split_long_text(text))
+    assert len(pieces) > 3 and max(map(len, pieces)) <= pack.MAX_PIECE_CHARS
+    corpus = tmp_path / "one_line.txt"
+    corpus.write_text(text + "\n", encoding="utf-8")
+    _shards([corpus], spm_dir, tmp_path / "o", seq_len=256, shard_size=1000, workers=1)
+    ids, flags = read_all(tmp_path / "o")
+    decoded = sf.decode_documents(ids, flags)
+    tok = load_tokenizer(spm_dir)
+    whole = tok.encode_batch([text])[0]
+    assert len(decoded) == 1 and decoded[0].tolist() == whole
+    keep = (flags & sf.SPECIAL) == 0
+    expected_starts = tok.word_start_table()[np.asarray(whole)]
+    assert np.array_equal((flags[keep] & sf.WORD_START).astype(bool), expected_starts)

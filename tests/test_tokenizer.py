@@ -375,6 +375,13 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, monkeypatch):
     (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(DataPrepError, match=r"exists and is not empty"):
         train(tmp_path / "other", "ko")
+    # --overwrite replaces only a directory this project wrote (its data_prep_tokenizer.json): never `--out .`
+    result = subprocess.run([sys.executable, "-m", "data_prep", "tokenizer", "--input", str(tmp_path / "other"),
+                             "--vocab-size", "100", "--out", str(tmp_path / "other"), "--overwrite"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--out {tmp_path / 'other'} is not a tokenizer directory written by" in result.stderr
+    assert (tmp_path / "other" / "notes.txt").read_text() == "x"
 
 
 def test_extend_needs_our_tokenizer_dir(tmp_path):

@@ -1,0 +1,202 @@
+"""Checkpoint writes that a kill or a full disk cannot half-do, on any filesystem layout.
+
+Lightning's default save serialises into memory and then writes through an fsspec transaction, whose temp file
+lives in ``$TMPDIR``: on a cluster that is node-local while ``output_dir`` is on Lustre/NFS, so the final move is a
+copy that first truncates the old ``last.ckpt``. A kill or ENOSPC during that copy left a 0-byte or partial
+``last.ckpt`` and a full-size temp file in ``$TMPDIR``. Here the temp file is created in the destination directory
+(mode 0666 minus the umask, like any file the user writes), written, flushed and fsynced, renamed over the target
+with ``os.replace`` (atomic within one directory) and the directory is fsynced, so the target is always either the
+old complete file or the new complete one. A failed save removes its temp file and raises; the previous
+checkpoints are untouched.
+
+DeepSpeed writes its checkpoint directories itself (each ``step-N.ckpt/`` is new, and ``latest`` is written last),
+and ``last.ckpt`` is then a link to the newest: Lightning re-creates it by deleting the old link first. Here the new
+link is made under a temp name and renamed over the old one, so ``last.ckpt`` never disappears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from data_prep.atomic_io import fsync_dir
+
+TEMP_MARK = ".tmp-"  # temp files are ".<name>.tmp-<pid>" beside their target; never a checkpoint candidate
+
+
+def temp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}")
+
+
+CHECKSUM_SUFFIX = ".sha256"  # NAME.ckpt.sha256 beside each file checkpoint, `sha256sum -c` format
+
+
+class _RecordingWriter:
+    """A file wrapper that hashes what is written (the checksum costs no second read) and keeps the ``OSError``
+    of a failed write: torch's zip writer turns it into a bare ``RuntimeError: file write failed``, losing the
+    errno (ENOSPC, EDQUOT) the user needs to see."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.error: OSError | None = None
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data) -> int:
+        try:
+            written = self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+        self.sha256.update(memoryview(data)[:written] if written is not None else data)
+        return written
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_atomic(obj: Any, target: str | os.PathLike) -> None:
+    """``torch.save(obj, target)`` through a temp file in ``target``'s directory (see the module docstring).
+    A failed write raises ``OSError`` naming ``target``, and leaves neither a temp file nor a changed target."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(target)
+    writer = None
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        cause = err if isinstance(err, OSError) else (writer.error if writer is not None else None)
+        if cause is not None:
+            raise OSError(cause.errno, f"saving a checkpoint failed: {cause.strerror}", str(target)) from None
+        raise
+    _write_text_atomic(checksum_path(target), f"{writer.sha256.hexdigest()}  {target.name}\n")
+    fsync_dir(target.parent)
+
+
+def checksum_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + CHECKSUM_SUFFIX)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = temp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checksum_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` does not match the sha256 recorded when it was written, or None (also when none was
+    recorded: older checkpoints, DeepSpeed directories)."""
+    record = checksum_path(checkpoint)
+    if not checkpoint.is_file() or not record.is_file():
+        return None
+    expected = record.read_text(encoding="utf-8").split()[0]
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        return (f"its sha256 {digest.hexdigest()[:16]}... differs from {expected[:16]}... recorded in {record.name} "
+                "when it was written (damaged since, or a kill between the file and its checksum)")
+    return None
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete temp files a killed save left in ``directory`` (only ours: ``.<name>.ckpt.tmp-<pid>``)."""
+    removed = []
+    if directory.is_dir():
+        for path in directory.glob(f".*.ckpt{TEMP_MARK}*"):
+            if path.is_file() or path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O: atomic writes in the destination directory, restricted-unpickler reads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        save_atomic(checkpoint, path)
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        checksum_path(Path(path)).unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None):
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+def _log_step_to_csv(trainer, pl_module) -> None:
+    """What Lightning's logger connector will log for this step, sent to the CSV logger now."""
+    from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
+
+    from pretrain.csv_log import ResumableCSVLogger
+
+    connector = trainer._logger_connector
+    if trainer.fit_loop._should_accumulate() and pl_module.automatic_optimization:
+        return
+    if not connector.should_update_logs:
+        return
+    metrics = connector.metrics["log"]
+    if not metrics:
+        return
+    scalars = convert_tensors_to_scalars(metrics)
+    scalars.setdefault("epoch", trainer.current_epoch)
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    for logger in trainer.loggers:
+        if isinstance(logger, ResumableCSVLogger):
+            logger.log_metrics(scalars, step=step)
+            logger.save()
+
+
+def replace_link(target: str, linkpath: str) -> None:
+    """Point ``linkpath`` at ``target`` (relative), atomically: a new link under a temp name, renamed over."""
+    link = Path(linkpath)
+    tmp = temp_path(link)
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    if link.is_dir() and not link.is_symlink():  # a real directory from an older layout: rename cannot replace it
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` with an atomic ``last.ckpt`` link, and the step's metrics row written before its checkpoint.
+
+    Lightning saves checkpoints in ``on_train_batch_end`` and writes that step's metrics only afterwards; a kill
+    in between lost the step's ``metrics.csv`` row for good (a resume starts after it). At a checkpoint step the
+    row goes to the CSV logger first (the CSV writer merges Lightning's own call for the same step into that row;
+    other loggers are left to Lightning, so they see each step once), so every step below a checkpoint's step has
+    its row whenever that checkpoint exists.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        saving = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if saving:
+            _log_step_to_csv(trainer, pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @staticmethod
+    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            replace_link(filepath, linkpath)
+        trainer.strategy.barrier()

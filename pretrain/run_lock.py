@@ -1,0 +1,80 @@
+"""One run per ``output_dir``: an advisory lock held for the run's lifetime.
+
+A job submitted twice, or requeued while the old one is still dying, would otherwise train twice into the same
+directory: interleaved checkpoints and ``metrics.csv`` rows, and a ``config.yaml`` describing settings that were not
+used. The lock is a POSIX record lock (``fcntl.lockf``: works on local disks and on NFS through the lock manager;
+Lustre needs its ``flock`` mount option, without which the lock is skipped with a warning) on ``output_dir/.lock``.
+The kernel drops it when the holding process dies, however it dies, so a crash never leaves a stale lock; the
+holder's pid, host and command are written into the file only to name it in the second launch's error.
+
+Every rank of one run belongs to the same run, so only the launching process takes the lock: global rank 0 as
+told by the launcher's environment (``RANK`` from torchrun, ``SLURM_PROCID`` under srun, ``LOCAL_RANK`` set by
+Lightning for the processes it starts itself); the other ranks run under its lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from pretrain.settings import SettingsError
+
+log = logging.getLogger(__name__)
+LOCK_NAME = ".lock"
+
+
+class RunLockedError(SettingsError):
+    """Another live process is running in this output_dir."""
+
+
+def launching_process() -> bool:
+    """Whether this process is the run's first (global rank 0) before any process group exists."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        value = os.environ.get(key)
+        if value not in (None, "", "0"):
+            return False
+    return True
+
+
+class RunLock:
+    """``with RunLock(output_dir):`` holds the lock (a no-op on ranks other than the launching one)."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.path = Path(output_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        if not launching_process():
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                holder = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip() or "an unknown process"
+                os.close(fd)
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by another run ({holder}); wait for it to end or stop it, or "
+                    "choose another output_dir. (The lock goes away by itself when that process exits.)") from None
+            os.close(fd)
+            log.warning("%s: the filesystem refuses locks (%s); running without the one-run-per-output_dir check",
+                        self.path, err.strerror)
+            return self
+        os.ftruncate(fd, 0)
+        command = " ".join(sys.argv)[:500]
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"{command}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the file stays (deleting it would race a new holder)
+            self._fd = None

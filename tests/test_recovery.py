@@ -1,0 +1,401 @@
+"""Fault injection on tiny real trainings: crafted checkpoints, kills mid-save, a full disk, damaged or missing
+checkpoints, a second launch on a live output_dir, changed settings on resume, and how each fault is reported.
+
+Every kill point is a count of checkpoint writes (tests/fault_runner.py), never a time. Runs are the quickstart
+model on the bundled English sample (the `shards` fixture), a few steps each.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from pretrain.checkpoints import CheckpointError, RefusedCheckpointError
+from pretrain.resume_check import ChangedSettingsError
+from pretrain.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+def run_args(shards: Path, run_dir: Path, steps: int = STEPS, *extra: str) -> list[str]:
+    return ["+experiment=quickstart", "objective=mlm", f"data.path={shards}", f"output_dir={run_dir}",
+            f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "data.batch_size=8", "data.num_workers=0",
+            "model.vocab_size=1024", "model.max_position_embeddings=64", "model.position_buckets=16",
+            "model.hidden_dropout_prob=0.1", "optim.warmup_steps=2", "checkpoint_every_n_steps=2",
+            "optim.min_lr_ratio=1.0", "export_hf=false", *extra]
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def cli(args: list[str], runner: list[str] | None = None, env: dict | None = None, **kwargs):
+    """The command line, with this process's thread count: losses then match in-process runs bit for bit."""
+    command = [sys.executable, *(runner or ["-m", "pretrain"]), *args]
+    threads = str(torch.get_num_threads())
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": threads, **(env or {})},
+                          **kwargs)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {int(r["step"]): float(r["train/loss"]) for r in metric_rows(run_dir) if r.get("train/loss")}
+
+
+def assert_one_row_per_step(run_dir: Path, steps: int = STEPS) -> None:
+    assert [int(r["step"]) for r in metric_rows(run_dir)] == list(range(steps))
+
+
+def assert_no_temp_files(*directories: Path) -> None:
+    for directory in directories:
+        leftovers = [p for p in directory.rglob("*") if ".tmp" in p.name]
+        assert not leftovers, leftovers
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of an uninterrupted run."""
+    run = tmp_path_factory.mktemp("reference")
+    train(compose_config(run_args(shards, run)))
+    assert_one_row_per_step(run)
+    return losses(run)
+
+
+@pytest.fixture(scope="module")
+def four_steps(shards, tmp_path_factory) -> Path:
+    """A run stopped after its step-4 checkpoint (last.ckpt, step-2, step-4); tests copy it."""
+    run = tmp_path_factory.mktemp("four") / "run"
+    train(compose_config(run_args(shards, run, 4)))
+    return run
+
+
+def copy_run(source: Path, tmp_path: Path, name: str) -> Path:
+    target = tmp_path / name
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+# --- 1. code execution from a checkpoint ------------------------------------------------------------------------
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def craft(path: Path, marker: Path, step: int = 10**6) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": step, "state_dict": {}, "payload": _Evil(marker)}, path)
+
+
+def test_crafted_pickles_are_refused_and_run_nothing(shards, four_steps, tmp_path):
+    marker = tmp_path / "MARKER"
+    probe = tmp_path / "probe.ckpt"
+    craft(probe, marker)
+    torch.load(probe, weights_only=False)  # the crafted file really runs its command when unpickled freely ...
+    assert marker.exists()
+    marker.unlink()
+
+    cases = {  # ... and every place this project reads a checkpoint refuses it
+        "last": lambda run: craft(run / "checkpoints" / "last.ckpt", marker),
+        "hpc": lambda run: craft(run / "hpc_ckpt_1.ckpt", marker),
+        "deepspeed": lambda run: _deepspeed_dir_with_crafted_shard(run / "checkpoints" / "step-00000009.ckpt",
+                                                                   marker),
+    }
+    for name, plant in cases.items():
+        run = copy_run(four_steps, tmp_path, name)
+        plant(run)
+        with pytest.raises(RefusedCheckpointError, match="refused to read"):
+            train(compose_config(run_args(shards, run)))
+        assert not marker.exists(), name
+
+    result = cli(run_args(shards, tmp_path / "hpc"))  # the command line: one error line, exit 2
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {tmp_path / 'hpc' / 'hpc_ckpt_1.ckpt'}: refused to read" in result.stderr
+
+    from pretrain import hf
+
+    weights = tmp_path / "hf_dir" / "pytorch_model.bin"  # a weights file for model.init_from / hf.from_pretrained
+    craft(weights, marker)
+    with pytest.raises(hf.CheckpointError, match="refused to read: not a plain weights file"):
+        hf.read_state_dict(weights.parent)
+
+    for checkpoint in (tmp_path / "last" / "checkpoints" / "last.ckpt",
+                       tmp_path / "deepspeed" / "checkpoints" / "step-00000009.ckpt"):
+        result = cli([str(checkpoint), str(tmp_path / "exported")], runner=["-m", "pretrain.export"])
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "refused to read" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def _deepspeed_dir_with_crafted_shard(directory: Path, marker: Path) -> None:
+    """A complete-looking ZeRO checkpoint: a benign rank-0 model-states file, a crafted optimizer-states file
+    (DeepSpeed unpickles those with weights_only=False when resuming or consolidating)."""
+    tag = directory / "checkpoint"
+    tag.mkdir(parents=True)
+    torch.save({"global_step": 9, "dp_world_size": 1, "deberta_pretrain": {"model": {}}},
+               tag / "mp_rank_00_model_states.pt")
+    craft(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    (directory / "latest").write_text("checkpoint")
+
+
+# --- 2./5. kills mid-save, $TMPDIR on another filesystem; one metrics row per step --------------------------------
+
+@pytest.mark.parametrize("kill_at", [4])
+def test_kill_mid_save_resumes_exactly(kill_at, shards, reference, tmp_path):
+    """Saves: 1 step-2, 2 last@2, 3 step-4, 4 last@4, ... Killed halfway through the write of save `kill_at` with
+    $TMPDIR on another filesystem (/dev/shm): the re-run resumes from the newest complete checkpoint, its losses
+    equal an uninterrupted run's bit for bit, metrics.csv has one row per step, and no temp file is left anywhere.
+    (Before: kill_at=4 left a half last.ckpt, the next run died on a zip error, a 1.8 MB temp file stayed in
+    $TMPDIR, and the step-4 checkpoint's last metrics row was never written.)"""
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm to put $TMPDIR on another filesystem")
+    tmpdir = Path("/dev/shm") / f"deberta-test-{uuid.uuid4().hex}"
+    tmpdir.mkdir()
+    try:
+        run = tmp_path / "run"
+        killed = cli(run_args(shards, run), runner=[str(REPO / "tests" / "fault_runner.py"), str(kill_at)],
+                     env={"TMPDIR": str(tmpdir)})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        result = cli(run_args(shards, run), env={"TMPDIR": str(tmpdir)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resuming from" in result.stdout + result.stderr  # not restarted from step 0
+        assert losses(run) == reference
+        assert_one_row_per_step(run)
+        assert_no_temp_files(run)
+        left = [p for p in tmpdir.rglob("*") if p.is_file() and not p.relative_to(tmpdir).parts[0].startswith("torchinductor")]
+        assert left == []  # (torch may create an empty torchinductor_USER cache folder there)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(shards, reference, four_steps, tmp_path):
+    """output_dir on a small tmpfs that fills up while a checkpoint is written: one error line (exit 2), no partial
+    file; once space is back the same command resumes and matches an uninterrupted run."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    size = (four_steps / "checkpoints" / "step-00000004.ckpt").stat().st_size
+    # Room for the run's files and three checkpoints, not four: the step-4 last.ckpt save fails.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 3.5) // 4096 * 4096}", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN); not available here")
+    try:
+        run = mount / "run"
+        result = cli(run_args(shards, run))
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+        error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and str(run / "checkpoints") in error[0] and "re-run the same command" in error[0]
+        assert_no_temp_files(run)
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+        result = cli(run_args(shards, run))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert losses(run) == reference
+        assert_one_row_per_step(run)
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+# --- 3. damaged or missing checkpoints --------------------------------------------------------------------------
+
+def test_damaged_or_missing_last_ckpt_resumes_from_the_newest_good_one(shards, reference, four_steps, tmp_path,
+                                                                        caplog):
+    truncated = copy_run(four_steps, tmp_path, "truncated")
+    last = truncated / "checkpoints" / "last.ckpt"
+    os.truncate(last, last.stat().st_size // 2)  # a kill or a full disk while it was written (old behaviour)
+    missing = copy_run(four_steps, tmp_path, "missing")
+    (missing / "checkpoints" / "last.ckpt").unlink()  # DeepSpeed's link removed before it was re-created
+    flipped = copy_run(four_steps, tmp_path, "flipped")
+    with open(flipped / "checkpoints" / "last.ckpt", "r+b") as f:  # damage inside the tensor data: it still
+        f.seek(f.seek(0, os.SEEK_END) // 2)                          # unpickles; only the checksum sees it
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    for run in (truncated, missing, flipped):
+        _, objects = train(compose_config(run_args(shards, run)))
+        assert objects["trainer"].ckpt_path == str(run / "checkpoints" / "step-00000004.ckpt")
+        assert losses(run) == reference
+        assert_one_row_per_step(run)
+    assert f"not resuming from {last}" in caplog.text and "truncated or corrupt" in caplog.text
+    assert f"not resuming from {flipped / 'checkpoints' / 'last.ckpt'}: its sha256" in caplog.text
+
+    none_left = copy_run(four_steps, tmp_path, "none_left")
+    before = (none_left / "metrics.csv").read_bytes()
+    for path in (none_left / "checkpoints").iterdir():
+        os.truncate(path, 100)
+    with pytest.raises(CheckpointError, match="holds checkpoints but none can be resumed") as err:
+        train(compose_config(run_args(shards, none_left)))
+    assert "step-00000002.ckpt" in str(err.value) and "last.ckpt" in str(err.value)
+    assert (none_left / "metrics.csv").read_bytes() == before  # nothing restarted from step 0
+
+
+# --- 4. one run per output_dir; changed settings on resume ------------------------------------------------------
+
+def test_second_launch_on_a_live_output_dir_fails_and_a_dead_holder_does_not_block(shards, four_steps, tmp_path):
+    run = copy_run(four_steps, tmp_path, "locked")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pretrain.run_lock import RunLock; "
+         f"lock = RunLock({str(run)!r}).__enter__(); print('locked', flush=True); time.sleep(600)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        result = cli(run_args(shards, run))
+        elapsed = time.monotonic() - started
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"is in use by another run (pid {holder.pid} on " in result.stderr
+        assert elapsed < 120, elapsed  # refused before any training, not after
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, the kernel drops the lock
+        holder.wait()
+    assert (run / ".lock").is_file()
+    result = cli(run_args(shards, run))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_changed_optimisation_settings_stop_the_resume_unless_allowed(shards, four_steps, tmp_path):
+    run = copy_run(four_steps, tmp_path, "changed")
+    with pytest.raises(ChangedSettingsError) as err:
+        train(compose_config(run_args(shards, run, STEPS, "optim.lr=0.01", "objective.mask_prob=0.2")))
+    message = str(err.value)
+    assert "objective.mask_prob: 0.15 in the checkpoint, 0.2 now" in message
+    assert "optim.lr: 0.002 in the checkpoint, 0.01 now" in message
+    assert "resume.allow_changes=[objective.mask_prob,optim.lr]" in message
+    assert_one_row_per_step(run, 4)  # nothing trained
+    train(compose_config(run_args(shards, run, STEPS, "optim.lr=0.01", "resume.allow_changes=[optim.lr]")))
+    history = (run / "config_changes.yaml").read_text()
+    assert "optim.lr" in history and "from: 0.002" in history and "to: 0.01" in history
+    assert_one_row_per_step(run)
+
+
+# --- 6. faults end with one error line; exports get the user's umask --------------------------------------------
+
+def test_diverged_run_ends_with_one_error_line(shards, tmp_path):
+    result = cli(run_args(shards, tmp_path / "nan", 4, "optim.lr=1e30", "optim.warmup_steps=0",
+                          "trainer.gradient_clip_val=null"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: non-finite loss at or before step" in result.stderr
+
+
+def test_export_gets_the_users_umask(four_steps, tmp_path):
+    out = tmp_path / "exported"
+    result = cli([str(four_steps / "checkpoints" / "last.ckpt"), str(out)], runner=["-m", "pretrain.export"],
+                 preexec_fn=lambda: os.umask(0o022))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert stat.S_IMODE((out / "hf").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (out / "hf").iterdir()} == {0o644}
+
+
+# --- shard corruption the default check catches before the first optimizer step --------------------------------
+
+@pytest.fixture(scope="module")
+def three_shards(shards, tmp_path_factory) -> Path:
+    """The `shards` corpus packed into three shards (500, 500, 368 sequences) by the real command."""
+    out = tmp_path_factory.mktemp("three") / "shards"
+    root = shards.parent
+    subprocess.run([sys.executable, "-m", "data_prep", "shards", "--input", str(root / "corpus.jsonl"), "--tokenizer",
+                    str(root / "tok"), "--out", str(out), "--seq-len", "64", "--workers", "1", "--shard-size", "500"],
+                   check=True, capture_output=True, cwd=REPO)
+    return out
+
+
+def test_damaged_shard_sets_are_refused_before_training(three_shards, tmp_path):
+    import json
+
+    import numpy as np
+
+    from data_prep import shard_format as sf
+    from data_prep.errors import DataPrepError
+
+    def attempt(shard_dir: Path, name: str):
+        with pytest.raises(DataPrepError) as err:
+            train(compose_config(run_args(shard_dir, tmp_path / f"run_{name}", 2)))
+        assert not (tmp_path / f"run_{name}" / "checkpoints").exists()  # not one optimizer step
+        return str(err.value)
+
+    swapped = Path(shutil.copytree(three_shards, tmp_path / "swapped"))
+    a, b = swapped / "shard-00000.bin", swapped / "shard-00001.bin"
+    a.rename(swapped / "x"), b.rename(a), (swapped / "x").rename(b)
+    message = attempt(swapped, "swapped")
+    assert "shard-00000.bin" in message and "header says shard 1, but it is shard 0" in message
+
+    edited = Path(shutil.copytree(three_shards, tmp_path / "edited"))
+    manifest = json.loads((edited / sf.MANIFEST_NAME).read_text())
+    manifest["tokenizer"]["special_ids"]["mask"] = 5
+    (edited / sf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    message = attempt(edited, "edited")
+    assert "contradicts the shard set's own tokenizer copy" in message and "special_ids.mask=5" in message
+
+    out_of_vocab = Path(shutil.copytree(three_shards, tmp_path / "oov"))
+    for path in sorted(out_of_vocab.glob("shard-*.bin")):  # same size and header; a byte flipped in every sequence
+        header = sf.read_header(path)
+        ids = np.memmap(path, dtype="<u2", mode="r+", offset=sf.HEADER_SIZE,
+                        shape=(header.num_sequences, header.seq_len))
+        ids[:, 5] = 60000
+        ids.flush()
+        del ids
+    message = attempt(out_of_vocab, "oov")
+    assert "token id 60000 >= vocabulary size" in message and "shard-0000" in message
+
+    # flipped bytes that decode fine (a word-start flag): the background sha256 stops the run before the first
+    # checkpoint, naming the shard
+    flipped = Path(shutil.copytree(three_shards, tmp_path / "flipped"))
+    for path in sorted(flipped.glob("shard-*.bin")):
+        header = sf.read_header(path)
+        with open(path, "r+b") as f:
+            f.seek(sf.HEADER_SIZE + header.num_sequences * header.seq_len * 2 + 7)  # a flags byte
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ sf.WORD_START]))
+    run = tmp_path / "run_flipped"
+    with pytest.raises(DataPrepError, match=r"shard .*shard-0000\d\.bin is corrupted: sha256"):
+        train(compose_config(run_args(flipped, run, 4)))
+    assert not list(run.glob("checkpoints/*.ckpt"))
+
+
+# --- the same under DeepSpeed ZeRO-1 on two processes ------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_deepspeed_kill_mid_save_resumes_exactly(shards, tmp_path):
+    """ZeRO-1 on two CPU processes, rank 0 killed halfway through writing its step-4 shard file (the kill leaves
+    rank 1 alone; the test ends the process group like a scheduler would): the re-run resumes from the step-2
+    checkpoint through the `last.ckpt` link, and its losses and metrics rows equal an uninterrupted run's."""
+    deepspeed = ["strategy=deepspeed_zero1", "trainer.devices=2", "trainer.accelerator=cpu"]
+    straight = tmp_path / "straight"
+    assert cli(run_args(shards, straight, STEPS, *deepspeed), env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    run = tmp_path / "run"
+    killed = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_runner.py"), "3",
+                               *run_args(shards, run, STEPS, *deepspeed)], cwd=REPO, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    assert killed.wait(timeout=600) == -signal.SIGKILL
+    os.killpg(killed.pid, signal.SIGKILL)  # rank 1, started by rank 0, would otherwise wait for its peer
+    assert not (run / "checkpoints" / "step-00000004.ckpt" / "latest").exists()  # the save was interrupted
+    result = cli(run_args(shards, run, STEPS, *deepspeed), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step 2)" in result.stdout + result.stderr
+    assert "step-00000004.ckpt: incomplete" in result.stdout + result.stderr  # reported, not used
+    assert losses(run) == losses(straight)
+    assert_one_row_per_step(run)
+    assert os.readlink(run / "checkpoints" / "last.ckpt") == "step-00000006.ckpt"
