@@ -30,6 +30,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pretrain.model.triton_aot import (  # noqa: E402
+    ALL_TERMS,
+    BOTH_TERMS,
     DTYPES,
     HEAD_DIMS,
     Variant,
@@ -114,6 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", type=int, nargs=4, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"),
                         help="compile this tile instead of the pinned ones")
     parser.add_argument("--no-dropout", action="store_true", help="only the variants without dropout")
+    parser.add_argument("--all-terms", action="store_true",
+                        help="also c2p-only, p2c-only and no position terms (default: both, as DeBERTa uses)")
     parser.add_argument("--json", type=Path, help="also write every row here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--clean-candidates", type=Path, metavar="OUT.json",
@@ -142,8 +146,9 @@ def main(argv=None) -> int:
         print(f"wrote {PINNED_CONFIGS_FILE}")
         return 0
     dropouts = (False,) if args.no_dropout else (False, True)
+    terms = ALL_TERMS if args.all_terms else BOTH_TERMS
     variants = {arch: pinned_variants(arch, dtypes=args.dtypes, head_dims=args.head_dims, dropouts=dropouts,
-                                      kernel_names=args.kernels) for arch in args.arch}
+                                      kernel_names=args.kernels, terms=terms) for arch in args.arch}
     if args.config:
         variants = {arch: [dataclasses.replace(v, config=LaunchConfig(*args.config)) for v in found
                            if v.kernel in KERNELS] for arch, found in variants.items()}

@@ -82,11 +82,18 @@ class Resources:
         return found
 
 
+BOTH_TERMS = ((True, True),)
+ALL_TERMS = ((True, True), (True, False), (False, True), (False, False))  # (c2p, p2c): pos_att_type's choices
+
+
 def pinned_variants(arch: int, dtypes=DTYPES, head_dims=HEAD_DIMS, dropouts=(False, True),
-                    kernel_names=KERNELS) -> list[Variant]:
-    """The variants a launch on ``arch`` compiles with autotuning off (c2p + p2c, DeBERTa's default)."""
-    variants = [Variant(kernel, dtype, d, dropout, kernels.pinned_config(kernel, arch // 10, _torch_dtype(dtype), d))
-                for kernel, dtype, d, dropout in itertools.product(kernel_names, dtypes, head_dims, dropouts)]
+                    kernel_names=KERNELS, terms=BOTH_TERMS) -> list[Variant]:
+    """The variants a launch on ``arch`` compiles with autotuning off; by default with both position terms
+    (DeBERTa's ``pos_att_type``), ``terms=ALL_TERMS`` adds c2p-only, p2c-only and none."""
+    variants = [Variant(kernel, dtype, d, dropout, kernels.pinned_config(kernel, arch // 10, _torch_dtype(dtype), d),
+                        c2p, p2c)
+                for kernel, dtype, d, dropout, (c2p, p2c)
+                in itertools.product(kernel_names, dtypes, head_dims, dropouts, terms)]
     # The backward pass's small pre-pass (one fixed configuration, no dropout or position terms).
     variants += [Variant("delta", dtype, d, False, kernels._DELTA_CONFIG, c2p=False, p2c=False)
                  for dtype, d in itertools.product(dtypes, head_dims)]
