@@ -48,9 +48,11 @@ class ReplacedTokenDetectionOutput:
 
 
 def init_weights(module: nn.Module, std: float) -> None:
-    """Original DeBERTa/BERT initialisation: N(0, std) weights, zero biases, unit LayerNorms, zero padding row."""
+    """Original DeBERTa/BERT initialisation: N(0, std) linear and embedding weights, zero biases, unit LayerNorms,
+    zero padding row. The nGiE ``Conv1d`` keeps PyTorch's default initialisation, as in the original code and in
+    transformers (neither re-initialises it)."""
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d)):
+        if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

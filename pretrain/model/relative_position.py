@@ -16,8 +16,8 @@ def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_positi
     The arithmetic is float32 ``torch`` exactly as in HF ``make_log_bucket_position`` (it equals the original
     float64 numpy formulation for every distance below ``max_position``). Beyond ``max_position`` we follow HF, not
     the original code: the original clamps distances to ``±(max_position - 1)`` first, HF does not, and after the
-    table-index clamp the two differ only for keys at least ``max_position`` tokens to the *left* of the query
-    (HF: table row 0, original: row 1). Following HF keeps a model trained here computing exactly what
+    table-index clamp the two differ only for keys at least ``max_position`` tokens to the *right* of the query
+    (``key - query >= max_position``; HF: table row 0, original: row 1). Following HF keeps a model trained here computing exactly what
     ``transformers`` computes at every sequence length.
     """
     sign = torch.sign(relative_pos)
