@@ -281,3 +281,13 @@ def test_clear_errors(zh, ko, tmp_path):
     with pytest.raises(SettingsError, match=r"its tokenizer is not the one data.path=.* was made with.*"
                                             r"python -m data_prep shards --tokenizer"):
         train(run_config("v3_ko_continue", zh["ckpt"], ko["shards"], tmp_path / "c", 1))
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_takes_init_from(experiment, tmp_path):
+    """``model.init_from`` / ``model.init_generator_from`` are keys of every experiment (README: any experiment
+    takes them), not only of the *_continue ones."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+experiment={experiment}", f"model.init_from={tmp_path}",
+                                                       f"model.init_generator_from={tmp_path}"])
+    assert cfg.model.init_from == str(tmp_path) and cfg.model.init_generator_from == str(tmp_path)
