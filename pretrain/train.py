@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from data_prep.atomic_io import write_text_atomic
 from pretrain import hf, init_from
 from pretrain.checkpoint_io import AtomicCheckpointIO, RunCheckpoint, remove_stale_temps
 from pretrain.checkpoints import check_resumable, newest_checkpoint, read_metadata
@@ -56,6 +59,12 @@ def export(objective: PretrainingObjective, output_dir: Path, tokenizer_dir: Pat
     return written
 
 
+def new_wandb_run_id() -> str:
+    """A wandb run id (8 characters of [a-z0-9], wandb's own format; ``wandb.util.generate_id`` is gone in 0.31)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
 def build_loggers(settings: Settings, output_dir: Path, resume_step: int | None) -> list:
     loggers: list = [ResumableCSVLogger(str(output_dir), resume_step=resume_step)]
     if settings.logger.tensorboard:
@@ -65,15 +74,13 @@ def build_loggers(settings: Settings, output_dir: Path, resume_step: int | None)
     if settings.logger.wandb:
         from lightning.pytorch.loggers import WandbLogger
 
-        import wandb
-
         id_file = output_dir / "wandb_run_id"  # a resumed run continues the same wandb run
         if id_file.is_file():
             run_id = id_file.read_text().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = new_wandb_run_id()
             output_dir.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(run_id + "\n")
+            write_text_atomic(id_file, run_id + "\n")
         loggers.append(WandbLogger(project=settings.logger.wandb_project, entity=settings.logger.wandb_entity,
                                    save_dir=str(output_dir), id=run_id, resume="allow"))
     return loggers
