@@ -25,7 +25,7 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from data_prep.errors import DataPrepError
     from pretrain.hf import CheckpointError

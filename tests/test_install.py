@@ -1,0 +1,47 @@
+"""The installed package carries its configuration: built as a wheel, installed outside the checkout, the console
+script trains from another directory, and a user's own config directory joins through Hydra's search path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_LEN = 64
+
+
+def test_installed_console_script_trains_from_another_directory(shards, tmp_path):
+    wheels, site, workdir = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    workdir.mkdir()
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    [wheel] = wheels.glob("deberta_pretrain-*.whl")
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(site),
+                                str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    assert (site / "pretrain" / "conf" / "experiment" / "quickstart.yaml").is_file()
+
+    # A user's own experiment in their own config directory, found through Hydra's search path.
+    mine = tmp_path / "my_conf" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - /experiment/quickstart\n"
+                                    "optim:\n  lr: 1e-3\n")
+    # The wheel's copy of the package comes first; its dependencies come from this environment. The checkout is
+    # not on the path and the working directory is elsewhere.
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "2"}
+    command = [str(site / "bin" / "deberta-pretrain"), f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
+               "+experiment=mine", f"data.path={shards}", f"output_dir={workdir / 'run'}", "trainer.max_steps=3",
+               "trainer.log_every_n_steps=1", "data.batch_size=4", "data.num_workers=0", "model.vocab_size=1024",
+               f"model.max_position_embeddings={SEQ_LEN}", "model.position_buckets=16", "optim.warmup_steps=1",
+               "export_hf=false"]
+    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (workdir / "run" / "metrics.csv").is_file()
+    config = (workdir / "run" / "config.yaml").read_text()
+    assert "lr: 0.001" in config  # the user's experiment was applied
+    probe = subprocess.run([sys.executable, "-c", "import pretrain; print(pretrain.__file__)"], cwd=workdir, env=env,
+                           capture_output=True, text=True)
+    assert probe.stdout.strip().startswith(str(site)), probe.stdout  # the installed copy ran, not the checkout
