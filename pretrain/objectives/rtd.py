@@ -23,6 +23,7 @@ from torch import nn
 from pretrain.model import IGNORE_INDEX, DebertaConfig, DebertaForMaskedLM, DebertaForReplacedTokenDetection
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens, masked_mean
 from pretrain.objectives.masking import RTD_GENERATOR_MASKING, MaskingConfig, rtd_labels, sample_replacements
+from pretrain.objectives.detection_metrics import detection_metrics
 
 EMBEDDING_SHARING_MODES = ("gdes", "es", "nes")
 
@@ -169,11 +170,12 @@ class ReplacedTokenDetectionObjective(PretrainingObjective):
             disc_accuracy = masked_mean((disc_out.logits > 0) == replaced.bool(), attention_mask)
             replaced_fraction = masked_mean(replaced, attention_mask)
             masked = gen_out.label_mask.sum()
+            detection = detection_metrics(disc_out.logits.detach(), replaced, attention_mask)
         return {
             "loss": loss, "mlm_loss": gen_out.loss.detach(), "rtd_loss": disc_out.loss.detach(),
             "generator_accuracy": gen_accuracy, "discriminator_accuracy": disc_accuracy,
             "dropped_predictions": masked - predicted.sum(),
-            "replaced_fraction": replaced_fraction, "masked_tokens": masked,
+            "replaced_fraction": replaced_fraction, "masked_tokens": masked, **detection,
         }
 
     # ------------------------------------------------------------------------------------------ export
