@@ -35,8 +35,8 @@ class DataSettings:
     """fast: sizes, headers and the tokenizer copy at start-up, every shard's sha256 in a background thread during
     training (verified before each checkpoint); full: every sha256 at start-up (reads everything first); none."""
     val_path: str | None = None
-    """Optional held-out shard directory for validation loss/accuracy."""
-    val_batches: int = 20
+    """Optional held-out shard directory for validation loss/accuracy (``trainer.limit_val_batches`` batches every
+    ``trainer.val_check_interval`` steps)."""
 
 
 @dataclass

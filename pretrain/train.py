@@ -32,6 +32,7 @@ from pretrain.objectives.build import build_objective  # noqa: F401 (export and 
 from pretrain.perf import training_flops_per_token
 from pretrain.resume_check import check_changes, optimisation_settings
 from pretrain.run_lock import RunLock, launching_process
+from pretrain.sanity import sanity_warnings
 from pretrain.settings import Settings, SettingsError, settings_from_config
 from pretrain.strategies import build_strategy, expose_outputs_to_zero3, full_parameters, is_deepspeed, zero_stage
 
@@ -104,6 +105,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    for warning in sanity_warnings(settings.optim.warmup_steps, int(settings.trainer.get("max_steps") or 0),
+                                   settings.trainer.get("accelerator", "auto"), settings.trainer.get("precision"),
+                                   settings.data.num_workers, torch.cuda.is_available()):
+        log.warning(warning)
     L.seed_everything(settings.run.seed, workers=True)
     data = ShardDataModule(settings.data)
     settings, start = init_from.prepare(settings, data.train_set)  # model.init_from: the checkpoint's architecture
