@@ -130,13 +130,18 @@ class InitSettings:
     the discriminator."""
 
 
+# What the *_continue experiments set model.init_from to. Not "???" (OmegaConf's MISSING): every experiment has the
+# key with the default null (conf/config.yaml), and a MISSING value never overrides a set one in a merge.
+REQUIRED = "REQUIRED"
+
+
 def _split_init(raw: Any, problems: list[str]) -> tuple[dict[str, Any], InitSettings]:
     """(the model section without the init keys, InitSettings), each init directory checked to be a DebertaV2 one."""
     values = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
     init = InitSettings(**{f.name: values.pop(f.name, None) for f in dataclasses.fields(InitSettings)})
     for key in ("init_from", "init_generator_from"):
         value = getattr(init, key)
-        if value == "???":
+        if value in ("???", REQUIRED):
             problems.append(f"model.{key}: required, set it to a HuggingFace DebertaV2 directory (model.{key}=DIR)")
             setattr(init, key, None)
         elif value is not None:
