@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from data_prep.atomic_io import write_text_atomic  # noqa: E402
 from pretrain.model.triton_aot import (  # noqa: E402
     ALL_TERMS,
     BOTH_TERMS,
@@ -138,11 +139,9 @@ def main(argv=None) -> int:
     if args.pin:
         analyses = [json.loads(path.read_text()) for path in args.pin]
         table = pin([a["clean"] for a in analyses])
-        tmp = PINNED_CONFIGS_FILE.with_suffix(".tmp")
         entries = ",\n".join(f"  {json.dumps(key)}: {json.dumps(table[key])}" for key in sorted(table))
-        tmp.write_text(f'{{"triton_releases_analysed": {json.dumps([a["triton"] for a in analyses])},\n'
-                       f' "configs": {{\n{entries}\n }}\n}}\n')
-        os.replace(tmp, PINNED_CONFIGS_FILE)
+        write_text_atomic(PINNED_CONFIGS_FILE, f'{{"triton_releases_analysed": '
+                          f'{json.dumps([a["triton"] for a in analyses])},\n "configs": {{\n{entries}\n }}\n}}\n')
         print(f"wrote {PINNED_CONFIGS_FILE}")
         return 0
     dropouts = (False,) if args.no_dropout else (False, True)

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_train import tiny_run
+
 REPO = Path(__file__).resolve().parents[1]
-SEQ_LEN = 64
 
 
 def test_installed_console_script_trains_from_another_directory(shards, tmp_path):
@@ -32,11 +33,10 @@ def test_installed_console_script_trains_from_another_directory(shards, tmp_path
     # The wheel's copy of the package comes first; its dependencies come from this environment. The checkout is
     # not on the path and the working directory is elsewhere.
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "2"}
+    overrides = tiny_run(shards, workdir / "run", "mlm", 3, "export_hf=false")
+    overrides[overrides.index("+experiment=quickstart")] = "+experiment=mine"
     command = [str(site / "bin" / "deberta-pretrain"), f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
-               "+experiment=mine", f"data.path={shards}", f"output_dir={workdir / 'run'}", "trainer.max_steps=3",
-               "trainer.log_every_n_steps=1", "data.batch_size=4", "data.num_workers=0", "model.vocab_size=1024",
-               f"model.max_position_embeddings={SEQ_LEN}", "model.position_buckets=16", "optim.warmup_steps=1",
-               "export_hf=false"]
+               *overrides]
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (workdir / "run" / "metrics.csv").is_file()

@@ -12,16 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from test_train import tiny_run
+
 REPO = Path(__file__).resolve().parents[1]
-SEQ_LEN = 64  # the `shards` fixture's sequence length
 
 
 def run_pretrain(shards: Path, output_dir: Path, steps: int, *extra: str, env_extra: dict | None = None):
-    command = [sys.executable, "-m", "pretrain", "+experiment=quickstart", f"data.path={shards}",
-               f"output_dir={output_dir}", f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1",
-               "checkpoint_every_n_steps=2", "data.batch_size=4", "data.num_workers=0", "model.vocab_size=1024",
-               f"model.max_position_embeddings={SEQ_LEN}", "model.position_buckets=16", "optim.warmup_steps=2",
-               "export_hf=false", *extra]
+    command = [sys.executable, "-m", "pretrain",
+               *tiny_run(shards, output_dir, "mlm", steps, "checkpoint_every_n_steps=2", "export_hf=false", *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -90,7 +90,7 @@ def pinned_variants(arch: int, dtypes=DTYPES, head_dims=HEAD_DIMS, dropouts=(Fal
                     kernel_names=KERNELS, terms=BOTH_TERMS) -> list[Variant]:
     """The variants a launch on ``arch`` compiles with autotuning off; by default with both position terms
     (DeBERTa's ``pos_att_type``), ``terms=ALL_TERMS`` adds c2p-only, p2c-only and none."""
-    variants = [Variant(kernel, dtype, d, dropout, kernels.pinned_config(kernel, arch // 10, _torch_dtype(dtype), d),
+    variants = [Variant(kernel, dtype, d, dropout, kernels.pinned_config(kernel, arch // 10, dtype, d),
                         c2p, p2c)
                 for kernel, dtype, d, dropout, (c2p, p2c)
                 in itertools.product(kernel_names, dtypes, head_dims, dropouts, terms)]
@@ -98,12 +98,6 @@ def pinned_variants(arch: int, dtypes=DTYPES, head_dims=HEAD_DIMS, dropouts=(Fal
     variants += [Variant("delta", dtype, d, False, kernels._DELTA_CONFIG, c2p=False, p2c=False)
                  for dtype, d in itertools.product(dtypes, head_dims)]
     return variants
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def _source(variant: Variant) -> ASTSource:

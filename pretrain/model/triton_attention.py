@@ -420,9 +420,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
-def pinned_config(kernel: str, capability_major: int, dtype: torch.dtype, head_dim: int) -> LaunchConfig:
-    """The configuration a launch uses when autotuning is off."""
-    pinned = PINNED_CONFIGS.get(f"{capability_major * 10}/{kernel}/{dtype_name(dtype)}/{head_dim}")
+def pinned_config(kernel: str, capability_major: int, dtype: str, head_dim: int) -> LaunchConfig:
+    """The configuration a launch uses when autotuning is off (``dtype``: bf16 | fp16 | fp32)."""
+    pinned = PINNED_CONFIGS.get(f"{capability_major * 10}/{kernel}/{dtype}/{head_dim}")
     return LaunchConfig(*pinned) if pinned else _DEFAULT_CONFIGS[kernel]
 
 
@@ -462,7 +462,7 @@ def _launch(name: str, tiled_axis: str, L: int, programs_per_tile: int, dtype: t
         config = _DELTA_CONFIG
     else:
         major = torch.cuda.get_device_capability()[0]
-        config = pinned_config(name, major, dtype, constexprs["HEAD_DIM"])
+        config = pinned_config(name, major, dtype_name(dtype), constexprs["HEAD_DIM"])
     meta = config.meta() if name in KERNELS else dict(BLOCK_M=config.block_m)
     _RAW_KERNELS[name][(triton.cdiv(L, meta[tiled_axis]), programs_per_tile)](
         *args, **constexprs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
