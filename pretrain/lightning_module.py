@@ -13,7 +13,6 @@ import lightning as L
 import torch
 
 from data_prep.atomic_io import write_json_atomic
-from pretrain.model.deberta import DebertaPreTrained
 from pretrain.objectives.base import PretrainingObjective
 from pretrain.perf import device_peak_flops
 from pretrain.settings import OptimSettings
@@ -37,9 +36,7 @@ def plan_objective_attention(objective: PretrainingObjective, device_type: str, 
     path and falls back with one warning if it fails; ``triton`` raises. The JSON-ready record: per model, and
     ``fused`` 1.0 when every model runs the kernel, 0.0 when any runs the reference path, None for custom backends.
     """
-    models = {name: m for name, m in objective.named_modules() if isinstance(m, DebertaPreTrained)
-              and hasattr(m, "deberta")}
-    plans = {name: model.plan_attention(device_type, dtype) for name, model in models.items()}
+    plans = {name: model.plan_attention(device_type, dtype) for name, model in objective.encoder_models().items()}
     fused = [p["fused"] for p in plans.values()]
     backends = sorted({p["backend"] for p in plans.values()})
     return {"backend": ",".join(backends), "device_type": device_type, "dtype": str(dtype).removeprefix("torch."),

@@ -26,7 +26,6 @@ from pretrain.checkpoints import check_resumable, newest_checkpoint, read_metada
 from pretrain.csv_log import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
 from pretrain.lightning_module import PretrainingModule
-from pretrain.model.deberta import DebertaPreTrained
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
 from pretrain.objectives.build import build_objective  # noqa: F401 (export and tests import it from here too)
 from pretrain.perf import training_flops_per_token
@@ -123,12 +122,11 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
         zero3 = settings.strategy.name == "deepspeed" and settings.strategy.stage == 3
         on_gpu = settings.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         compile_layers = on_gpu and not zero3
-    for model in objective.modules():
-        if isinstance(model, DebertaPreTrained) and hasattr(model, "deberta"):
-            model.set_attention_backend(settings.run.attention_backend)
-            model.gradient_checkpointing_enable(settings.run.gradient_checkpointing)
-            if compile_layers:
-                model.compile_layers()
+    for model in objective.encoder_models().values():
+        model.set_attention_backend(settings.run.attention_backend)
+        model.gradient_checkpointing_enable(settings.run.gradient_checkpointing)
+        if compile_layers:
+            model.compile_layers()
     run_record = {"model": settings.model.to_dict(), "objective": dataclasses.asdict(settings.objective),
                   "special_tokens": dataclasses.asdict(special), "tokenizer_dir": str(data.train_set.tokenizer_dir.resolve()),
                   "optimisation": optimisation_settings(settings)}

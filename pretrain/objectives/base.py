@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pretrain.model.deberta import DebertaPreTrained
 from pretrain.objectives.masking import MaskingConfig, mask_tokens
 
 
@@ -66,6 +67,12 @@ class PretrainingObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def encoder_models(self) -> dict[str, nn.Module]:
+        """Module name -> every DeBERTa model of the objective (the generator and discriminator of RTD, the one model
+        of MLM): what takes the attention backend, gradient checkpointing and layer compilation. The shared
+        embedding modules of GDES are not models and are left out."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, DebertaPreTrained) and hasattr(m, "deberta")}
 
     def export_models(self) -> dict[str, nn.Module]:
         """Sub-directory name -> native model to write in HuggingFace format (``hf``, ``hf_generator``)."""
