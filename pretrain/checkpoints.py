@@ -78,9 +78,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def verify_checkpoint(path: Path) -> None:
     """Restricted-read every file of a checkpoint before Lightning or DeepSpeed reads it (DeepSpeed unpickles its
-    shard files with ``weights_only=False``): a crafted or damaged shard is refused here, naming the file. A file
-    checkpoint is also compared with the sha256 recorded beside it when it was written (flipped bytes inside a
-    tensor read back without error otherwise)."""
+    shard files with ``weights_only=False``): a crafted or damaged shard is refused here, naming the file. Each
+    file is also compared with the sha256 recorded beside it when it was written (flipped bytes inside a tensor
+    read back without error otherwise): the checkpoint file itself, or every ``*.pt`` of a DeepSpeed directory."""
     from pretrain.checkpoint_io import checksum_problem
 
     path = Path(path)
@@ -89,6 +89,10 @@ def verify_checkpoint(path: Path) -> None:
         raise CheckpointError(f"{path}: {problem}")
     if is_deepspeed_checkpoint(path):
         files = sorted((path / DEEPSPEED_TAG).glob("*.pt"))
+        for file in files:
+            problem = checksum_problem(file)
+            if problem:
+                raise CheckpointError(f"{path}: {file.relative_to(path)}: {problem}")
         for file in files:
             _load(file, deepspeed=True)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import shutil
 import signal
 import stat
@@ -160,34 +161,88 @@ def _deepspeed_dir_with_crafted_shard(directory: Path, marker: Path) -> None:
     (directory / "latest").write_text("checkpoint")
 
 
-# --- 2./5. kills mid-save, $TMPDIR on another filesystem; one metrics row per step --------------------------------
+# --- 2./5. kills at random points (mid-save too), $TMPDIR on either filesystem; one metrics row per step -------
 
-@pytest.mark.parametrize("kill_at", [4])
-def test_kill_mid_save_resumes_exactly(kill_at, shards, reference, tmp_path):
-    """Saves: 1 step-2, 2 last@2, 3 step-4, 4 last@4, ... Killed halfway through the write of save `kill_at` with
-    $TMPDIR on another filesystem (/dev/shm): the re-run resumes from the newest complete checkpoint, its losses
-    equal an uninterrupted run's bit for bit, metrics.csv has one row per step, and no temp file is left anywhere.
-    (Before: kill_at=4 left a half last.ckpt, the next run died on a zip error, a 1.8 MB temp file stayed in
-    $TMPDIR, and the step-4 checkpoint's last metrics row was never written.)"""
+# The kill points are drawn from this seed; a failing run prints it: FAULT_SEED=<seed> pytest ... reproduces it.
+FAULT_SEED = int(os.environ.get("FAULT_SEED") or random.SystemRandom().randrange(1 << 31))
+KILL_STEPS = 24  # each kill lands at most one checkpoint (2 steps) after the launch's resume point: 10 kills < 24
+
+
+def kill_points(seed: int, kills: int, replaces_per_save: int) -> list[str]:
+    """``kills`` fault_runner points: about a third each mid-step, halfway through a checkpoint write, and just
+    before a rename into checkpoints/ (a complete temp file, a checksum file, the last.ckpt link); each lands
+    within the launch's first save or the step after it, so every one fires before the run can end."""
+    rng = random.Random(seed)
+    kinds = ["write"] * (kills - 2 * (kills // 3)) + ["replace", "step"] * (kills // 3)
+    rng.shuffle(kinds)
+    limits = {"step": 3, "write": 3, "replace": replaces_per_save}
+    return [f"{kind}:{rng.randint(1, limits[kind])}" for kind in kinds]
+
+
+def kill_and_relaunch(args: list[str], run: Path, points: list[str], tmpdirs: list[Path], env: dict) -> None:
+    """Launch the run once per kill point (alternating $TMPDIR between ``tmpdirs``), each time SIGKILLed at that
+    point and its whole process group ended (the ranks it started), like a scheduler ending a job."""
+    for i, point in enumerate(points):
+        launch = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_runner.py"), point, *args], cwd=REPO,
+                                  start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "WANDB_MODE": "disabled", **env,
+                                                  "TMPDIR": str(tmpdirs[i % len(tmpdirs)])})
+        _, stderr = launch.communicate(timeout=600)
+        try:
+            os.killpg(launch.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        assert launch.returncode == -signal.SIGKILL, (
+            f"FAULT_SEED={FAULT_SEED}: launch {i} with kill point {point} ended with {launch.returncode}, not "
+            f"killed:\n{stderr[-3000:]}")
+
+
+@pytest.fixture
+def tmpdirs(tmp_path):
+    """$TMPDIR on the run's filesystem and on another one (/dev/shm, a tmpfs)."""
     if not Path("/dev/shm").is_dir():
         pytest.skip("no /dev/shm to put $TMPDIR on another filesystem")
-    tmpdir = Path("/dev/shm") / f"deberta-test-{uuid.uuid4().hex}"
-    tmpdir.mkdir()
-    try:
-        run = tmp_path / "run"
-        killed = cli(run_args(shards, run), runner=[str(REPO / "tests" / "fault_runner.py"), str(kill_at)],
-                     env={"TMPDIR": str(tmpdir)})
-        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-        result = cli(run_args(shards, run), env={"TMPDIR": str(tmpdir)})
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "resuming from" in result.stdout + result.stderr  # not restarted from step 0
-        assert losses(run) == reference
-        assert_one_row_per_step(run)
-        assert_no_temp_files(run)
+    other = Path("/dev/shm") / f"deberta-test-{uuid.uuid4().hex}"
+    same = tmp_path / "tmpdir"
+    other.mkdir()
+    same.mkdir()
+    yield [same, other]
+    shutil.rmtree(other, ignore_errors=True)
+
+
+def assert_tmpdirs_empty(tmpdirs: list[Path]) -> None:
+    for tmpdir in tmpdirs:  # (torch may create an empty torchinductor_USER cache folder there)
         left = [p for p in tmpdir.rglob("*") if p.is_file() and not p.relative_to(tmpdir).parts[0].startswith("torchinductor")]
-        assert left == []  # (torch may create an empty torchinductor_USER cache folder there)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        assert left == [], f"FAULT_SEED={FAULT_SEED}: {left}"
+
+
+@pytest.fixture(scope="module")
+def long_reference(shards, tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of an uninterrupted KILL_STEPS-step run."""
+    run = tmp_path_factory.mktemp("long_reference")
+    train(compose_config(run_args(shards, run, KILL_STEPS)))
+    assert_one_row_per_step(run, KILL_STEPS)
+    return losses(run)
+
+
+def test_random_kills_resume_exactly(shards, long_reference, tmp_path, tmpdirs):
+    """10 SIGKILLs at seeded random points of one training (mid-step, mid-write of a checkpoint, just before a
+    rename), $TMPDIR alternating between the run's filesystem and /dev/shm; after the last kill the same command
+    runs to the end. Losses equal an uninterrupted run's bit for bit, metrics.csv has one row per step, and no
+    temp file is left in the run or in either $TMPDIR. (Before the atomic writer: a kill halfway through the
+    last.ckpt copy from $TMPDIR left a half last.ckpt, and the next run died on a zip error.)"""
+    points = kill_points(FAULT_SEED, 10, replaces_per_save=4)
+    print(f"FAULT_SEED={FAULT_SEED} kill points: {points}")
+    run = tmp_path / "run"
+    args = run_args(shards, run, KILL_STEPS)
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    kill_and_relaunch(args, run, points, tmpdirs, threads)
+    result = cli(args, env={"TMPDIR": str(tmpdirs[0])})
+    assert result.returncode == 0, f"FAULT_SEED={FAULT_SEED}: {result.stderr[-3000:]}"
+    assert losses(run) == long_reference, f"FAULT_SEED={FAULT_SEED}"
+    assert_one_row_per_step(run, KILL_STEPS)
+    assert_no_temp_files(run)
+    assert_tmpdirs_empty(tmpdirs)
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(shards, reference, four_steps, tmp_path):
@@ -376,26 +431,49 @@ def test_damaged_shard_sets_are_refused_before_training(three_shards, tmp_path):
 
 # --- the same under DeepSpeed ZeRO-1 on two processes ------------------------------------------------------------
 
+DEEPSPEED_KILLS = 6
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_deepspeed_kill_mid_save_resumes_exactly(shards, tmp_path):
-    """ZeRO-1 on two CPU processes, rank 0 killed halfway through writing its step-4 shard file (the kill leaves
-    rank 1 alone; the test ends the process group like a scheduler would): the re-run resumes from the step-2
-    checkpoint through the `last.ckpt` link, and its losses and metrics rows equal an uninterrupted run's."""
+def test_deepspeed_random_kills_resume_exactly_and_damaged_files_are_named(shards, tmp_path, tmpdirs):
+    """ZeRO-1 on two CPU processes: seeded random kills of the launching rank (mid-step, halfway through one of its
+    shard files, before a rename: a shard file, its checksum, the last.ckpt link), $TMPDIR on either filesystem,
+    the whole process group ended after each. The same command then runs to the end with losses and metrics rows
+    equal to an uninterrupted run's. Then a byte flipped in the newest checkpoint's rank-1 optimizer file: the
+    next resume names the file (its sha256 differs from the one written beside it) and uses the previous one."""
     deepspeed = ["strategy=deepspeed_zero1", "trainer.devices=2", "trainer.accelerator=cpu"]
+    one_thread = {"OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
-    assert cli(run_args(shards, straight, STEPS, *deepspeed), env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    assert cli(run_args(shards, straight, KILL_STEPS, *deepspeed), env=one_thread).returncode == 0
+    points = kill_points(FAULT_SEED + 1, DEEPSPEED_KILLS, replaces_per_save=5)
+    print(f"FAULT_SEED={FAULT_SEED} DeepSpeed kill points: {points}")
     run = tmp_path / "run"
-    killed = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_runner.py"), "3",
-                               *run_args(shards, run, STEPS, *deepspeed)], cwd=REPO, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
-    assert killed.wait(timeout=600) == -signal.SIGKILL
-    os.killpg(killed.pid, signal.SIGKILL)  # rank 1, started by rank 0, would otherwise wait for its peer
-    assert not (run / "checkpoints" / "step-00000004.ckpt" / "latest").exists()  # the save was interrupted
-    result = cli(run_args(shards, run, STEPS, *deepspeed), env={"OMP_NUM_THREADS": "1"})
+    args = run_args(shards, run, KILL_STEPS, *deepspeed)
+    kill_and_relaunch(args, run, points, tmpdirs, one_thread)
+    result = cli(args, env={**one_thread, "TMPDIR": str(tmpdirs[1])})
+    assert result.returncode == 0, f"FAULT_SEED={FAULT_SEED}: {result.stderr[-3000:]}"
+    assert "resuming from" in result.stdout + result.stderr
+    assert losses(run) == losses(straight), f"FAULT_SEED={FAULT_SEED}"
+    assert_one_row_per_step(run, KILL_STEPS)
+    assert_no_temp_files(run)
+    assert_tmpdirs_empty(tmpdirs)
+    newest = run / "checkpoints" / f"step-{KILL_STEPS:08d}.ckpt"
+    assert os.readlink(run / "checkpoints" / "last.ckpt") == newest.name
+    files = sorted((newest / "checkpoint").glob("*.pt"))
+    assert files and all((f.parent / (f.name + ".sha256")).is_file() for f in files)  # each file has its checksum
+
+    damaged = newest / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(damaged, "r+b") as f:  # inside the tensor data: it still unpickles, only the checksum sees it
+        f.seek(f.seek(0, os.SEEK_END) * 3 // 4)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    previous = run / "checkpoints" / f"step-{KILL_STEPS - 2:08d}.ckpt"
+    result = cli(run_args(shards, run, KILL_STEPS, *deepspeed), env=one_thread)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step 2)" in result.stdout + result.stderr
-    assert "step-00000004.ckpt: incomplete" in result.stdout + result.stderr  # reported, not used
-    assert losses(run) == losses(straight)
-    assert_one_row_per_step(run)
-    assert os.readlink(run / "checkpoints" / "last.ckpt") == "step-00000006.ckpt"
+    output = result.stdout + result.stderr
+    assert (f"not resuming from {newest}: checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt: its sha256"
+            in output), output[-3000:]
+    assert f"resuming from {previous} (step {KILL_STEPS - 2})" in output
+    assert losses(run) == losses(straight)  # the last two steps trained again, to the same losses
+    assert_one_row_per_step(run, KILL_STEPS)
