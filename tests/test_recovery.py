@@ -307,26 +307,48 @@ def test_damaged_or_missing_last_ckpt_resumes_from_the_newest_good_one(shards, r
 
 # --- 4. one run per output_dir; changed settings on resume ------------------------------------------------------
 
-def test_second_launch_on_a_live_output_dir_fails_and_a_dead_holder_does_not_block(shards, four_steps, tmp_path):
-    run = copy_run(four_steps, tmp_path, "locked")
+def snapshot(directory: Path) -> dict[str, tuple]:
+    """Every entry under ``directory`` (itself included) with its kind, size, mtime and content."""
+    entries = {}
+    for path in [directory, *sorted(directory.rglob("*"))]:
+        info = path.lstat()
+        content = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+        entries[str(path.relative_to(directory))] = (stat.S_IFMT(info.st_mode), info.st_size, info.st_mtime_ns, content)
+    return entries
+
+
+def test_second_launch_on_a_live_output_dir_changes_nothing_and_fails(shards, tmp_path):
+    """A run started from the command line (it has Hydra's .hydra/ record and job log) holds its output_dir; a
+    second launch of the same command fails naming the holder and leaves every file, directory and timestamp of the
+    live run as it was (Hydra used to rewrite .hydra/ and open the job log before the lock was taken). Once the
+    holder is gone (SIGKILL: the lock file stays, the kernel drops the lock) the same command resumes."""
+    run = tmp_path / "locked"
+    first = cli(run_args(shards, run, 2))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "pretrain.log").is_file()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pretrain.run_lock import RunLock; "
          f"lock = RunLock({str(run)!r}).__enter__(); print('locked', flush=True); time.sleep(600)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(run)
         started = time.monotonic()
-        result = cli(run_args(shards, run))
-        elapsed = time.monotonic() - started
+        result = cli(run_args(shards, run, 4, "optim.lr=0.5"))
+        print(f"second launch refused after {time.monotonic() - started:.1f} s")
         assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert f"is in use by another run (pid {holder.pid} on " in result.stderr
-        assert elapsed < 120, elapsed  # refused before any training, not after
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"is in use by another run (pid {holder.pid} on " in errors[0], result.stderr
+        assert "Trainer" not in result.stderr + result.stdout  # refused before anything was built
+        assert snapshot(run) == before
     finally:
-        holder.kill()  # SIGKILL: the lock file stays, the kernel drops the lock
+        holder.kill()
         holder.wait()
     assert (run / ".lock").is_file()
-    result = cli(run_args(shards, run))
+    result = cli(run_args(shards, run, 4))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout + result.stderr
+    assert_one_row_per_step(run, 4)
 
 
 def test_changed_optimisation_settings_stop_the_resume_unless_allowed(shards, four_steps, tmp_path):
@@ -373,6 +395,50 @@ def three_shards(shards, tmp_path_factory) -> Path:
                     str(root / "tok"), "--out", str(out), "--seq-len", "64", "--workers", "1", "--shard-size", "500"],
                    check=True, capture_output=True, cwd=REPO)
     return out
+
+
+def test_full_disk_while_writing_shards_leaves_nothing_trusted_and_a_rerun_completes(shards, three_shards, tmp_path):
+    """`data_prep shards` with --out on a small tmpfs that fills up while the second shard is written: one error
+    line naming the shard and what to do, exit 2, no manifest and no temp file left (nothing a reader would
+    trust); once space is back the same command resumes after the finished shard and produces the same shards as
+    a run that never failed."""
+    import json
+
+    from data_prep import shard_format as sf
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    page = 4096
+    pages = lambda n: -(-n // page) * page  # noqa: E731  (tmpfs charges whole pages)
+    tokenizer = sum(pages(p.stat().st_size) for p in (three_shards / sf.TOKENIZER_SUBDIR).rglob("*") if p.is_file())
+    first = pages((three_shards / "shard-00000.bin").stat().st_size)
+    size = tokenizer + first + 2 * page + first // 2  # the tokenizer copy, shard 0, progress.json, half of shard 1
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN); not available here")
+    try:
+        out = mount / "shards"
+        root = shards.parent
+        command = [sys.executable, "-m", "data_prep", "shards", "--input", str(root / "corpus.jsonl"), "--tokenizer",
+                   str(root / "tok"), "--out", str(out), "--seq-len", "64", "--workers", "1", "--shard-size", "500"]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, result.stderr
+        assert f"{out / 'shard-00001.bin'}: No space left on device" in errors[0] and "re-run the same command" in errors[0]
+        assert not (out / sf.MANIFEST_NAME).exists()
+        assert not [p for p in out.rglob("*") if p.name.endswith(sf.TMP_SUFFIX)]
+        assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.bin"]  # complete, listed in progress
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resuming after 1 verified shards" in result.stderr + result.stdout
+        manifest = json.loads((out / sf.MANIFEST_NAME).read_text())
+        reference = json.loads((three_shards / sf.MANIFEST_NAME).read_text())
+        assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 def test_damaged_shard_sets_are_refused_before_training(three_shards, tmp_path):
@@ -427,6 +493,51 @@ def test_damaged_shard_sets_are_refused_before_training(three_shards, tmp_path):
     with pytest.raises(DataPrepError, match=r"shard .*shard-0000\d\.bin is corrupted: sha256"):
         train(compose_config(run_args(flipped, run, 4)))
     assert not list(run.glob("checkpoints/*.ckpt"))
+
+
+def test_ranks_wait_for_the_shard_hashes_together_in_bounded_slices(three_shards, monkeypatch):
+    """Before a checkpoint every rank waits with rank 0 (which hashes) in slices, each closed by one exchange (a
+    collective in training), so no rank sits in a collective while the corpus is hashed. The hashing is held back
+    until the third exchange: the wait went through at least three slices, then passed on both ranks' sides; a
+    failed shard stops every rank, the others naming it too."""
+    import threading
+
+    from data_prep import shard_format as sf
+    from data_prep.errors import DataPrepError
+    from data_prep.reader import ResumableDistributedSampler, ShardedDataset
+    from data_prep.shard_hashes import LazyShardHasher, verify_used_together
+
+    release = threading.Event()
+    real_sha256 = sf.file_sha256
+
+    def held_back_sha256(path, *args, **kwargs):
+        release.wait()
+        return real_sha256(path, *args, **kwargs)
+
+    monkeypatch.setattr(sf, "file_sha256", held_back_sha256)
+    dataset = ShardedDataset(three_shards)
+    order = ResumableDistributedSampler(len(dataset), seed=0, endless=True).order
+    hasher = LazyShardHasher(dataset, order, 0)
+    exchanges = []
+
+    def exchange(done, failed):  # rank 0's side of the collective; the other rank always reports (True, None)
+        exchanges.append((done, failed))
+        if len(exchanges) == 3:
+            release.set()
+        return done, failed
+
+    shard_path = lambda s: dataset.path / dataset.shards[s]["file"]  # noqa: E731
+    verify_used_together(hasher, 600, exchange, shard_path, slice_s=0.01)
+    assert len(exchanges) >= 4 and exchanges[:3] == [(False, None)] * 3 and exchanges[-1] == (True, None)
+    assert hasher.checked_upto == 600
+    verify_used_together(None, 600, lambda done, failed: (True, None), shard_path, slice_s=0.01)  # rank 1's side
+
+    dataset.shards[2]["sha256"] = "0" * 64  # as if shard 2 were damaged
+    hasher = LazyShardHasher(dataset, order, 0)
+    with pytest.raises(DataPrepError, match=r"shard-00002\.bin is corrupted: sha256"):
+        verify_used_together(hasher, len(dataset), lambda done, failed: (done, failed), shard_path, slice_s=0.01)
+    with pytest.raises(DataPrepError, match=r"shard-00002\.bin failed its sha256 check on global rank 0"):
+        verify_used_together(None, len(dataset), lambda done, failed: (False, 2), shard_path, slice_s=0.01)
 
 
 # --- the same under DeepSpeed ZeRO-1 on two processes ------------------------------------------------------------
