@@ -106,6 +106,11 @@ def _complete(path: Path) -> bool:
     return path.is_file()
 
 
+def _interrupted_save(path: Path) -> bool:
+    """A DeepSpeed checkpoint directory whose save never finished (DeepSpeed writes ``latest`` last)."""
+    return path.is_dir() and not path.is_symlink() and not (path / "latest").exists()
+
+
 def resume_candidates(output_dir: Path) -> list[Path]:
     """Every resumable checkpoint name in ``output_dir``, in tie-break order: ``checkpoints/last.ckpt``, SLURM's
     ``hpc_ckpt_N.ckpt``, then ``checkpoints/step-N.ckpt`` (a dangling ``last.ckpt`` link is listed too, so that
@@ -145,7 +150,8 @@ def _step_or_reason(path: Path) -> tuple[int | None, str]:
 def newest_checkpoint(output_dir: Path) -> ResumePoint | None:
     """The newest checkpoint that is complete and reads back (highest step; on a tie ``last.ckpt``, then
     ``hpc_ckpt_N``, then ``step-N``). Damaged ones are skipped and listed in ``skipped``; when checkpoints exist
-    but none is usable this raises instead of letting the run start again from step 0."""
+    but none is usable this raises instead of letting the run start again from step 0 (unless they are all
+    DeepSpeed saves that never finished: then no checkpoint was ever complete, and the run starts from step 0)."""
     output_dir = Path(output_dir)
     usable: list[tuple[int, int, Path]] = []
     bad: list[tuple[Path, str]] = []
@@ -164,6 +170,12 @@ def newest_checkpoint(output_dir: Path) -> ResumePoint | None:
             bad.append((path, str(err).removeprefix(f"{path}: ")))
             continue
         return ResumePoint(path, step, bad)
+    if bad and all(_interrupted_save(p) for p, _ in bad):
+        # only saves that never completed (a kill during the first DeepSpeed save): nothing to resume, like the
+        # temp file of an interrupted file save; the directories are reported and re-written when reached again
+        for path, why in bad:
+            log.warning("not resuming from %s: %s; starting from step 0", path, why)
+        return None
     if bad:
         listing = "\n  - ".join(f"{p}: {why}" for p, why in bad)
         raise CheckpointError(

@@ -305,6 +305,26 @@ def test_damaged_or_missing_last_ckpt_resumes_from_the_newest_good_one(shards, r
     assert (none_left / "metrics.csv").read_bytes() == before  # nothing restarted from step 0
 
 
+def test_an_interrupted_first_deepspeed_save_starts_from_step_0_but_damage_stops(tmp_path, caplog):
+    """A kill during the first DeepSpeed save leaves a step-N.ckpt/ directory without `latest` and no other
+    checkpoint: nothing was ever saved completely, so the run starts from step 0 (saying so), like after an
+    interrupted file save. Beside a complete checkpoint that is damaged, the same directory does not hide the
+    damage: the run stops and lists both."""
+    from pretrain.checkpoints import newest_checkpoint
+
+    run = tmp_path / "run"
+    interrupted = run / "checkpoints" / "step-00000002.ckpt" / "checkpoint"
+    interrupted.mkdir(parents=True)
+    torch.save({"global_step": 2, "dp_world_size": 2}, interrupted / "mp_rank_00_model_states.pt")
+    assert newest_checkpoint(run) is None
+    assert "step-00000002.ckpt: incomplete" in caplog.text and "starting from step 0" in caplog.text
+
+    (run / "checkpoints" / "step-00000004.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="holds checkpoints but none can be resumed") as err:
+        newest_checkpoint(run)
+    assert "step-00000004.ckpt" in str(err.value) and "step-00000002.ckpt: incomplete" in str(err.value)
+
+
 # --- 4. one run per output_dir; changed settings on resume ------------------------------------------------------
 
 def snapshot(directory: Path) -> dict[str, tuple]:
