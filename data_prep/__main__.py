@@ -8,6 +8,7 @@ dependency of one stage does not break the others.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -43,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except DataPrepError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a quota, a permission: what to do, no traceback
+        where = f"{err.filename}: " if err.filename else ""
+        hint = ("free space there (or choose another --out), then re-run the same command: finished shards are kept "
+                "and it resumes" if err.errno in (errno.ENOSPC, errno.EDQUOT) else
+                "check the path and its permissions, then re-run the same command")
+        print(f"error: {where}{err.strerror or err}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; re-run the same command to resume", file=sys.stderr)

@@ -395,7 +395,11 @@ def _install_tokenizer(out: Path, tok) -> None:
     tmp = out / (sf.TOKENIZER_SUBDIR + sf.TMP_SUFFIX)
     if tmp.exists():
         shutil.rmtree(tmp)
-    tok.copy_files(tmp)
+    try:
+        tok.copy_files(tmp)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

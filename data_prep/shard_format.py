@@ -146,13 +146,17 @@ def write_shard(path: Path, index: int, input_ids: np.ndarray, flags: np.ndarray
     header = ShardHeader(FORMAT_VERSION, input_ids.dtype.itemsize, seq_len, n_seq, index)
     digest = hashlib.sha256()
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        for chunk in (header.pack(), np.ascontiguousarray(input_ids).data, np.ascontiguousarray(flags).data):
-            digest.update(chunk)
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in (header.pack(), np.ascontiguousarray(input_ids).data, np.ascontiguousarray(flags).data):
+                digest.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk: the partial temp file goes (it holds the space), the error names the shard
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     fsync_dir(path.parent)
     content = int(np.count_nonzero((flags & SPECIAL) == 0))
     return {

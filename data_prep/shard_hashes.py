@@ -7,17 +7,28 @@ position), and the training side asks two things: at each step, whether a hash h
 look-up); before each checkpoint, that every shard used since the previous checkpoint is verified (it waits for
 those hashes), so a checkpoint never holds weights trained on data that failed its checksum. A failure is a
 :class:`DataPrepError` naming the shard and what to do.
+
+With a shuffled global order nearly every shard is used within the first steps, so the first checkpoint waits
+until the whole corpus is hashed (about 15 min per TB on one core). Only global rank 0 hashes; in a multi-rank run
+the others would meanwhile sit in the checkpoint's first collective operation, whose timeout (30 min by default)
+a large corpus exceeds. :func:`verify_used_together` makes all ranks wait together instead, in slices of at most
+``slice_s`` seconds, each closed by one small collective that shares "done?" and "which shard failed?": no rank
+ever waits inside a collective for longer than a slice, and a failed hash stops every rank with the same message.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
 from data_prep import shard_format as sf
 from data_prep.errors import DataPrepError
+
+log = logging.getLogger(__name__)
+WAIT_SLICE_S = 60.0  # the longest a rank waits inside one collective for rank 0's hashes
 
 
 class LazyShardHasher:
@@ -72,15 +83,37 @@ class LazyShardHasher:
 
     def verify_used(self, consumed: int) -> None:
         """Wait until every shard used at positions [checked_upto, consumed) is hashed; raise on a mismatch."""
+        done, failed = self.poll_used(consumed, timeout=None)
+        assert done or failed is not None
+        if failed is not None:
+            raise DataPrepError(self.problem(failed))
+
+    def poll_used(self, consumed: int, timeout: float | None) -> tuple[bool, int | None]:
+        """Wait at most ``timeout`` seconds (None: until done) for the hashes of the shards used at positions
+        [checked_upto, consumed). Returns (all of them hashed and matching, the first failed shard or None),
+        without raising, so that a caller can share the outcome with the other ranks first."""
         if consumed > self.checked_upto:
             needed = self._used(range(self.checked_upto, consumed))
             with self._done:
-                self._done.wait_for(lambda: needed <= self._results.keys())
-            for s in sorted(needed):
-                if self._results[s]:
-                    raise DataPrepError(self._results[s])
+                self._done.wait_for(lambda: needed <= self._results.keys() or self._failed() is not None, timeout)
+                known = needed & self._results.keys()
+            failed = next((s for s in sorted(known) if self._results[s]), self._failed())
+            if failed is not None or known != needed:
+                return False, failed
             self.checked_upto = consumed
-        self.raise_if_failed()
+        return self._failed() is None, self._failed()
+
+    def pending(self, consumed: int) -> int:
+        """How many of the shards used at positions [checked_upto, consumed) are not hashed yet."""
+        if consumed <= self.checked_upto:
+            return 0
+        return len(self._used(range(self.checked_upto, consumed)) - self._results.keys())
+
+    def problem(self, shard: int) -> str:
+        return self._results.get(shard) or f"shard {self.dataset.path / self.dataset.shards[shard]['file']} failed"
+
+    def _failed(self) -> int | None:
+        return next((s for s, problem in sorted(self._results.items()) if problem), None)
 
     def _used(self, positions: Iterable[int], chunk: int = 1 << 20) -> set[int]:
         positions = range(positions.start, positions.stop)
@@ -91,3 +124,33 @@ class LazyShardHasher:
             if len(used) == len(self.dataset.shards):
                 break
         return used
+
+
+Exchange = Callable[[bool, "int | None"], "tuple[bool, int | None]"]
+
+
+def verify_used_together(hasher: LazyShardHasher | None, consumed: int, exchange: Exchange, shard_path,
+                         slice_s: float = WAIT_SLICE_S) -> None:
+    """Before a checkpoint, on every rank of a multi-rank run: wait until the shards trained on are verified.
+
+    ``hasher`` is rank 0's (None on the others); ``exchange(done, failed_shard)`` is a collective over all ranks
+    returning (done on every rank, a failed shard if any rank saw one); ``shard_path(s)`` names shard ``s``. Every
+    rank loops: rank 0 waits at most ``slice_s`` for its hashes, then all exchange their state, so no collective
+    waits longer than a slice however large the corpus. A failed shard raises :class:`DataPrepError` everywhere.
+    """
+    waited = 0
+    while True:
+        done, failed = hasher.poll_used(consumed, slice_s) if hasher is not None else (True, None)
+        done, failed = exchange(done, failed)
+        if failed is not None:
+            raise DataPrepError(hasher.problem(failed) if hasher is not None else
+                                f"shard {shard_path(failed)} failed its sha256 check on global rank 0 (see its error)")
+        if done:
+            if hasher is not None:
+                hasher.checked_upto = max(hasher.checked_upto, consumed)
+            return
+        waited += 1
+        if hasher is not None and (waited in (1, 2, 5) or waited % 10 == 0):
+            log.info("checkpoint: waiting for the sha256 of %s shards trained on (background check of data.path; "
+                     "the first checkpoint waits for nearly the whole corpus)",
+                     hasher.pending(consumed) if hasher is not None else "the")

@@ -11,7 +11,10 @@ checkpoints are untouched.
 
 DeepSpeed writes its checkpoint directories itself (each ``step-N.ckpt/`` is new, and ``latest`` is written last),
 and ``last.ckpt`` is then a link to the newest: Lightning re-creates it by deleting the old link first. Here the new
-link is made under a temp name and renamed over the old one, so ``last.ckpt`` never disappears.
+link is made under a temp name and renamed over the old one, so ``last.ckpt`` never disappears. Each rank's files
+go through DeepSpeed's checkpoint engine, which is given the same writer: every ``*.pt`` of a DeepSpeed checkpoint
+is written atomically and gets its own ``NAME.pt.sha256`` beside it, written by the rank that wrote the file (no
+rank re-reads another's files, and no collective is added to the save).
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def checksum_problem(checkpoint: Path) -> str | None:
     """Why ``checkpoint`` does not match the sha256 recorded when it was written, or None (also when none was
-    recorded: older checkpoints, DeepSpeed directories)."""
+    recorded: checkpoints from older versions; a DeepSpeed directory is checked file by file)."""
     record = checksum_path(checkpoint)
     if not checkpoint.is_file() or not record.is_file():
         return None
@@ -120,14 +123,41 @@ def checksum_problem(checkpoint: Path) -> str | None:
 
 
 def remove_stale_temps(directory: Path) -> list[Path]:
-    """Delete temp files a killed save left in ``directory`` (only ours: ``.<name>.ckpt.tmp-<pid>``)."""
+    """Delete temp files a killed save left in ``directory`` (only ours: ``.<name>.tmp-<pid>`` beside a checkpoint,
+    its checksum or a DeepSpeed shard file inside ``step-N.ckpt/checkpoint/``)."""
     removed = []
     if directory.is_dir():
-        for path in directory.glob(f".*.ckpt{TEMP_MARK}*"):
-            if path.is_file() or path.is_symlink():
-                path.unlink(missing_ok=True)
-                removed.append(path)
+        for pattern in (f".*{TEMP_MARK}*", f"*.ckpt/*/.*{TEMP_MARK}*"):
+            for path in directory.glob(pattern):
+                if path.is_file() or path.is_symlink():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
     return removed
+
+
+class ChecksummedEngineSave:
+    """Wraps a DeepSpeed checkpoint engine so that each file it saves goes through :func:`save_atomic` (temp file
+    in the destination directory, fsync, rename, ``NAME.sha256`` beside it); everything else is delegated."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def save(self, state_dict, path) -> None:
+        save_atomic(state_dict, path)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+
+def checksum_deepspeed_saves(strategy) -> None:
+    """Give a DeepSpeed strategy's engine the checksummed atomic writer (no-op for other strategies)."""
+    engine = getattr(strategy, "deepspeed_engine", None)
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None or isinstance(checkpoint_engine, ChecksummedEngineSave):
+        return
+    if type(checkpoint_engine).__name__ != "TorchCheckpointEngine":
+        return  # Nebula / decoupled engines write elsewhere or asynchronously: left as configured
+    engine.checkpoint_engine = ChecksummedEngineSave(checkpoint_engine)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -180,7 +210,8 @@ def replace_link(target: str, linkpath: str) -> None:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` with an atomic ``last.ckpt`` link, and the step's metrics row written before its checkpoint.
+    """``ModelCheckpoint`` with an atomic ``last.ckpt`` link, checksummed DeepSpeed files, and the step's metrics row
+    written before its checkpoint.
 
     Lightning saves checkpoints in ``on_train_batch_end`` and writes that step's metrics only afterwards; a kill
     in between lost the step's ``metrics.csv`` row for good (a resume starts after it). At a checkpoint step the
@@ -194,6 +225,10 @@ class RunCheckpoint(ModelCheckpoint):
         if saving:
             _log_step_to_csv(trainer, pl_module)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        super().on_fit_start(trainer, pl_module)
+        checksum_deepspeed_saves(trainer.strategy)
 
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:

@@ -78,9 +78,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 def verify_checkpoint(path: Path) -> None:
     """Restricted-read every file of a checkpoint before Lightning or DeepSpeed reads it (DeepSpeed unpickles its
-    shard files with ``weights_only=False``): a crafted or damaged shard is refused here, naming the file. A file
-    checkpoint is also compared with the sha256 recorded beside it when it was written (flipped bytes inside a
-    tensor read back without error otherwise)."""
+    shard files with ``weights_only=False``): a crafted or damaged shard is refused here, naming the file. Each
+    file is also compared with the sha256 recorded beside it when it was written (flipped bytes inside a tensor
+    read back without error otherwise): the checkpoint file itself, or every ``*.pt`` of a DeepSpeed directory."""
     from pretrain.checkpoint_io import checksum_problem
 
     path = Path(path)
@@ -89,6 +89,10 @@ def verify_checkpoint(path: Path) -> None:
         raise CheckpointError(f"{path}: {problem}")
     if is_deepspeed_checkpoint(path):
         files = sorted((path / DEEPSPEED_TAG).glob("*.pt"))
+        for file in files:
+            problem = checksum_problem(file)
+            if problem:
+                raise CheckpointError(f"{path}: {file.relative_to(path)}: {problem}")
         for file in files:
             _load(file, deepspeed=True)
     else:
@@ -100,6 +104,11 @@ def _complete(path: Path) -> bool:
     if path.is_dir():
         return (path / "latest").is_file() and (path / DEEPSPEED_TAG).is_dir()
     return path.is_file()
+
+
+def _interrupted_save(path: Path) -> bool:
+    """A DeepSpeed checkpoint directory whose save never finished (DeepSpeed writes ``latest`` last)."""
+    return path.is_dir() and not path.is_symlink() and not (path / "latest").exists()
 
 
 def resume_candidates(output_dir: Path) -> list[Path]:
@@ -141,7 +150,8 @@ def _step_or_reason(path: Path) -> tuple[int | None, str]:
 def newest_checkpoint(output_dir: Path) -> ResumePoint | None:
     """The newest checkpoint that is complete and reads back (highest step; on a tie ``last.ckpt``, then
     ``hpc_ckpt_N``, then ``step-N``). Damaged ones are skipped and listed in ``skipped``; when checkpoints exist
-    but none is usable this raises instead of letting the run start again from step 0."""
+    but none is usable this raises instead of letting the run start again from step 0 (unless they are all
+    DeepSpeed saves that never finished: then no checkpoint was ever complete, and the run starts from step 0)."""
     output_dir = Path(output_dir)
     usable: list[tuple[int, int, Path]] = []
     bad: list[tuple[Path, str]] = []
@@ -160,6 +170,12 @@ def newest_checkpoint(output_dir: Path) -> ResumePoint | None:
             bad.append((path, str(err).removeprefix(f"{path}: ")))
             continue
         return ResumePoint(path, step, bad)
+    if bad and all(_interrupted_save(p) for p, _ in bad):
+        # only saves that never completed (a kill during the first DeepSpeed save): nothing to resume, like the
+        # temp file of an interrupted file save; the directories are reported and re-written when reached again
+        for path, why in bad:
+            log.warning("not resuming from %s: %s; starting from step 0", path, why)
+        return None
     if bad:
         listing = "\n  - ".join(f"{p}: {why}" for p, why in bad)
         raise CheckpointError(

@@ -11,7 +11,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from data_prep.reader import ResumableDistributedSampler, ShardedDataset
-from data_prep.shard_hashes import LazyShardHasher
+from data_prep.shard_hashes import LazyShardHasher, verify_used_together
 from pretrain.settings import DataSettings, SettingsError
 
 
@@ -62,9 +62,32 @@ class ShardDataModule(L.LightningDataModule):
         """The data position, for a checkpoint: first every shard trained on since the previous checkpoint must
         have passed its sha256 (this waits for the background hashes), so no checkpoint holds weights trained on
         a damaged shard."""
-        if self.hasher is not None:
-            self.hasher.verify_used(self.consumed)
+        self._verify_trained_shards()
         return {"consumed": self.consumed, "seed": self.settings.seed, "num_samples": len(self.train_set)}
+
+    def _verify_trained_shards(self) -> None:
+        """Rank 0 hashes the shards; in a multi-rank run every rank waits with it, in bounded slices (see
+        ``data_prep.shard_hashes.verify_used_together``), instead of sitting in the save's first collective."""
+        import torch
+        import torch.distributed as dist
+
+        if self.settings.verify != "fast":
+            return
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            if self.hasher is not None:
+                self.hasher.verify_used(self.consumed)
+            return
+        device = trainer.strategy.root_device
+
+        def exchange(done: bool, failed: int | None) -> tuple[bool, int | None]:
+            state = torch.tensor([0 if done else 1, -1 if failed is None else failed], dtype=torch.int64,
+                                 device=device)
+            dist.all_reduce(state, op=dist.ReduceOp.MAX)
+            return int(state[0]) == 0, (None if int(state[1]) < 0 else int(state[1]))
+
+        verify_used_together(self.hasher, self.consumed, exchange,
+                             lambda s: self.train_set.path / self.train_set.shards[s]["file"])
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_samples") != len(self.train_set) or state.get("seed") != self.settings.seed:

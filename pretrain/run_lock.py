@@ -10,6 +10,11 @@ holder's pid, host and command are written into the file only to name it in the 
 Every rank of one run belongs to the same run, so only the launching process takes the lock: global rank 0 as
 told by the launcher's environment (``RANK`` from torchrun, ``SLURM_PROCID`` under srun, ``LOCAL_RANK`` set by
 Lightning for the processes it starts itself); the other ranks run under its lock.
+
+The command line takes the lock before Hydra writes its record (``.hydra/``, the job log) into ``output_dir``
+(:mod:`pretrain.hydra_callbacks`), so a second launch changes nothing in a live run directory; ``train()`` takes it
+again, which within the holding process only counts a nesting level (POSIX locks belong to the process: a second
+``lockf`` on another descriptor would succeed, and closing either descriptor would drop the lock).
 """
 
 from __future__ import annotations
@@ -42,15 +47,24 @@ def launching_process() -> bool:
     return True
 
 
+_held: dict[Path, list] = {}  # lock file -> [descriptor, nesting level], for the locks this process holds
+
+
 class RunLock:
-    """``with RunLock(output_dir):`` holds the lock (a no-op on ranks other than the launching one)."""
+    """``with RunLock(output_dir):`` holds the lock (a no-op on ranks other than the launching one; nested uses in
+    the holding process share the first one's lock)."""
 
     def __init__(self, output_dir: str | os.PathLike) -> None:
         self.path = Path(output_dir) / LOCK_NAME
+        self._key = Path(os.path.abspath(self.path))
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
         if not launching_process():
+            return self
+        if self._key in _held:
+            _held[self._key][1] += 1
+            self._fd = _held[self._key][0]
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -72,9 +86,15 @@ class RunLock:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                       f"{command}\n".encode(), 0)
         self._fd = fd
+        _held[self._key] = [fd, 1]
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the lock; the file stays (deleting it would race a new holder)
-            self._fd = None
+        if self._fd is None:
+            return
+        self._fd = None
+        entry = _held[self._key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held[self._key]
+            os.close(entry[0])  # releases the lock; the file stays (deleting it would race a new holder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import shutil
 import signal
 import stat
@@ -160,34 +161,88 @@ def _deepspeed_dir_with_crafted_shard(directory: Path, marker: Path) -> None:
     (directory / "latest").write_text("checkpoint")
 
 
-# --- 2./5. kills mid-save, $TMPDIR on another filesystem; one metrics row per step --------------------------------
+# --- 2./5. kills at random points (mid-save too), $TMPDIR on either filesystem; one metrics row per step -------
 
-@pytest.mark.parametrize("kill_at", [4])
-def test_kill_mid_save_resumes_exactly(kill_at, shards, reference, tmp_path):
-    """Saves: 1 step-2, 2 last@2, 3 step-4, 4 last@4, ... Killed halfway through the write of save `kill_at` with
-    $TMPDIR on another filesystem (/dev/shm): the re-run resumes from the newest complete checkpoint, its losses
-    equal an uninterrupted run's bit for bit, metrics.csv has one row per step, and no temp file is left anywhere.
-    (Before: kill_at=4 left a half last.ckpt, the next run died on a zip error, a 1.8 MB temp file stayed in
-    $TMPDIR, and the step-4 checkpoint's last metrics row was never written.)"""
+# The kill points are drawn from this seed; a failing run prints it: FAULT_SEED=<seed> pytest ... reproduces it.
+FAULT_SEED = int(os.environ.get("FAULT_SEED") or random.SystemRandom().randrange(1 << 31))
+KILL_STEPS = 24  # each kill lands at most one checkpoint (2 steps) after the launch's resume point: 10 kills < 24
+
+
+def kill_points(seed: int, kills: int, replaces_per_save: int) -> list[str]:
+    """``kills`` fault_runner points: about a third each mid-step, halfway through a checkpoint write, and just
+    before a rename into checkpoints/ (a complete temp file, a checksum file, the last.ckpt link); each lands
+    within the launch's first save or the step after it, so every one fires before the run can end."""
+    rng = random.Random(seed)
+    kinds = ["write"] * (kills - 2 * (kills // 3)) + ["replace", "step"] * (kills // 3)
+    rng.shuffle(kinds)
+    limits = {"step": 3, "write": 3, "replace": replaces_per_save}
+    return [f"{kind}:{rng.randint(1, limits[kind])}" for kind in kinds]
+
+
+def kill_and_relaunch(args: list[str], run: Path, points: list[str], tmpdirs: list[Path], env: dict) -> None:
+    """Launch the run once per kill point (alternating $TMPDIR between ``tmpdirs``), each time SIGKILLed at that
+    point and its whole process group ended (the ranks it started), like a scheduler ending a job."""
+    for i, point in enumerate(points):
+        launch = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_runner.py"), point, *args], cwd=REPO,
+                                  start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "WANDB_MODE": "disabled", **env,
+                                                  "TMPDIR": str(tmpdirs[i % len(tmpdirs)])})
+        _, stderr = launch.communicate(timeout=600)
+        try:
+            os.killpg(launch.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        assert launch.returncode == -signal.SIGKILL, (
+            f"FAULT_SEED={FAULT_SEED}: launch {i} with kill point {point} ended with {launch.returncode}, not "
+            f"killed:\n{stderr[-3000:]}")
+
+
+@pytest.fixture
+def tmpdirs(tmp_path):
+    """$TMPDIR on the run's filesystem and on another one (/dev/shm, a tmpfs)."""
     if not Path("/dev/shm").is_dir():
         pytest.skip("no /dev/shm to put $TMPDIR on another filesystem")
-    tmpdir = Path("/dev/shm") / f"deberta-test-{uuid.uuid4().hex}"
-    tmpdir.mkdir()
-    try:
-        run = tmp_path / "run"
-        killed = cli(run_args(shards, run), runner=[str(REPO / "tests" / "fault_runner.py"), str(kill_at)],
-                     env={"TMPDIR": str(tmpdir)})
-        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-        result = cli(run_args(shards, run), env={"TMPDIR": str(tmpdir)})
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "resuming from" in result.stdout + result.stderr  # not restarted from step 0
-        assert losses(run) == reference
-        assert_one_row_per_step(run)
-        assert_no_temp_files(run)
+    other = Path("/dev/shm") / f"deberta-test-{uuid.uuid4().hex}"
+    same = tmp_path / "tmpdir"
+    other.mkdir()
+    same.mkdir()
+    yield [same, other]
+    shutil.rmtree(other, ignore_errors=True)
+
+
+def assert_tmpdirs_empty(tmpdirs: list[Path]) -> None:
+    for tmpdir in tmpdirs:  # (torch may create an empty torchinductor_USER cache folder there)
         left = [p for p in tmpdir.rglob("*") if p.is_file() and not p.relative_to(tmpdir).parts[0].startswith("torchinductor")]
-        assert left == []  # (torch may create an empty torchinductor_USER cache folder there)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        assert left == [], f"FAULT_SEED={FAULT_SEED}: {left}"
+
+
+@pytest.fixture(scope="module")
+def long_reference(shards, tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of an uninterrupted KILL_STEPS-step run."""
+    run = tmp_path_factory.mktemp("long_reference")
+    train(compose_config(run_args(shards, run, KILL_STEPS)))
+    assert_one_row_per_step(run, KILL_STEPS)
+    return losses(run)
+
+
+def test_random_kills_resume_exactly(shards, long_reference, tmp_path, tmpdirs):
+    """10 SIGKILLs at seeded random points of one training (mid-step, mid-write of a checkpoint, just before a
+    rename), $TMPDIR alternating between the run's filesystem and /dev/shm; after the last kill the same command
+    runs to the end. Losses equal an uninterrupted run's bit for bit, metrics.csv has one row per step, and no
+    temp file is left in the run or in either $TMPDIR. (Before the atomic writer: a kill halfway through the
+    last.ckpt copy from $TMPDIR left a half last.ckpt, and the next run died on a zip error.)"""
+    points = kill_points(FAULT_SEED, 10, replaces_per_save=4)
+    print(f"FAULT_SEED={FAULT_SEED} kill points: {points}")
+    run = tmp_path / "run"
+    args = run_args(shards, run, KILL_STEPS)
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    kill_and_relaunch(args, run, points, tmpdirs, threads)
+    result = cli(args, env={"TMPDIR": str(tmpdirs[0])})
+    assert result.returncode == 0, f"FAULT_SEED={FAULT_SEED}: {result.stderr[-3000:]}"
+    assert losses(run) == long_reference, f"FAULT_SEED={FAULT_SEED}"
+    assert_one_row_per_step(run, KILL_STEPS)
+    assert_no_temp_files(run)
+    assert_tmpdirs_empty(tmpdirs)
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(shards, reference, four_steps, tmp_path):
@@ -250,28 +305,70 @@ def test_damaged_or_missing_last_ckpt_resumes_from_the_newest_good_one(shards, r
     assert (none_left / "metrics.csv").read_bytes() == before  # nothing restarted from step 0
 
 
+def test_an_interrupted_first_deepspeed_save_starts_from_step_0_but_damage_stops(tmp_path, caplog):
+    """A kill during the first DeepSpeed save leaves a step-N.ckpt/ directory without `latest` and no other
+    checkpoint: nothing was ever saved completely, so the run starts from step 0 (saying so), like after an
+    interrupted file save. Beside a complete checkpoint that is damaged, the same directory does not hide the
+    damage: the run stops and lists both."""
+    from pretrain.checkpoints import newest_checkpoint
+
+    run = tmp_path / "run"
+    interrupted = run / "checkpoints" / "step-00000002.ckpt" / "checkpoint"
+    interrupted.mkdir(parents=True)
+    torch.save({"global_step": 2, "dp_world_size": 2}, interrupted / "mp_rank_00_model_states.pt")
+    assert newest_checkpoint(run) is None
+    assert "step-00000002.ckpt: incomplete" in caplog.text and "starting from step 0" in caplog.text
+
+    (run / "checkpoints" / "step-00000004.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="holds checkpoints but none can be resumed") as err:
+        newest_checkpoint(run)
+    assert "step-00000004.ckpt" in str(err.value) and "step-00000002.ckpt: incomplete" in str(err.value)
+
+
 # --- 4. one run per output_dir; changed settings on resume ------------------------------------------------------
 
-def test_second_launch_on_a_live_output_dir_fails_and_a_dead_holder_does_not_block(shards, four_steps, tmp_path):
-    run = copy_run(four_steps, tmp_path, "locked")
+def snapshot(directory: Path) -> dict[str, tuple]:
+    """Every entry under ``directory`` (itself included) with its kind, size, mtime and content."""
+    entries = {}
+    for path in [directory, *sorted(directory.rglob("*"))]:
+        info = path.lstat()
+        content = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+        entries[str(path.relative_to(directory))] = (stat.S_IFMT(info.st_mode), info.st_size, info.st_mtime_ns, content)
+    return entries
+
+
+def test_second_launch_on_a_live_output_dir_changes_nothing_and_fails(shards, tmp_path):
+    """A run started from the command line (it has Hydra's .hydra/ record and job log) holds its output_dir; a
+    second launch of the same command fails naming the holder and leaves every file, directory and timestamp of the
+    live run as it was (Hydra used to rewrite .hydra/ and open the job log before the lock was taken). Once the
+    holder is gone (SIGKILL: the lock file stays, the kernel drops the lock) the same command resumes."""
+    run = tmp_path / "locked"
+    first = cli(run_args(shards, run, 2))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "pretrain.log").is_file()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pretrain.run_lock import RunLock; "
          f"lock = RunLock({str(run)!r}).__enter__(); print('locked', flush=True); time.sleep(600)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(run)
         started = time.monotonic()
-        result = cli(run_args(shards, run))
-        elapsed = time.monotonic() - started
+        result = cli(run_args(shards, run, 4, "optim.lr=0.5"))
+        print(f"second launch refused after {time.monotonic() - started:.1f} s")
         assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert f"is in use by another run (pid {holder.pid} on " in result.stderr
-        assert elapsed < 120, elapsed  # refused before any training, not after
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"is in use by another run (pid {holder.pid} on " in errors[0], result.stderr
+        assert "Trainer" not in result.stderr + result.stdout  # refused before anything was built
+        assert snapshot(run) == before
     finally:
-        holder.kill()  # SIGKILL: the lock file stays, the kernel drops the lock
+        holder.kill()
         holder.wait()
     assert (run / ".lock").is_file()
-    result = cli(run_args(shards, run))
+    result = cli(run_args(shards, run, 4))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout + result.stderr
+    assert_one_row_per_step(run, 4)
 
 
 def test_changed_optimisation_settings_stop_the_resume_unless_allowed(shards, four_steps, tmp_path):
@@ -318,6 +415,50 @@ def three_shards(shards, tmp_path_factory) -> Path:
                     str(root / "tok"), "--out", str(out), "--seq-len", "64", "--workers", "1", "--shard-size", "500"],
                    check=True, capture_output=True, cwd=REPO)
     return out
+
+
+def test_full_disk_while_writing_shards_leaves_nothing_trusted_and_a_rerun_completes(shards, three_shards, tmp_path):
+    """`data_prep shards` with --out on a small tmpfs that fills up while the second shard is written: one error
+    line naming the shard and what to do, exit 2, no manifest and no temp file left (nothing a reader would
+    trust); once space is back the same command resumes after the finished shard and produces the same shards as
+    a run that never failed."""
+    import json
+
+    from data_prep import shard_format as sf
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    page = 4096
+    pages = lambda n: -(-n // page) * page  # noqa: E731  (tmpfs charges whole pages)
+    tokenizer = sum(pages(p.stat().st_size) for p in (three_shards / sf.TOKENIZER_SUBDIR).rglob("*") if p.is_file())
+    first = pages((three_shards / "shard-00000.bin").stat().st_size)
+    size = tokenizer + first + 2 * page + first // 2  # the tokenizer copy, shard 0, progress.json, half of shard 1
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN); not available here")
+    try:
+        out = mount / "shards"
+        root = shards.parent
+        command = [sys.executable, "-m", "data_prep", "shards", "--input", str(root / "corpus.jsonl"), "--tokenizer",
+                   str(root / "tok"), "--out", str(out), "--seq-len", "64", "--workers", "1", "--shard-size", "500"]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, result.stderr
+        assert f"{out / 'shard-00001.bin'}: No space left on device" in errors[0] and "re-run the same command" in errors[0]
+        assert not (out / sf.MANIFEST_NAME).exists()
+        assert not [p for p in out.rglob("*") if p.name.endswith(sf.TMP_SUFFIX)]
+        assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.bin"]  # complete, listed in progress
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resuming after 1 verified shards" in result.stderr + result.stdout
+        manifest = json.loads((out / sf.MANIFEST_NAME).read_text())
+        reference = json.loads((three_shards / sf.MANIFEST_NAME).read_text())
+        assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 def test_damaged_shard_sets_are_refused_before_training(three_shards, tmp_path):
@@ -374,28 +515,96 @@ def test_damaged_shard_sets_are_refused_before_training(three_shards, tmp_path):
     assert not list(run.glob("checkpoints/*.ckpt"))
 
 
+def test_ranks_wait_for_the_shard_hashes_together_in_bounded_slices(three_shards, monkeypatch):
+    """Before a checkpoint every rank waits with rank 0 (which hashes) in slices, each closed by one exchange (a
+    collective in training), so no rank sits in a collective while the corpus is hashed. The hashing is held back
+    until the third exchange: the wait went through at least three slices, then passed on both ranks' sides; a
+    failed shard stops every rank, the others naming it too."""
+    import threading
+
+    from data_prep import shard_format as sf
+    from data_prep.errors import DataPrepError
+    from data_prep.reader import ResumableDistributedSampler, ShardedDataset
+    from data_prep.shard_hashes import LazyShardHasher, verify_used_together
+
+    release = threading.Event()
+    real_sha256 = sf.file_sha256
+
+    def held_back_sha256(path, *args, **kwargs):
+        release.wait()
+        return real_sha256(path, *args, **kwargs)
+
+    monkeypatch.setattr(sf, "file_sha256", held_back_sha256)
+    dataset = ShardedDataset(three_shards)
+    order = ResumableDistributedSampler(len(dataset), seed=0, endless=True).order
+    hasher = LazyShardHasher(dataset, order, 0)
+    exchanges = []
+
+    def exchange(done, failed):  # rank 0's side of the collective; the other rank always reports (True, None)
+        exchanges.append((done, failed))
+        if len(exchanges) == 3:
+            release.set()
+        return done, failed
+
+    shard_path = lambda s: dataset.path / dataset.shards[s]["file"]  # noqa: E731
+    verify_used_together(hasher, 600, exchange, shard_path, slice_s=0.01)
+    assert len(exchanges) >= 4 and exchanges[:3] == [(False, None)] * 3 and exchanges[-1] == (True, None)
+    assert hasher.checked_upto == 600
+    verify_used_together(None, 600, lambda done, failed: (True, None), shard_path, slice_s=0.01)  # rank 1's side
+
+    dataset.shards[2]["sha256"] = "0" * 64  # as if shard 2 were damaged
+    hasher = LazyShardHasher(dataset, order, 0)
+    with pytest.raises(DataPrepError, match=r"shard-00002\.bin is corrupted: sha256"):
+        verify_used_together(hasher, len(dataset), lambda done, failed: (done, failed), shard_path, slice_s=0.01)
+    with pytest.raises(DataPrepError, match=r"shard-00002\.bin failed its sha256 check on global rank 0"):
+        verify_used_together(None, len(dataset), lambda done, failed: (False, 2), shard_path, slice_s=0.01)
+
+
 # --- the same under DeepSpeed ZeRO-1 on two processes ------------------------------------------------------------
 
+DEEPSPEED_KILLS = 6
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_deepspeed_kill_mid_save_resumes_exactly(shards, tmp_path):
-    """ZeRO-1 on two CPU processes, rank 0 killed halfway through writing its step-4 shard file (the kill leaves
-    rank 1 alone; the test ends the process group like a scheduler would): the re-run resumes from the step-2
-    checkpoint through the `last.ckpt` link, and its losses and metrics rows equal an uninterrupted run's."""
+def test_deepspeed_random_kills_resume_exactly_and_damaged_files_are_named(shards, tmp_path, tmpdirs):
+    """ZeRO-1 on two CPU processes: seeded random kills of the launching rank (mid-step, halfway through one of its
+    shard files, before a rename: a shard file, its checksum, the last.ckpt link), $TMPDIR on either filesystem,
+    the whole process group ended after each. The same command then runs to the end with losses and metrics rows
+    equal to an uninterrupted run's. Then a byte flipped in the newest checkpoint's rank-1 optimizer file: the
+    next resume names the file (its sha256 differs from the one written beside it) and uses the previous one."""
     deepspeed = ["strategy=deepspeed_zero1", "trainer.devices=2", "trainer.accelerator=cpu"]
+    one_thread = {"OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
-    assert cli(run_args(shards, straight, STEPS, *deepspeed), env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    assert cli(run_args(shards, straight, KILL_STEPS, *deepspeed), env=one_thread).returncode == 0
+    points = kill_points(FAULT_SEED + 1, DEEPSPEED_KILLS, replaces_per_save=5)
+    print(f"FAULT_SEED={FAULT_SEED} DeepSpeed kill points: {points}")
     run = tmp_path / "run"
-    killed = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_runner.py"), "3",
-                               *run_args(shards, run, STEPS, *deepspeed)], cwd=REPO, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
-    assert killed.wait(timeout=600) == -signal.SIGKILL
-    os.killpg(killed.pid, signal.SIGKILL)  # rank 1, started by rank 0, would otherwise wait for its peer
-    assert not (run / "checkpoints" / "step-00000004.ckpt" / "latest").exists()  # the save was interrupted
-    result = cli(run_args(shards, run, STEPS, *deepspeed), env={"OMP_NUM_THREADS": "1"})
+    args = run_args(shards, run, KILL_STEPS, *deepspeed)
+    kill_and_relaunch(args, run, points, tmpdirs, one_thread)
+    result = cli(args, env={**one_thread, "TMPDIR": str(tmpdirs[1])})
+    assert result.returncode == 0, f"FAULT_SEED={FAULT_SEED}: {result.stderr[-3000:]}"
+    assert "resuming from" in result.stdout + result.stderr
+    assert losses(run) == losses(straight), f"FAULT_SEED={FAULT_SEED}"
+    assert_one_row_per_step(run, KILL_STEPS)
+    assert_no_temp_files(run)
+    assert_tmpdirs_empty(tmpdirs)
+    newest = run / "checkpoints" / f"step-{KILL_STEPS:08d}.ckpt"
+    assert os.readlink(run / "checkpoints" / "last.ckpt") == newest.name
+    files = sorted((newest / "checkpoint").glob("*.pt"))
+    assert files and all((f.parent / (f.name + ".sha256")).is_file() for f in files)  # each file has its checksum
+
+    damaged = newest / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(damaged, "r+b") as f:  # inside the tensor data: it still unpickles, only the checksum sees it
+        f.seek(f.seek(0, os.SEEK_END) * 3 // 4)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    previous = run / "checkpoints" / f"step-{KILL_STEPS - 2:08d}.ckpt"
+    result = cli(run_args(shards, run, KILL_STEPS, *deepspeed), env=one_thread)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step 2)" in result.stdout + result.stderr
-    assert "step-00000004.ckpt: incomplete" in result.stdout + result.stderr  # reported, not used
-    assert losses(run) == losses(straight)
-    assert_one_row_per_step(run)
-    assert os.readlink(run / "checkpoints" / "last.ckpt") == "step-00000006.ckpt"
+    output = result.stdout + result.stderr
+    assert (f"not resuming from {newest}: checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt: its sha256"
+            in output), output[-3000:]
+    assert f"resuming from {previous} (step {KILL_STEPS - 2})" in output
+    assert losses(run) == losses(straight)  # the last two steps trained again, to the same losses
+    assert_one_row_per_step(run, KILL_STEPS)
