@@ -27,10 +27,20 @@ def _fail(message: str) -> None:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from pretrain.interrupt import TrainingInterrupted, resume_command
+    from pretrain.train import train  # heavy imports after Hydra has parsed the command line
+
+    try:
+        _run(train, cfg)
+    except TrainingInterrupted as stop:  # Ctrl-C / SIGTERM: checkpoint saved; one line on how to go on
+        print(f"{stop}; resume with: {resume_command()}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_status)
+
+
+def _run(train, cfg: DictConfig) -> None:
     from data_prep.errors import DataPrepError
     from pretrain.hf import CheckpointError
     from pretrain.model import ConfigError
-    from pretrain.train import train  # heavy imports after Hydra has parsed the command line
 
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         train(cfg)
