@@ -121,6 +121,17 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def select_panels(runs: list[Run]) -> list[Panel]:
+    """The panels with data in at least one run."""
+    panels = []
+    for panel in _panels():
+        if panel.title.startswith("total loss") and all(r.objective == "mlm" for r in runs):
+            continue  # v2: the total is the MLM loss
+        if any(s.column in r.columns for s in panel.series for r in runs):
+            panels.append(panel)
+    return panels
+
+
 def render(runs: list[Run], title: str | None = None, image_format: str = "png") -> bytes:
     """The report figure as bytes of ``image_format``."""
     import matplotlib
@@ -128,12 +139,7 @@ def render(runs: list[Run], title: str | None = None, image_format: str = "png")
     matplotlib.use("Agg")  # files only, no display needed (clusters, CI)
     import matplotlib.pyplot as plt
 
-    panels = []
-    for panel in _panels():
-        if panel.title.startswith("total loss") and all(r.objective == "mlm" for r in runs):
-            continue  # v2: the total is the MLM loss
-        if any(s.column in r.columns for s in panel.series for r in runs):
-            panels.append(panel)
+    panels = select_panels(runs)
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.1 * nrows), squeeze=False)
