@@ -35,6 +35,10 @@ def main(cfg: DictConfig) -> None:
     except TrainingInterrupted as stop:  # Ctrl-C / SIGTERM: checkpoint saved; one line on how to go on
         print(f"{stop}; resume with: {resume_command()}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, export), or pressed twice
+        print(f"SIGINT: stopped without saving; the newest checkpoint (if any) resumes with: {resume_command()}",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def _run(train, cfg: DictConfig) -> None:
