@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 
@@ -27,6 +28,8 @@ def _fail(message: str) -> None:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # matplotlib (imported by the training stack) announces building its font cache once per machine, at INFO
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from pretrain.interrupt import TrainingInterrupted, resume_command
     from pretrain.train import train  # heavy imports after Hydra has parsed the command line
 
