@@ -40,7 +40,6 @@ class Series:
 class Panel:
     title: str
     series: tuple[Series, ...]
-    log_y: bool = False
 
 
 def _panels() -> tuple[Panel, ...]:
@@ -48,7 +47,7 @@ def _panels() -> tuple[Panel, ...]:
         Panel("MLM loss (v3: generator)", (Series("train/mlm_loss", "train"), Series("val/mlm_loss", "validation", "--"))),
         Panel("RTD loss (discriminator)", (Series("train/rtd_loss", "train"), Series("val/rtd_loss", "validation", "--"))),
         Panel("total loss (mlm + rtd_weight x rtd)", (Series("train/loss", "train"), Series("val/loss", "validation", "--"))),
-        Panel("validation perplexity (MLM)", (Series("val/perplexity", "validation", "--"),), log_y=True),
+        Panel("validation perplexity (MLM)", (Series("val/perplexity", "validation", "--"),)),
         Panel("replaced-token AUC", (Series("train/discriminator_auc", "train"),
                                      Series("val/discriminator_auc", "validation", "--"))),
         Panel("replaced-token precision / recall", (Series("train/discriminator_precision", "precision"),
@@ -166,8 +165,6 @@ def render(runs: list[Run], title: str | None = None, image_format: str = "png")
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
-        if panel.log_y:
-            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
