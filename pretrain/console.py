@@ -100,8 +100,10 @@ class StepProgressBar(TQDMProgressBar):
         pass  # the bar spans the run, not an epoch (closed at the end of training)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if self._train_progress_bar is not None:
-            self._train_progress_bar.close()  # before the closing message, not redrawn after it
+        bar = self._train_progress_bar
+        if bar is not None and not bar.disable:
+            _update_n(bar, trainer.global_step)  # the step reached, also between refreshes
+            bar.close()  # before the closing message, not redrawn after it
 
     def get_metrics(self, trainer, pl_module) -> dict[str, str]:
         metrics = trainer.callback_metrics
