@@ -22,8 +22,8 @@ import pytest
 from pretrain import report
 from pretrain.checkpoints import newest_checkpoint
 from pretrain.csv_log import read_rows
-from test_train import REPO, compose_config, read_losses, tiny_run
 from pretrain.train import train
+from test_train import REPO, compose_config, read_losses, tiny_run
 
 MAX_STEPS = 10
 BATCH, SEQ_LEN = 8, 64  # tiny_run's data.batch_size and the shards' sequence length
@@ -117,10 +117,12 @@ def _messages(output: dict) -> list[str]:
     lines = []
     for text in (output["stdout"], output["stderr"]):
         for line in text.split("\n"):
-            line = line.split("\r")[-1] if "train:" not in line.split("\r")[-1] else ""
-            line = LEVEL_PREFIX.sub("", HYDRA_PREFIX.sub("", line)).rstrip()
-            if line:
-                lines.append(line)
+            shown = line.split("\r")[-1]  # what stays on the screen after carriage-return redraws
+            if shown.startswith("train:"):
+                continue  # the progress bar
+            message = LEVEL_PREFIX.sub("", HYDRA_PREFIX.sub("", shown)).rstrip()
+            if message:
+                lines.append(message)
     return lines
 
 
