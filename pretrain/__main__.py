@@ -36,7 +36,8 @@ def main(cfg: DictConfig) -> None:
     try:
         _run(train, cfg)
     except TrainingInterrupted as stop:  # Ctrl-C / SIGTERM: checkpoint saved; one line on how to go on
-        print(f"{stop}; resume with: {resume_command()}", file=sys.stderr, flush=True)
+        if stop.announce:
+            print(f"{stop}; resume with: {resume_command()}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_status)
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, export), or pressed twice
         print(f"SIGINT: stopped without saving; the newest checkpoint (if any) resumes with: {resume_command()}",

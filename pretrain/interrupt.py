@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving ``checkpoint`` at ``step``; re-running the command resumes."""
 
-    def __init__(self, signal_name: str, step: int, max_steps: int, checkpoint: Path | None) -> None:
+    def __init__(self, signal_name: str, step: int, max_steps: int, checkpoint: Path | None,
+                 announce: bool = True) -> None:
         self.signal_name, self.step, self.max_steps, self.checkpoint = signal_name, step, max_steps, checkpoint
+        self.announce = announce  # global rank 0 says how to resume; the other ranks stop quietly
         saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (no step was completed)"
         super().__init__(f"{signal_name}: stopped at step {step}/{max_steps}, {saved}")
 

@@ -199,7 +199,7 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
         except SIGTERMException:  # Ctrl-C or SIGTERM: a checkpoint was saved at the step reached (RunCheckpoint)
             saved = getattr(checkpoint, "interrupt_checkpoint", None)
             raise TrainingInterrupted(interrupt.received or "SIGTERM", trainer.global_step, trainer.max_steps,
-                                      Path(saved) if saved else None) from None
+                                      Path(saved) if saved else None, trainer.is_global_zero) from None
     seconds = time.monotonic() - started
 
     exported: list[Path] = []
