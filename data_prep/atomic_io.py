@@ -38,5 +38,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Like ``write_text_atomic``, with a per-process temp name (two writers of one file never share a temp)."""
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

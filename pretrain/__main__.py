@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 
@@ -27,10 +28,27 @@ def _fail(message: str) -> None:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # matplotlib (imported by the training stack) announces building its font cache once per machine, at INFO
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    from pretrain.interrupt import TrainingInterrupted, resume_command
+    from pretrain.train import train  # heavy imports after Hydra has parsed the command line
+
+    try:
+        _run(train, cfg)
+    except TrainingInterrupted as stop:  # Ctrl-C / SIGTERM: checkpoint saved; one line on how to go on
+        if stop.announce:
+            print(f"{stop}; resume with: {resume_command()}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, export), or pressed twice
+        print(f"SIGINT: stopped without saving; the newest checkpoint (if any) resumes with: {resume_command()}",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def _run(train, cfg: DictConfig) -> None:
     from data_prep.errors import DataPrepError
     from pretrain.hf import CheckpointError
     from pretrain.model import ConfigError
-    from pretrain.train import train  # heavy imports after Hydra has parsed the command line
 
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         train(cfg)

@@ -230,6 +230,22 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_fit_start(trainer, pl_module)
         checksum_deepspeed_saves(trainer.strategy)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """On Lightning's clean stop (SIGTERM, or Ctrl-C through ``pretrain.interrupt``; raised between steps, so the
+        state is that of a finished step) save ``step-N`` and ``last``, as a periodic save would. Other exceptions
+        save nothing: the state they leave may be half-updated or diverged."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.global_step == 0:
+            return
+        if self._last_global_step_saved != trainer.global_step:  # else a periodic save at this step already did
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self.interrupt_checkpoint = self._last_checkpoint_saved  # step-N (last.ckpt is a copy or link of it)
+            self._save_last_checkpoint(trainer, candidates)
+        elif not getattr(self, "interrupt_checkpoint", None):
+            self.interrupt_checkpoint = self._last_checkpoint_saved
+
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):

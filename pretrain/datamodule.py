@@ -7,11 +7,14 @@ through ``state_dict``; on resume it is restored before the first batch is drawn
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning as L
 from torch.utils.data import DataLoader
 
 from data_prep.reader import ResumableDistributedSampler, ShardedDataset
 from data_prep.shard_hashes import LazyShardHasher, verify_used_together
+from pretrain.interrupt import worker_ignores_sigint
 from pretrain.settings import DataSettings, SettingsError
 
 
@@ -41,7 +44,8 @@ class ShardDataModule(L.LightningDataModule):
             self.hasher = LazyShardHasher(self.train_set, self.sampler.order, self.consumed)
         return DataLoader(self.train_set, batch_size=self.settings.batch_size, sampler=self.sampler,
                           num_workers=self.settings.num_workers, drop_last=True,
-                          persistent_workers=False, pin_memory=False)
+                          persistent_workers=False, pin_memory=False,
+                          worker_init_fn=partial(worker_ignores_sigint, rank=trainer.global_rank if trainer else 0))
 
     def val_dataloader(self):
         if self.val_set is None:

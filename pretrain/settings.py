@@ -62,6 +62,8 @@ class RunSettings:
     seed: int = 42
     export_hf: bool = True
     """Write `hf/` (and `hf_generator/` for RTD) at the end of training."""
+    report: bool = True
+    """Draw `report.png` from metrics.csv at the end of training (`python -m pretrain.report` redraws it)."""
     checkpoint_every_n_steps: int = 1000
     attention_backend: str = "auto"
     """auto (the fused Triton kernel on CUDA, the reference path elsewhere) | triton | reference."""

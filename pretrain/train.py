@@ -11,24 +11,29 @@ import logging
 import os
 import secrets
 import string
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.atomic_io import write_text_atomic
 from pretrain import hf, init_from
 from pretrain.checkpoint_io import AtomicCheckpointIO, RunCheckpoint, remove_stale_temps
+from pretrain.console import RunSummary, StepProgressBar, quiet_console
 from pretrain.checkpoints import check_resumable, newest_checkpoint, read_metadata
 from pretrain.csv_log import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
+from pretrain.interrupt import StopOnInterrupt, TrainingInterrupted
 from pretrain.lightning_module import PretrainingModule
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
 from pretrain.objectives.build import build_objective  # noqa: F401 (export and tests import it from here too)
 from pretrain.perf import training_flops_per_token
+from pretrain.report import write_report
 from pretrain.resume_check import check_changes, optimisation_settings
 from pretrain.run_lock import RunLock, launching_process
 from pretrain.sanity import sanity_warnings
@@ -104,6 +109,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    quiet_console()
     for warning in sanity_warnings(settings.optim.warmup_steps, int(settings.trainer.get("max_steps") or 0),
                                    settings.trainer.get("accelerator", "auto"), settings.trainer.get("precision"),
                                    settings.data.num_workers, torch.cuda.is_available()):
@@ -168,8 +174,11 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
     if not settings.data.val_path:
         trainer_args["limit_val_batches"] = 0
     # The progress bar reads its metrics from the device at each refresh: refresh at logging steps only.
-    progress = TQDMProgressBar(refresh_rate=max(1, int(trainer_args.get("log_every_n_steps") or 50)))
-    trainer = L.Trainer(default_root_dir=str(output_dir), callbacks=[checkpoint, LearningRateMonitor("step"), progress],
+    progress = StepProgressBar(refresh_rate=max(1, int(trainer_args.get("log_every_n_steps") or 50)))
+    trainer_args.setdefault("enable_model_summary", False)  # its table's FLOPs column is always 0: one line below
+    interrupt = StopOnInterrupt()
+    trainer = L.Trainer(default_root_dir=str(output_dir),
+                        callbacks=[checkpoint, LearningRateMonitor("step"), progress, interrupt],
                         logger=loggers, use_distributed_sampler=False, strategy=strategy,
                         plugins=[AtomicCheckpointIO()], **trainer_args)
     if resume:
@@ -178,8 +187,18 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
     trained = settings.trainer["max_steps"] > 0  # 0: export the starting model as it is
+    started = time.monotonic()
     if trained:
-        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)  # files verified in newest_checkpoint
+        parameters = sum(p.numel() for p in objective.parameters())
+        log.info("training %s: %s parameters, steps %d -> %d, %s", type(objective).__name__, f"{parameters:,}",
+                 resume_step or 0, settings.trainer["max_steps"], output_dir)
+        try:  # checkpoints verified in newest_checkpoint
+            trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+        except SIGTERMException:  # Ctrl-C or SIGTERM: a checkpoint was saved at the step reached (RunCheckpoint)
+            saved = getattr(checkpoint, "interrupt_checkpoint", None)
+            raise TrainingInterrupted(interrupt.received or "SIGTERM", trainer.global_step, trainer.max_steps,
+                                      Path(saved) if saved else None, trainer.is_global_zero) from None
+    seconds = time.monotonic() - started
 
     exported: list[Path] = []
     if settings.run.export_hf:
@@ -190,5 +209,18 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
                 else:
                     exported = export(objective, output_dir, data.train_set.tokenizer_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero and trained:
+        report = None
+        if settings.run.report:
+            try:
+                report = write_report([output_dir])
+            except Exception as err:  # the picture is a convenience: never fail a finished run over it
+                log.warning("report.png not written (%s); draw it later with `python -m pretrain.report %s`",
+                            err, output_dir)
+        tokens_per_step = (data.seq_len * settings.data.batch_size * trainer.world_size
+                           * int(trainer_args.get("accumulate_grad_batches") or 1))
+        summary = RunSummary(output_dir, trainer.global_step, trainer.max_steps, resume_step or 0, tokens_per_step,
+                             seconds, metrics, exported, report)
+        log.info("\n".join(summary.lines()))
     return metrics, {"trainer": trainer, "module": module, "datamodule": data, "exported": exported,
                      "settings": settings}

@@ -1,0 +1,160 @@
+"""What a training run prints: each message once, a step progress bar, and a closing summary.
+
+Why: Lightning prints its INFO lines through its own stderr handler *and* through the root logger that Hydra sets
+up (stdout and the run's log file), so each appeared twice; it also prints promotional tips and a model table
+whose FLOPs column is always 0 here, and dependencies warn about things only their maintainers can change. The
+filters below are specific (one message each), so every other warning still reaches the user. The progress bar
+counts optimizer steps against ``trainer.max_steps`` (also after a resume, where Lightning's own bar shows
+``60/?``) and shows the objective's parts instead of the total loss alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+_TIPS = _DropMessages("💡 Tip")  # Lightning advertising its cloud products (litlogger, litmodels)
+
+
+def quiet_console() -> None:
+    """Print each message once and drop the noise the user cannot act on (idempotent)."""
+    if logging.getLogger().handlers:  # the root logger prints (Hydra's console + log file): not Lightning's own too
+        lightning = logging.getLogger("lightning")
+        for handler in list(lightning.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning.removeHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _TIPS not in rank_zero.filters:
+        rank_zero.addFilter(_TIPS)
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+    # The SLURM scripts (slurm/) launch ranks through srun; a run started by hand on a node where srun exists is
+    # deliberate, and Lightning's hint would tell the user to wrap this very command in srun.
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used",
+                            category=PossibleUserWarning)
+    # torch deprecated its LeafSpec class; Lightning's pytree helper still builds one (nothing to change here).
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
+def _short(value: float) -> str:
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    magnitude = abs(value)
+    if magnitude >= 10_000:
+        return f"{value / 1000:.0f}k" if magnitude < 1_000_000 else f"{value / 1e6:.1f}M"
+    return f"{value:.3g}" if magnitude < 1 else f"{value:.4g}"
+
+
+# (label on the bar, logged metric): the objective's parts, then throughput
+BAR_METRICS = (("mlm", "train/mlm_loss"), ("rtd", "train/rtd_loss"), ("auc", "train/discriminator_auc"),
+               ("val", "val/loss"), ("tok/s", "perf/tokens_per_sec"))
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Optimizer steps out of ``trainer.max_steps`` (ETA from this session's pace), with the loss parts."""
+
+    def init_train_tqdm(self) -> Tqdm:
+        trainer = self.trainer
+        return Tqdm(desc="train", total=trainer.max_steps if trainer.max_steps > 0 else None,
+                    initial=trainer.global_step, position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, smoothing=0, unit="step")
+
+    def on_train_epoch_start(self, trainer, *_: Any) -> None:
+        if self._train_progress_bar is None or self._train_progress_bar.disable:
+            return
+        # Lightning resets the bar to the epoch's batches; here it stays on the run's steps
+        bar = self._train_progress_bar
+        if bar.n != trainer.global_step:
+            bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+            bar.initial = bar.n = trainer.global_step
+        bar.set_description("train")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar = self._train_progress_bar
+        step = trainer.global_step
+        if bar is None or bar.disable:
+            return
+        if step % self.refresh_rate == 0 or step == trainer.max_steps:
+            _update_n(bar, step)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass  # the bar spans the run, not an epoch (closed at the end of training)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        bar = self._train_progress_bar
+        if bar is not None and not bar.disable:
+            _update_n(bar, trainer.global_step)  # the step reached, also between refreshes
+            bar.close()  # before the closing message, not redrawn after it
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, str]:
+        metrics = trainer.callback_metrics
+        shown = {}
+        for label, key in BAR_METRICS:
+            if key in metrics:
+                shown[label] = _short(float(metrics[key]))
+        return shown
+
+
+@dataclass
+class RunSummary:
+    """The closing block: what was trained, how fast, how it ended, where the results are."""
+
+    output_dir: Path
+    step: int
+    max_steps: int
+    start_step: int
+    tokens_per_step: int
+    seconds: float
+    metrics: dict[str, float]
+    exported: list[Path]
+    report: Path | None
+
+    def lines(self) -> list[str]:
+        trained = self.step - self.start_step
+        tokens = self.step * self.tokens_per_step
+        minutes, seconds = divmod(int(round(self.seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        wall = f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
+        speed = trained * self.tokens_per_step / self.seconds if self.seconds > 0 else 0.0
+        out = [f"run finished: {self.output_dir}",
+               f"  steps       {self.step:,} / {self.max_steps:,}"
+               + (f" (resumed at step {self.start_step:,})" if self.start_step else ""),
+               f"  tokens      {tokens:,} seen",
+               f"  wall time   {wall} this session",
+               f"  tokens/s    {speed:,.0f}"]
+        parts = [(label, self.metrics.get(key)) for label, key in
+                 (("mlm", "train/mlm_loss"), ("rtd", "train/rtd_loss"), ("total", "train/loss"),
+                  ("replaced-token AUC", "train/discriminator_auc"))]
+        if "train/rtd_loss" not in self.metrics:
+            parts = parts[:1]  # v2: the total is the MLM loss
+        losses = ", ".join(f"{label} {value:.4f}" for label, value in parts if value is not None)
+        if losses:
+            out.append(f"  final       {losses} (step {self.step:,})")
+        validation = [(label, self.metrics.get(key)) for label, key in
+                      (("loss", "val/loss"), ("perplexity", "val/perplexity"))]
+        if any(v is not None for _, v in validation):
+            out.append("  validation  " + ", ".join(f"{k} {v:.4f}" for k, v in validation if v is not None))
+        for path in self.exported:
+            out.append(f"  model       {path}")
+        if self.report is not None:
+            out.append(f"  report      {self.report}")
+        return out
