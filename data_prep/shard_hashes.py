@@ -22,7 +22,7 @@ from data_prep.errors import DataPrepError
 
 class LazyShardHasher:
     def __init__(self, dataset, order, start: int) -> None:
-        """``dataset``: a ShardedDataset; ``order``: its GlobalOrder; ``start``: the global position training
+        """``dataset``: a ShardedDataset or ShardCorpus; ``order``: its global order; ``start``: the global position training
         resumes from (positions before it were verified before the checkpoint they resume from was written)."""
         self.dataset = dataset
         self.order = order
@@ -52,7 +52,7 @@ class LazyShardHasher:
     def _run(self, order: list[int]) -> None:
         for s in order:
             entry = self.dataset.shards[s]
-            path = self.dataset.path / entry["file"]
+            path = self.dataset.shard_file(s)
             try:
                 actual = sf.file_sha256(path)
                 problem = None if actual == entry["sha256"] else (
