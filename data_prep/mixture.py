@@ -79,8 +79,9 @@ def parse_sources(path: Any = None, sources: Iterable[Any] | None = None, what: 
     """Sources from ``data.path`` (one unweighted source) or ``data.sources`` (a list of {path, weight})."""
     if sources:
         if path not in (None, "???"):
-            raise DataPrepError(f"{what}.path and {what}.sources are both set: use {what}.path for one corpus, "
-                                f"{what}.sources=[{{path: DIR, weight: W}}, ...] for a weighted mixture")
+            raise DataPrepError(f"{what}.path={path} and {what}.sources are both set: use {what}.path for one corpus, "
+                                f"{what}.sources=[{{path: DIR, weight: W}}, ...] for a weighted mixture (add "
+                                f"{what}.path=null when an experiment sets a path)")
         parsed = []
         for i, entry in enumerate(sources):
             if not isinstance(entry, dict) or set(entry) - {"path", "weight"} or "path" not in entry:
@@ -117,16 +118,17 @@ def blending_table(counts: Sequence[int]) -> np.ndarray:
     ``i`` goes to the source with the largest deficit ``quota_s / period * (i + 1) - taken_s`` (ties: the first),
     so after any prefix every source is within one position of its share, and a period ends with exactly its
     quotas taken."""
-    counts = np.asarray(counts, dtype=np.int64)
-    period = int(counts.sum())
-    rates = counts / period
-    taken = np.zeros(len(counts), dtype=np.int64)
-    table = np.empty(period, dtype=np.int32)
-    for i in range(period):
-        s = int(np.argmax(rates * (i + 1) - taken))
-        table[i] = s
+    counts = [int(c) for c in counts]
+    period = sum(counts)
+    rates = [c / period for c in counts]
+    taken = [0] * len(counts)
+    sources = range(len(counts))
+    table = []
+    for i in range(1, period + 1):  # plain Python: ~10x faster than numpy calls on a few sources
+        s = max(sources, key=lambda k: rates[k] * i - taken[k])  # max keeps the first of equal deficits
+        table.append(s)
         taken[s] += 1
-    return table
+    return np.asarray(table, dtype=np.int32)
 
 
 class BlendedOrder:

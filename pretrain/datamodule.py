@@ -32,6 +32,7 @@ class ShardDataModule(L.LightningDataModule):
         self.sampler: ResumableDistributedSampler | None = None
         self.consumed = 0  # global samples consumed by training (all ranks), the whole data position
         self.hasher: LazyShardHasher | None = None  # shard sha256s verified in the background (verify=fast)
+        self._epochs_logged_at: int | None = None
 
     @property
     def seq_len(self) -> int:
@@ -75,8 +76,10 @@ class ShardDataModule(L.LightningDataModule):
         state = {"consumed": self.consumed, "seed": self.settings.seed, **self.train_set.signature()}
         if self.train_set.weighted:  # how often each source has been gone through so far
             state["source_epochs"] = self.order.source_epochs(self.consumed)
-            log.info("data position %d: epochs per source %s", self.consumed, ", ".join(
-                f"{s.name}={e:.3f}" for s, e in zip(self.train_set.sources, state["source_epochs"])))
+            if self._epochs_logged_at != self.consumed:  # once per position (last.ckpt saves the same state)
+                self._epochs_logged_at = self.consumed
+                log.info("data position %d: epochs per source %s", self.consumed, ", ".join(
+                    f"{s.name}={e:.3f}" for s, e in zip(self.train_set.sources, state["source_epochs"])))
         return state
 
     def load_state_dict(self, state: dict) -> None:

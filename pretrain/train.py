@@ -25,7 +25,7 @@ from pretrain.checkpoint_io import AtomicCheckpointIO, RunCheckpoint, remove_sta
 from pretrain.checkpoints import check_resumable, newest_checkpoint, read_metadata
 from pretrain.csv_log import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
-from pretrain.global_batch import accumulation_for
+from pretrain.global_batch import AccumulationOnResume, accumulation_for
 from pretrain.lightning_module import PretrainingModule
 from pretrain.model.deberta import DebertaPreTrained
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
@@ -174,7 +174,8 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
         trainer_args["limit_val_batches"] = 0
     # The progress bar reads its metrics from the device at each refresh: refresh at logging steps only.
     progress = TQDMProgressBar(refresh_rate=max(1, int(trainer_args.get("log_every_n_steps") or 50)))
-    trainer = L.Trainer(default_root_dir=str(output_dir), callbacks=[checkpoint, LearningRateMonitor("step"), progress],
+    trainer = L.Trainer(default_root_dir=str(output_dir), callbacks=[checkpoint, LearningRateMonitor("step"), progress,
+                                                                    AccumulationOnResume()],
                         logger=loggers, use_distributed_sampler=False, strategy=strategy,
                         plugins=[AtomicCheckpointIO()], **trainer_args)
     if settings.data.global_batch_size is not None:  # set before fit: DeepSpeed reads it when the engine is built
