@@ -97,7 +97,7 @@ def test_blend_holds_the_proportions_in_every_window(weights):
     for s, n in enumerate(order.lengths[:len(weights)]):
         mine = ordinal[source == s]
         assert np.array_equal(mine, np.arange(len(mine)))
-        indices = order.positions(positions[source == s]) - order.offsets[s]
+        indices = order.positions(positions[source == s][:3 * n]) - order.offsets[s]
         for epoch in range(min(3, len(mine) // n)):
             assert np.array_equal(np.sort(indices[epoch * n:(epoch + 1) * n]), np.arange(n))
     # deterministic: a second order from the same settings maps every position the same
