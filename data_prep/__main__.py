@@ -1,4 +1,4 @@
-"""Command line of the data preparation pipeline: ``python -m data_prep {tokenizer,shards,inspect} ...``.
+"""Command line of the data preparation pipeline: ``python -m data_prep {tokenizer,shards,inspect,split} ...``.
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 Modules are imported only when their subcommand runs, so ``--help`` stays fast and a broken optional
@@ -18,7 +18,8 @@ from data_prep.errors import DataPrepError
 SUBCOMMANDS = {
     "tokenizer": ("data_prep.tokenizer_cli", "train (or extend) a DeBERTa SentencePiece tokenizer"),
     "shards": ("data_prep.shards_cli", "tokenize and pack a corpus into verifiable binary shards"),
-    "inspect": ("data_prep.inspect_cli", "summarise, decode and validate a shard directory"),
+    "inspect": ("data_prep.inspect_cli", "summarise, decode and validate a shard directory or a mixture"),
+    "split": ("data_prep.array_split", "the inputs of one array task: split an input list across N tasks"),
 }
 
 

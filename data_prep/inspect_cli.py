@@ -1,5 +1,10 @@
 """``python -m data_prep inspect DIR``: summarise a shard directory, decode a few sequences, validate the shards.
 
+Several directories (``inspect 'OUT/part-*'``, ``inspect A B``) or a weighted mixture (``inspect --source A 0.7
+--source 'B/part-*' 0.3``) name a training corpus the way ``data.path`` / ``data.sources`` do: each directory is
+inspected, then the corpus is summarised (sequences and tokens per source, share of the stream) and, with
+``--steps N --global-batch B``, how many epochs of each source N optimizer steps go through.
+
 Exit status 1 when any shard fails validation (by default every shard's sha256, size and header, and the tokenizer
 copy against the manifest; ``--fast`` skips the sha256, which reads all data), so it can gate a training launch. Word starts are marked with ``|`` in the decoded text.
 """
@@ -16,7 +21,16 @@ from data_prep.errors import DataPrepError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", metavar="DIR", help="shard directory written by `python -m data_prep shards`")
+    parser.add_argument("dir", metavar="DIR", nargs="*",
+                        help="shard directory written by `python -m data_prep shards`, or a glob ('OUT/part-*'); "
+                             "several are one corpus, as data.path=[...] trains it")
+    parser.add_argument("--source", nargs=2, action="append", metavar=("PATH", "WEIGHT"), default=None,
+                        help="a weighted mixture source (directory or glob) and its weight, repeated per source, "
+                             "as data.sources=[{path: PATH, weight: WEIGHT}, ...] trains it")
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="with --global-batch: print the epochs of each source after N optimizer steps")
+    parser.add_argument("--global-batch", type=int, default=None, metavar="B",
+                        help="sequences per optimizer step (data.global_batch_size)")
     parser.add_argument("--fast", action="store_true",
                         help="skip the sha256 of every shard (which reads all data): sizes, headers and the "
                              "tokenizer copy only")
@@ -62,7 +76,66 @@ def _summary(directory: Path, manifest: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    directory = Path(args.dir)
+    from data_prep.mixture import ShardCorpus, parse_sources
+
+    if args.dir and args.source:
+        raise DataPrepError("give shard directories (one corpus) or --source PATH WEIGHT (a mixture), not both")
+    if (args.steps is None) != (args.global_batch is None):
+        raise DataPrepError("--steps and --global-batch go together: the epochs after N steps of B sequences")
+    if args.steps is not None and (args.steps < 0 or args.global_batch < 1):
+        raise DataPrepError(f"--steps {args.steps} --global-batch {args.global_batch}: need N >= 0 and B >= 1")
+    sources = parse_sources(args.dir or None,
+                            [{"path": p, "weight": w} for p, w in args.source] if args.source else None,
+                            what="inspect")
+    directories = [path for source in sources for path in source.paths]
+    status = 0
+    for i, directory in enumerate(directories):
+        if i:
+            print()
+        status = max(status, inspect_directory(directory, args))
+    if len(directories) == 1 and args.steps is None:
+        return status
+    print()
+    try:
+        corpus = ShardCorpus(sources, verify="none")
+    except DataPrepError as err:
+        print(f"FAIL {err}")
+        return 1
+    for line in mixture_summary(corpus, args.steps, args.global_batch):
+        print(line)
+    return status
+
+
+def mixture_summary(corpus, steps: int | None, global_batch: int | None) -> list[str]:
+    """The corpus as training sees it: per source its sequences, tokens, share of the stream and, after ``steps``
+    steps of ``global_batch`` sequences, the epochs gone through (exact, from the blending table)."""
+    seq_len = corpus.seq_len
+    weighted = corpus.weighted
+    total = len(corpus)
+    lines = [f"corpus: {len(corpus.sets)} shard set(s), {len(corpus.sources)} source(s), {total} sequences, "
+             f"{total * seq_len} tokens (seq_len {seq_len}), "
+             + ("weighted mixture" if weighted else "one corpus, each sequence once per epoch")]
+    consumed = None if steps is None else steps * global_batch
+    if weighted:
+        order = corpus.order(seed=0)
+        shares = order.quotas / order.period
+        epochs = order.source_epochs(consumed) if consumed is not None else None
+    else:
+        shares = [n / total for n in corpus.source_lengths]
+        epochs = [consumed / total] * len(corpus.sources) if consumed is not None else None
+    for k, (source, n) in enumerate(zip(corpus.sources, corpus.source_lengths)):
+        text = (f"  source {k}: {source.name}: {n} sequences, {n * seq_len} tokens, "
+                f"{shares[k]:.2%} of the stream" + (f" (weight {source.weight:g})" if weighted else ""))
+        if epochs is not None:
+            text += f", {epochs[k]:.3f} epochs after {steps} steps"
+        lines.append(text)
+    if consumed is not None:
+        lines.append(f"{steps} steps x {global_batch} sequences = {consumed} sequences, {consumed * seq_len} tokens")
+    return lines
+
+
+def inspect_directory(directory: Path, args: argparse.Namespace) -> int:
+    """Summary, decoded sequences and validation of one shard directory; 1 when a check fails."""
     manifest = sf.load_manifest(directory)
     for line in _summary(directory, manifest):
         print(line)

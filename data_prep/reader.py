@@ -104,6 +104,9 @@ class ShardedDataset:
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
 
+    def shard_file(self, shard: int) -> Path:
+        return self.path / self.shards[shard]["file"]
+
     def _shard(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         maps = self._maps.get(s)
         if maps is None:
@@ -227,13 +230,15 @@ class ResumableDistributedSampler(Sampler[int]):
     """
 
     def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 chunk: int = 65536, endless: bool = False):
+                 chunk: int = 65536, endless: bool = False, order=None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataPrepError(f"rank {rank} is not valid for world_size {world_size}")
         self.num_samples = int(num_samples)
         self.rank, self.world_size = int(rank), int(world_size)
         self.seed, self.shuffle = int(seed), bool(shuffle)
-        self.order = GlobalOrder(self.num_samples, self.seed, self.shuffle)
+        # ``order``: any position -> sequence map with ``positions()`` (a weighted mixture's ``BlendedOrder``);
+        # default: one permutation of the num_samples sequences per epoch.
+        self.order = order if order is not None else GlobalOrder(self.num_samples, self.seed, self.shuffle)
         self.consumed = 0
         self._chunk = chunk
         # endless: one iter() runs across epoch boundaries for ever (step-based pretraining stops by step count;

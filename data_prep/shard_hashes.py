@@ -33,7 +33,7 @@ WAIT_SLICE_S = 60.0  # the longest a rank waits inside one collective for rank 0
 
 class LazyShardHasher:
     def __init__(self, dataset, order, start: int) -> None:
-        """``dataset``: a ShardedDataset; ``order``: its GlobalOrder; ``start``: the global position training
+        """``dataset``: a ShardedDataset or ShardCorpus; ``order``: its global order; ``start``: the global position training
         resumes from (positions before it were verified before the checkpoint they resume from was written)."""
         self.dataset = dataset
         self.order = order
@@ -63,7 +63,7 @@ class LazyShardHasher:
     def _run(self, order: list[int]) -> None:
         for s in order:
             entry = self.dataset.shards[s]
-            path = self.dataset.path / entry["file"]
+            path = self.dataset.shard_file(s)
             try:
                 actual = sf.file_sha256(path)
                 problem = None if actual == entry["sha256"] else (
@@ -110,7 +110,7 @@ class LazyShardHasher:
         return len(self._used(range(self.checked_upto, consumed)) - self._results.keys())
 
     def problem(self, shard: int) -> str:
-        return self._results.get(shard) or f"shard {self.dataset.path / self.dataset.shards[shard]['file']} failed"
+        return self._results.get(shard) or f"shard {self.dataset.shard_file(shard)} failed"
 
     def _failed(self) -> int | None:
         return next((s for s, problem in sorted(self._results.items()) if problem), None)

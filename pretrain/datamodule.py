@@ -8,25 +8,33 @@ through ``state_dict``; on resume it is restored before the first batch is drawn
 from __future__ import annotations
 
 from functools import partial
+import logging
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from data_prep.reader import ResumableDistributedSampler, ShardedDataset
+from data_prep.mixture import ShardCorpus, open_corpus
+from data_prep.reader import ResumableDistributedSampler
 from data_prep.shard_hashes import LazyShardHasher, verify_used_together
 from pretrain.interrupt import worker_ignores_sigint
 from pretrain.settings import DataSettings, SettingsError
+
+log = logging.getLogger(__name__)
 
 
 class ShardDataModule(L.LightningDataModule):
     def __init__(self, settings: DataSettings):
         super().__init__()
         self.settings = settings
-        self.train_set = ShardedDataset(settings.path, verify=settings.verify)
-        self.val_set = ShardedDataset(settings.val_path, verify=settings.verify) if settings.val_path else None
+        # data.path (a directory, a glob, a list) or data.sources (weighted): see data_prep.mixture
+        self.train_set: ShardCorpus = open_corpus(settings.path, settings.sources, verify=settings.verify)
+        self.val_set = open_corpus(settings.val_path, verify=settings.verify, what="data.val") \
+            if settings.val_path else None
+        self.order = self.train_set.order(settings.seed)  # position -> sequence, the same on every rank
         self.sampler: ResumableDistributedSampler | None = None
         self.consumed = 0  # global samples consumed by training (all ranks), the whole data position
         self.hasher: LazyShardHasher | None = None  # shard sha256s verified in the background (verify=fast)
+        self._epochs_logged_at: int | None = None
 
     @property
     def seq_len(self) -> int:
@@ -36,7 +44,7 @@ class ShardDataModule(L.LightningDataModule):
         trainer = self.trainer
         self.sampler = ResumableDistributedSampler(
             len(self.train_set), rank=trainer.global_rank if trainer else 0,
-            world_size=trainer.world_size if trainer else 1, seed=self.settings.seed, endless=True,
+            world_size=trainer.world_size if trainer else 1, seed=self.settings.seed, endless=True, order=self.order,
         )
         self.sampler.consumed = self.consumed
         if self.settings.verify == "fast" and (trainer is None or trainer.is_global_zero) and self.hasher is None:
@@ -67,7 +75,14 @@ class ShardDataModule(L.LightningDataModule):
         have passed its sha256 (this waits for the background hashes), so no checkpoint holds weights trained on
         a damaged shard."""
         self._verify_trained_shards()
-        return {"consumed": self.consumed, "seed": self.settings.seed, "num_samples": len(self.train_set)}
+        state = {"consumed": self.consumed, "seed": self.settings.seed, **self.train_set.signature()}
+        if self.train_set.weighted:  # how often each source has been gone through so far
+            state["source_epochs"] = self.order.source_epochs(self.consumed)
+            if self._epochs_logged_at != self.consumed:  # once per position (last.ckpt saves the same state)
+                self._epochs_logged_at = self.consumed
+                log.info("data position %d: epochs per source %s", self.consumed, ", ".join(
+                    f"{s.name}={e:.3f}" for s, e in zip(self.train_set.sources, state["source_epochs"])))
+        return state
 
     def _verify_trained_shards(self) -> None:
         """Rank 0 hashes the shards; in a multi-rank run every rank waits with it, in bounded slices (see
@@ -91,14 +106,20 @@ class ShardDataModule(L.LightningDataModule):
             return int(state[0]) == 0, (None if int(state[1]) < 0 else int(state[1]))
 
         verify_used_together(self.hasher, self.consumed, exchange,
-                             lambda s: self.train_set.path / self.train_set.shards[s]["file"])
+                             self.train_set.shard_file)
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("num_samples") != len(self.train_set) or state.get("seed") != self.settings.seed:
+        signature = self.train_set.signature()
+        saved = {k: state.get(k) for k in signature}
+        if saved["source_lengths"] is None:  # saved before mixtures existed: one set, one source
+            saved["source_lengths"] = [state.get("num_samples")]
+        if saved != signature or state.get("seed") != self.settings.seed:
             raise SettingsError(
-                f"checkpoint data position was saved for {state.get('num_samples')} sequences with seed "
-                f"{state.get('seed')}, but data.path={self.settings.path} has {len(self.train_set)} with seed "
-                f"{self.settings.seed}: resume with the same shards and data.seed, or start a new output_dir"
+                f"checkpoint data position was saved for {state.get('num_samples')} sequences (per source "
+                f"{saved['source_lengths']}, weights {saved['weights']}) with seed {state.get('seed')}, but the "
+                f"corpus {self.train_set.describe()} has {len(self.train_set)} (per source "
+                f"{signature['source_lengths']}, weights {signature['weights']}) with seed {self.settings.seed}: "
+                "resume with the same shards, weights and data.seed, or start a new output_dir"
             )
         self.consumed = int(state["consumed"])
         if self.sampler is not None:

@@ -73,13 +73,16 @@ class PretrainingModule(L.LightningModule):
         return int(getattr(datamodule, "consumed", self.global_step))
 
     def seed_step(self) -> torch.Generator:
-        """Seed dropout (the global RNG) and return the masking generator from (seed, data position, rank).
+        """Seed dropout (the global RNG) and return the masking generator from (seed, global position of this
+        micro-batch's first sequence).
 
-        The data position (global samples consumed before this micro-batch) is unique per micro-batch and restored
-        on resume, so a resumed run draws exactly the masks and dropout of an uninterrupted one, without storing
-        RNG state and whatever the number of ranks.
+        The micro-batch of rank r starts at global position ``consumed + r`` (``data_prep.reader``): unique per
+        micro-batch, restored on resume, so a resumed run draws exactly the masks and dropout of an uninterrupted
+        one without storing RNG state, whatever the number of ranks. The key does not name the rank: a sequence
+        trained alone in its micro-batch (``data.batch_size=1``) gets the same masks and dropout at any number of
+        ranks and accumulation steps, so one global batch trains identically on 1, 2 or 4 ranks.
         """
-        key = ((self.seed * 1_000_003 + self._consumed_samples()) * 4099 + self.global_rank) % (2**63 - 1)
+        key = (self.seed * 1_000_003 + self._consumed_samples() + self.global_rank) % (2**63 - 1)
         torch.manual_seed(key)
         g = torch.Generator(device=self.device)
         g.manual_seed(key ^ 0x5DEECE66D)

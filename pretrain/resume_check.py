@@ -30,10 +30,16 @@ class ChangedSettingsError(SettingsError):
 def optimisation_settings(settings: Settings) -> dict[str, Any]:
     """The part of the run record compared on resume (flattened ``section.key`` -> value, JSON-like values)."""
     flat: dict[str, Any] = {}
+    data = {"seed": settings.data.seed, "batch_size": settings.data.batch_size}
+    trainer = {k: settings.trainer.get(k) for k in TRAINER_KEYS}
+    trainer["accumulate_grad_batches"] = trainer["accumulate_grad_batches"] or 1  # null: 1 without a global batch
+    if settings.data.global_batch_size is not None:
+        # The global batch is what the optimisation sees; the micro-batch and the accumulation derived from it and
+        # the number of ranks may change between runs of one output_dir (resume on another GPU count).
+        data = {"seed": settings.data.seed, "global_batch_size": settings.data.global_batch_size}
+        del trainer["accumulate_grad_batches"]
     sections = {"model": settings.model.to_dict(), "objective": dataclasses.asdict(settings.objective),
-                "optim": dataclasses.asdict(settings.optim),
-                "data": {"seed": settings.data.seed, "batch_size": settings.data.batch_size},
-                "trainer": {k: settings.trainer.get(k) for k in TRAINER_KEYS}}
+                "optim": dataclasses.asdict(settings.optim), "data": data, "trainer": trainer}
     for section, values in sections.items():
         for key, value in values.items():
             flat[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value

@@ -24,10 +24,16 @@ class SettingsError(ValueError):
 
 @dataclass
 class DataSettings:
-    path: str = "???"
-    """Shard directory written by `python -m data_prep shards`."""
+    path: Any = None
+    """The training corpus: a shard directory written by `python -m data_prep shards`, a glob of them
+    (``OUT/part-*``) or a list; several sets are one corpus, each sequence once per epoch."""
+    sources: list[dict[str, Any]] | None = None
+    """Instead of ``path``, a weighted mixture: ``[{path: DIR_OR_GLOB, weight: W}, ...]`` (see data_prep.mixture)."""
     batch_size: int = 8
     """Per-device micro-batch size (sequences)."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all ranks; ``trainer.accumulate_grad_batches`` is then derived at start-up
+    as global_batch_size / (batch_size x data-parallel ranks), so one command trains the same on any GPU count."""
     num_workers: int = 2
     seed: int = 1234
     """Seed of the global data order (fixed for a run: resume continues the same order)."""
@@ -213,6 +219,36 @@ def _validate_strategy(strategy: StrategySettings, trainer: dict[str, Any], prob
                             "use strategy=deepspeed_zero3_offload")
 
 
+def _validate_corpus(data: DataSettings, problems: list[str]) -> None:
+    """data.path / data.sources name existing shard directories (each one is verified when it is opened)."""
+    from data_prep.errors import DataPrepError
+    from data_prep.mixture import parse_sources
+
+    try:
+        sources = parse_sources(data.path, data.sources)
+    except DataPrepError as err:
+        problems.append(str(err))
+        return
+    for source in sources:
+        for path in source.paths:
+            if not (path / "manifest.json").is_file():
+                key = "data.sources" if data.sources else "data.path"
+                problems.append(f"{key}={path}: no shard directory there ({path / 'manifest.json'} missing); create "
+                                "one with `python -m data_prep shards --input ... --tokenizer ... --out DIR`")
+
+
+def _validate_global_batch(data: DataSettings, trainer: dict[str, Any], problems: list[str]) -> None:
+    if data.global_batch_size is None:
+        return
+    if not isinstance(data.global_batch_size, int) or data.global_batch_size < 1:
+        problems.append(f"data.global_batch_size={data.global_batch_size!r}: a positive number of sequences")
+    elif trainer.get("accumulate_grad_batches") is not None:
+        problems.append(f"trainer.accumulate_grad_batches={trainer['accumulate_grad_batches']} and "
+                        f"data.global_batch_size={data.global_batch_size} are both set: the accumulation is derived "
+                        "from the global batch; drop trainer.accumulate_grad_batches (or set "
+                        "data.global_batch_size=null to choose it by hand)")
+
+
 def settings_from_config(cfg: DictConfig) -> Settings:
     """Convert and validate the composed Hydra config; raises one SettingsError listing every problem."""
     problems: list[str] = []
@@ -234,11 +270,8 @@ def settings_from_config(cfg: DictConfig) -> Settings:
         problems.append(f"objective.name={objective.name!r}: choose 'mlm' or 'rtd' (objective=mlm|rtd)")
     if objective.embedding_sharing not in ("gdes", "es", "nes"):
         problems.append(f"objective.embedding_sharing={objective.embedding_sharing!r}: choose gdes, es or nes")
-    if data.path != "???":
-        manifest = Path(data.path) / "manifest.json"
-        if not manifest.is_file():
-            problems.append(f"data.path={data.path}: no shard directory there ({manifest} missing); create one with "
-                            "`python -m data_prep shards --input ... --tokenizer ... --out DIR`")
+    _validate_corpus(data, problems)
+    _validate_global_batch(data, trainer, problems)
     if data.val_path and not (Path(data.val_path) / "manifest.json").is_file():
         problems.append(f"data.val_path={data.val_path}: no shard directory there (manifest.json missing)")
     if not isinstance(trainer.get("max_steps"), int) or trainer["max_steps"] < 0:

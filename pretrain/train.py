@@ -28,6 +28,7 @@ from pretrain.console import RunSummary, StepProgressBar, quiet_console
 from pretrain.checkpoints import check_resumable, newest_checkpoint, read_metadata
 from pretrain.csv_log import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
+from pretrain.global_batch import AccumulationOnResume, accumulation_for
 from pretrain.interrupt import StopOnInterrupt, TrainingInterrupted
 from pretrain.lightning_module import PretrainingModule
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
@@ -143,6 +144,8 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
     output_dir = Path(settings.run.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     trainer_args = dict(settings.trainer)
+    if trainer_args.get("accumulate_grad_batches") is None:  # derived below from data.global_batch_size, else 1
+        trainer_args.pop("accumulate_grad_batches", None)
     strategy = build_strategy(settings.strategy, str(trainer_args.get("accelerator", "auto")), settings.data.batch_size)
     # DeepSpeed checkpoints are directories written in place: `last.ckpt` becomes a link to the newest complete
     # step-N directory instead of a second copy overwritten at every save (a kill mid-save would corrupt it).
@@ -178,9 +181,17 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
     trainer_args.setdefault("enable_model_summary", False)  # its table's FLOPs column is always 0: one line below
     interrupt = StopOnInterrupt()
     trainer = L.Trainer(default_root_dir=str(output_dir),
-                        callbacks=[checkpoint, LearningRateMonitor("step"), progress, interrupt],
+                        callbacks=[checkpoint, LearningRateMonitor("step"), progress, interrupt,
+                                   AccumulationOnResume()],
                         logger=loggers, use_distributed_sampler=False, strategy=strategy,
                         plugins=[AtomicCheckpointIO()], **trainer_args)
+    if settings.data.global_batch_size is not None:  # set before fit: DeepSpeed reads it when the engine is built
+        trainer.accumulate_grad_batches = accumulation_for(settings.data.global_batch_size, settings.data.batch_size,
+                                                           trainer.world_size)
+        if trainer.is_global_zero:
+            log.info("global batch %d sequences = data.batch_size %d x %d rank(s) x accumulate_grad_batches %d",
+                     settings.data.global_batch_size, settings.data.batch_size, trainer.world_size,
+                     trainer.accumulate_grad_batches)
     if resume:
         check_resumable(Path(resume), is_deepspeed(strategy), trainer.world_size)
     if trainer.is_global_zero:

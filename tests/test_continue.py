@@ -89,7 +89,8 @@ def run_config(experiment: str, ckpt: Path, shards: Path, output_dir: Path, step
     overrides = [f"+experiment={experiment}", f"model.init_from={ckpt}", f"data.path={shards}",
                  f"output_dir={output_dir}", f"trainer.max_steps={steps}", "trainer.accelerator=cpu",
                  "trainer.devices=1", "trainer.precision=32-true", "trainer.log_every_n_steps=1",
-                 "data.batch_size=8", "data.num_workers=0", "optim.warmup_steps=3", "optim.lr=3e-3", *extra]
+                 "data.batch_size=8", "data.global_batch_size=8", "data.num_workers=0", "optim.warmup_steps=3", "optim.lr=3e-3",
+                 *extra]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
