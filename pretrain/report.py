@@ -171,7 +171,7 @@ def render(runs: list[Run], title: str | None = None, image_format: str = "png")
     if len(runs) > 1:
         handles = [plt.Line2D([], [], color=colors[i % len(colors)], linewidth=2, label=r.name) for i, r in enumerate(runs)]
         fig.legend(handles=handles, loc="upper center", ncol=min(4, len(runs)), fontsize=9, frameon=False)
-    heading = title or (runs[0].name if len(runs) == 1 else None)
+    heading = title or (str(runs[0].directory) if len(runs) == 1 else None)
     if heading:
         fig.suptitle(heading, fontsize=11, y=0.995 if len(runs) == 1 else 0.96)
     fig.tight_layout(rect=(0, 0, 1, 0.94 if len(runs) > 1 else 0.97))
