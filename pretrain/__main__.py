@@ -15,8 +15,6 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pretrain.settings import SettingsError
-
 
 def _fail(message: str) -> None:
     if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the original message only
@@ -49,13 +47,15 @@ def _run(train, cfg: DictConfig) -> None:
     from data_prep.errors import DataPrepError
     from pretrain.hf import CheckpointError
     from pretrain.model import ConfigError
+    from pretrain.run_lock import RunLockedError
+    from pretrain.settings import SettingsError  # (not at the top: the run lock is tried before torch is imported)
 
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         train(cfg)
         return
     try:
         train(cfg)
-    except (SettingsError, DataPrepError, CheckpointError, ConfigError) as err:
+    except (SettingsError, DataPrepError, CheckpointError, ConfigError, RunLockedError) as err:
         # bad input (config, shards, checkpoint directories): one message naming what to fix, no traceback
         _fail(str(err))
     except FloatingPointError as err:  # raised before any checkpoint holds the diverged weights

@@ -28,14 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.settings import SettingsError
-
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 
 
-class RunLockedError(SettingsError):
-    """Another live process is running in this output_dir."""
+class RunLockedError(ValueError):
+    """Another live process is running in this output_dir. (Not imported from ``pretrain.settings``: this module
+    is loaded by the command line's Hydra callback before anything heavy, so that a refused launch is quick.)"""
 
 
 def launching_process() -> bool:
