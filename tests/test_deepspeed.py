@@ -134,7 +134,7 @@ def test_every_strategy_config_builds(name, shards):
         assert zero["stage"] == int(name[len("deepspeed_zero")])
         assert ("offload_optimizer" in zero) == name.endswith("offload")
         assert type(strategy).__name__ == "CPUDeepSpeedStrategy"
-        # on a GPU accelerator the stock strategy is used unchanged
-        assert type(build_strategy(settings.strategy, "gpu", 8)).__name__ == "DeepSpeedStrategy"
+        # on a GPU accelerator the stock strategy is used, with the gradient-accumulation scale fixed
+        assert type(build_strategy(settings.strategy, "gpu", 8)).__name__ == "ZeroStrategy"
     else:
         assert (strategy == "auto") == (name == "auto")
