@@ -30,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from data_prep.atomic_io import fsync_dir
@@ -176,9 +177,11 @@ def prepare(checkpoint: Path, world_size: int, launching: bool, timeout_s: float
     """The directory to resume from on ``world_size`` ranks: the universal form of ``checkpoint``, converted by
     the launching process and awaited by the others."""
     saved = saved_world_size(checkpoint)
+    if not launching:
+        return wait_for(checkpoint, timeout_s)
     log.info("%s was saved on %d ranks, this run has %d: resuming from its universal form (re-partitioned "
              "weights and optimizer state)", checkpoint, saved, world_size)
-    return convert(checkpoint) if launching else wait_for(checkpoint, timeout_s)
+    return convert(checkpoint)
 
 
 def enable_universal_load(config: dict) -> None:
@@ -189,9 +192,10 @@ def enable_universal_load(config: dict) -> None:
 class ElasticResume(Callback):
     """Fix-ups after DeepSpeed has loaded a checkpoint into a run with another layout.
 
-    - ZeRO-3's universal loader gives every parameter group the hyperparameters of the first one
-      (``deepspeed/runtime/zero/stage3.py``), which would apply weight decay to biases and LayerNorm weights; the
-      saved per-group values are put back.
+    - ZeRO-3's universal loader (``deepspeed/runtime/zero/stage3.py``) gives every parameter group the
+      hyperparameters of the first one, which would apply weight decay to biases and LayerNorm weights: the saved
+      per-group values are put back. It also stores one and the same ``step`` tensor in the AdamW state of every
+      sub-group, which AdamW then increments once per sub-group and step (wrong bias correction): each gets its own.
     - Lightning decides where an optimizer step ends from the count of micro-batches seen in the epoch modulo
       ``accumulate_grad_batches``; when accumulation changed (the same global batch on another number of ranks) the
       restored count is re-expressed in the new micro-batches, so the first step after resuming is a whole one.
@@ -220,6 +224,9 @@ class ElasticResume(Callback):
             for key, value in saved_group.items():
                 if key != "params":
                     group[key] = value
+        for state in engine.optimizer.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
     @staticmethod
     def _realign_accumulation(trainer, checkpoint: dict[str, Any]) -> None:
