@@ -52,12 +52,10 @@ class ReshardError(CheckpointError):
 
 def saved_world_size(checkpoint: Path) -> int:
     """The number of data-parallel ranks a ZeRO checkpoint was saved with."""
-    return int(read_metadata(checkpoint)["dp_world_size"])
-
-
-def universal_dir(checkpoint: Path) -> Path:
-    """Where the universal form of ``checkpoint`` lives (through the ``last.ckpt`` link to the real directory)."""
-    return Path(checkpoint).resolve() / UNIVERSAL
+    saved = read_metadata(checkpoint).get("dp_world_size")
+    if saved is None:
+        raise ReshardError(f"{checkpoint}: no dp_world_size in its DeepSpeed record; not a ZeRO training checkpoint")
+    return int(saved)
 
 
 def _record_for(checkpoint: Path) -> dict[str, Any]:
@@ -89,7 +87,7 @@ def _verify_files(target: Path) -> None:
         except safe_load.ForbiddenContentError:
             raise
         except safe_load.UnsafeCheckpointError:
-            # the merged per-parameter `step` files are small plain pickles that torch cannot memory-map
+            # a file torch cannot memory-map (legacy, non-zip format) is read whole
             try:
                 safe_load.load(file, mmap=False, deepspeed=True)
             except safe_load.UnsafeCheckpointError as err:
@@ -138,7 +136,8 @@ def convert(checkpoint: Path, workers: int | None = None) -> Path:
             ds_to_universal.main(args)  # writes tmp/checkpoint/... and tmp/latest_universal
         except (AssertionError, KeyError, RuntimeError, NotImplementedError, FileNotFoundError) as err:
             raise ReshardError(f"{checkpoint}: DeepSpeed could not convert it to a universal checkpoint "
-                               f"({type(err).__name__}: {err}); resume with {saved_world_size(checkpoint)} ranks") from None
+                               f"({type(err).__name__}: {err}); resume with the {saved_world_size(checkpoint)} "
+                               "ranks it was saved with") from None
         (tmp / RECORD).write_text(json.dumps(_record_for(checkpoint), indent=2) + "\n", encoding="utf-8")
         for file in sorted(tmp.rglob("*")):
             if file.is_file():
@@ -249,15 +248,15 @@ def main(argv: list[str] | None = None) -> int:
                     "(CHECKPOINT/universal), so that it resumes on any number of ranks. Training does this by itself "
                     "when it resumes on another number of ranks; run it by hand to do it ahead of time.")
     parser.add_argument("checkpoint", type=Path,
-                        help="a ZeRO checkpoint directory, e.g. RUN/checkpoints/last.ckpt or RUN/checkpoints/step-N.ckpt")
+                        help="a ZeRO checkpoint directory: RUN/checkpoints/last.ckpt or RUN/checkpoints/step-N.ckpt")
     parser.add_argument("--workers", type=int, default=None, help="processes extracting rank files (default: up to 4)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if not args.checkpoint.exists():
             raise ReshardError(f"{args.checkpoint}: no such checkpoint directory")
-        saved = saved_world_size(args.checkpoint)
         target = convert(args.checkpoint, workers=args.workers)
+        saved = saved_world_size(args.checkpoint)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

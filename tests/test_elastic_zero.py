@@ -144,9 +144,16 @@ def test_zero_run_resumes_on_three_ranks(stage, shards, tmp_path):
 
     resumed = tmp_path / "resumed"
     copied = resume_copy(source, resumed)
+    # what a conversion killed halfway leaves (its temp directory), and a universal/ that is not this
+    # checkpoint's conversion: neither is trusted
+    (copied / ".universal.tmp-12345" / "checkpoint").mkdir(parents=True)
+    (copied / UNIVERSAL / "checkpoint" / "zero").mkdir(parents=True)
+    (copied / UNIVERSAL / "latest_universal").write_text("checkpoint")
     probe = tmp_path / "probe.ckpt"  # the 3-rank state right after loading, saved before the first step
     result = run(shards, resumed, stage, ranks=3, steps=2 * N, probe=probe)
-    assert f"{copied} was saved on 2 ranks, this run has 3" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert f"{copied} was saved on 2 ranks, this run has 3" in output
+    assert "left by a conversion that was interrupted" in output and f"replacing {copied / UNIVERSAL}" in output
     assert file_bytes(source) == before and file_bytes(copied / "checkpoint") == file_bytes(source / "checkpoint"), \
         "the original checkpoint files are never modified"
     assert (copied / UNIVERSAL / "conversion.json").is_file() and not list(copied.glob(".universal.tmp-*"))
