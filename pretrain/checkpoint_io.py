@@ -246,6 +246,13 @@ class RunCheckpoint(ModelCheckpoint):
         elif not getattr(self, "interrupt_checkpoint", None):
             self.interrupt_checkpoint = self._last_checkpoint_saved
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning starts counting "already saved at this step" from 0, also on resume: with gradient accumulation
+        # the first micro-batch after resuming at a checkpoint step (still that step) wrote the checkpoint again,
+        # over the one resumed from, with a half-accumulated step in it.
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step
+
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):

@@ -184,8 +184,9 @@ def newest_checkpoint(output_dir: Path) -> ResumePoint | None:
     return None
 
 
-def check_resumable(path: Path, deepspeed: bool, world_size: int) -> None:
-    """Fail before training when the checkpoint cannot be resumed by this strategy and number of ranks."""
+def check_resumable(path: Path, deepspeed: bool, world_size: int) -> bool:
+    """Fail before training when the checkpoint cannot be resumed by this strategy; return whether it is ZeRO
+    state saved on another number of ranks (to be re-partitioned through its universal form, ``pretrain.reshard``)."""
     if is_deepspeed_checkpoint(path) != deepspeed:
         kind = "a DeepSpeed (ZeRO) checkpoint directory" if is_deepspeed_checkpoint(path) else "a single-file checkpoint"
         raise CheckpointError(
@@ -193,11 +194,5 @@ def check_resumable(path: Path, deepspeed: bool, world_size: int) -> None:
             "resume with the strategy the run was started with, or export the weights (`python -m pretrain.export "
             f"{path} OUT`) and start a new output_dir from them")
     if not deepspeed:
-        return  # Lightning files hold full states; the data position is global: any number of ranks resumes
-    saved = int(read_metadata(path).get("dp_world_size", world_size))
-    if saved != world_size:
-        raise CheckpointError(
-            f"{path} holds ZeRO state partitioned over {saved} ranks, but this run has {world_size} "
-            "(trainer.devices x trainer.num_nodes): ZeRO cannot re-partition optimizer state. Resume with "
-            f"{saved} ranks, or consolidate the weights (`python -m pretrain.export {path} OUT`) and start a new "
-            "output_dir from them (the optimizer state is then lost)")
+        return False  # Lightning files hold full states; the data position is global: any number of ranks resumes
+    return int(read_metadata(path).get("dp_world_size", world_size)) != world_size

@@ -67,6 +67,8 @@ class PretrainingModule(L.LightningModule):
         self.tokens_per_sequence = tokens_per_sequence
         self._window: tuple[float, int] | None = None  # (time, step) of the previous logging step
         self._nonfinite: torch.Tensor | None = None  # device flag: a non-finite loss since the last check
+        self._step_sums: torch.Tensor | None = None  # train/* values summed over this step's micro-batches
+        self._step_micro_batches = 0
 
     def _consumed_samples(self) -> int:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -100,13 +102,25 @@ class PretrainingModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "consumed_batch"):
             datamodule.consumed_batch()
-        metrics = {f"train/{k}": v.float() for k, v in out.items() if k != "masked_tokens"}
-        self.log_dict(metrics, prog_bar=False, batch_size=batch_size)
+        self._log_global_batch_means({f"train/{k}": v for k, v in out.items() if k != "masked_tokens"}, batch_size)
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
         if self._is_logging_step(self.global_step + 1):
             self.check_finite()  # waits for the device: the throughput window below ends on a finished step
             self._log_throughput(batch_size)
         return out["loss"]
+
+    def _log_global_batch_means(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log each ``train/*`` value as its mean over the whole optimizer step: every micro-batch of the
+        accumulation window on every rank (one all-reduce per step, no host sync). A step's numbers then describe
+        the global batch it trained on, the same on any number of ranks and accumulation for one global batch."""
+        values = torch.stack([v.detach().float() for v in metrics.values()])
+        self._step_sums = values if self._step_sums is None else self._step_sums + values
+        self._step_micro_batches += 1
+        if self.trainer.fit_loop._should_accumulate():
+            return
+        means = self.trainer.strategy.reduce(self._step_sums / self._step_micro_batches, reduce_op="mean")
+        self._step_sums, self._step_micro_batches = None, 0
+        self.log_dict(dict(zip(metrics, means)), prog_bar=False, batch_size=batch_size)
 
     def _is_logging_step(self, completed_steps: int) -> bool:
         """Whether the step that makes ``completed_steps`` optimizer steps is one the loggers write (before the

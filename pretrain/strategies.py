@@ -3,8 +3,8 @@
 DeepSpeed settings come from the ``strategy`` config group, never hard-coded. Lightning's ``DeepSpeedStrategy``
 refuses CPU accelerators, although DeepSpeed itself runs on CPU over gloo. :class:`CPUDeepSpeedStrategy` lifts
 the three CUDA-only checks and is chosen only when the accelerator is the CPU, so GPU runs use the stock
-strategy unchanged. The CPU path exists so that the ZeRO code paths (partitioning, sharded checkpoints,
-consolidation) are tested on machines without GPUs.
+strategy with one fix (:class:`ZeroStrategy`: the gradient scale under accumulation). The CPU path exists so that
+the ZeRO code paths (partitioning, sharded checkpoints, consolidation) are tested on machines without GPUs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,21 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 from pretrain.settings import StrategySettings
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class ZeroStrategy(DeepSpeedStrategy):
+    """``DeepSpeedStrategy`` whose gradients are the mean over the global batch under gradient accumulation.
+
+    Lightning divides each micro-batch loss by ``accumulate_grad_batches`` before its backward, and the DeepSpeed
+    engine's ``backward`` divides it again by its ``gradient_accumulation_steps`` (the same number): the gradients,
+    the reported gradient norm and the clipping threshold's effect were off by that factor, so one global batch
+    trained differently as 2 ranks x 3 micro-batches and as 3 ranks x 2. Only Lightning's division is kept.
+    """
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+
+class CPUDeepSpeedStrategy(ZeroStrategy):
     """``DeepSpeedStrategy`` for the CPU accelerator (gloo process group).
 
     ``skip_shm_build`` stops DeepSpeed from JIT-compiling its shared-memory allreduce (about 75 s on 2 cores, once
@@ -94,7 +108,7 @@ def build_strategy(s: StrategySettings, accelerator: str, micro_batch_size: int)
                            process_group_backend=s.process_group_backend, timeout=timeout)
     if s.name != "deepspeed":
         raise ValueError(f"strategy.name={s.name!r}: choose auto, ddp or deepspeed")
-    cls = CPUDeepSpeedStrategy if runs_on_cpu(accelerator) else DeepSpeedStrategy
+    cls = CPUDeepSpeedStrategy if runs_on_cpu(accelerator) else ZeroStrategy
     return cls(config=deepspeed_config(s, micro_batch_size), process_group_backend=s.process_group_backend,
                timeout=timeout)
 

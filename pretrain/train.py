@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.atomic_io import write_text_atomic
-from pretrain import hf, init_from
+from pretrain import hf, init_from, reshard
 from pretrain.checkpoint_io import AtomicCheckpointIO, RunCheckpoint, remove_stale_temps
 from pretrain.console import RunSummary, StepProgressBar, quiet_console
 from pretrain.checkpoints import check_resumable, newest_checkpoint, read_metadata
@@ -193,7 +193,14 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
                      settings.data.global_batch_size, settings.data.batch_size, trainer.world_size,
                      trainer.accumulate_grad_batches)
     if resume:
-        check_resumable(Path(resume), is_deepspeed(strategy), trainer.world_size)
+        universal = None
+        if check_resumable(Path(resume), is_deepspeed(strategy), trainer.world_size):
+            # ZeRO state saved on another number of ranks: resume from its universal form (rank 0 converts it)
+            universal = reshard.prepare(Path(resume), trainer.world_size, launching_process(),
+                                        timeout_s=60.0 * settings.strategy.timeout_minutes)
+            reshard.enable_universal_load(strategy.config)
+            resume = str(universal)
+            trainer.callbacks.append(reshard.ElasticResume(universal))
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")

@@ -112,12 +112,7 @@ def test_zero_stage_matches_ddp_resumes_and_exports(stage, objective, shards, dd
     assert native.config.vocab_size == 1024
 
     if stage == 3:
-        # ZeRO state is partitioned per rank: another rank count stops with what to do, before any training
-        other = two_process_run(shards, run, objective, "deepspeed_zero3", STEPS + 2, "trainer.devices=1",
-                                check=False)
-        assert other.returncode == 2
-        assert "partitioned over 2 ranks, but this run has 1" in other.stderr
-        assert "python -m pretrain.export" in other.stderr
+        # a ZeRO checkpoint resumes only under DeepSpeed (another number of ranks: tests/test_elastic_zero.py)
         other = two_process_run(shards, run, objective, "ddp", STEPS + 2, check=False)
         assert other.returncode == 2 and "is a DeepSpeed (ZeRO) checkpoint directory" in other.stderr
 
@@ -134,7 +129,7 @@ def test_every_strategy_config_builds(name, shards):
         assert zero["stage"] == int(name[len("deepspeed_zero")])
         assert ("offload_optimizer" in zero) == name.endswith("offload")
         assert type(strategy).__name__ == "CPUDeepSpeedStrategy"
-        # on a GPU accelerator the stock strategy is used unchanged
-        assert type(build_strategy(settings.strategy, "gpu", 8)).__name__ == "DeepSpeedStrategy"
+        # on a GPU accelerator the stock strategy is used, with the gradient-accumulation scale fixed
+        assert type(build_strategy(settings.strategy, "gpu", 8)).__name__ == "ZeroStrategy"
     else:
         assert (strategy == "auto") == (name == "auto")
