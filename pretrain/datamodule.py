@@ -15,12 +15,25 @@ from data_prep.shard_hashes import LazyShardHasher
 from pretrain.settings import DataSettings, SettingsError
 
 
+def check_same_tokenizer(train: ShardedDataset, val: ShardedDataset, settings: DataSettings) -> None:
+    """Validation shards made with another tokenizer would give numbers that mean nothing (other ids, other
+    special tokens): refuse them, naming both directories."""
+    train_sum, val_sum = train.manifest["tokenizer"]["checksum"], val.manifest["tokenizer"]["checksum"]
+    if train_sum != val_sum:
+        raise SettingsError(
+            f"data.val_path={settings.val_path} was made with another tokenizer (checksum {val_sum[:12]}...) than "
+            f"data.path={settings.path} ({train_sum[:12]}...); make both with the same --tokenizer, e.g. "
+            "`python -m data_prep shards ... --val-fraction F`, which writes both")
+
+
 class ShardDataModule(L.LightningDataModule):
     def __init__(self, settings: DataSettings):
         super().__init__()
         self.settings = settings
         self.train_set = ShardedDataset(settings.path, verify=settings.verify)
         self.val_set = ShardedDataset(settings.val_path, verify=settings.verify) if settings.val_path else None
+        if self.val_set is not None:
+            check_same_tokenizer(self.train_set, self.val_set, settings)
         self.sampler: ResumableDistributedSampler | None = None
         self.consumed = 0  # global samples consumed by training (all ranks), the whole data position
         self.hasher: LazyShardHasher | None = None  # shard sha256s verified in the background (verify=fast)
