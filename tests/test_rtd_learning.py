@@ -48,7 +48,7 @@ def test_discriminator_learns_beyond_the_base_rate(split_shards, tmp_path):
     assert auc >= AUC_LEARNED, auc
 
 
-def test_discriminator_with_labels_detached_from_the_replacements_stays_at_chance(split_shards, tmp_path,
+def test_discriminator_with_labels_detached_from_the_replacements_does_not_pass(split_shards, tmp_path,
                                                                                    monkeypatch):
     """Training labels shuffled across the batch at every step (as many "replaced" labels, on random tokens);
     evaluation, on the same held-out batches as above, uses the true labels."""
