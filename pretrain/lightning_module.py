@@ -165,8 +165,9 @@ class PretrainingModule(L.LightningModule):
             return
         total = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         mean = total[0] / total[1].clamp(min=1)
-        self.log("val/loss", mean)
-        self.log("val/perplexity", torch.exp(mean))
+        # the same value on every rank already; sync_dist only keeps Lightning from warning about epoch-level logs
+        self.log("val/loss", mean, sync_dist=True)
+        self.log("val/perplexity", torch.exp(mean), sync_dist=True)
         self._val_sums = None
 
     def on_fit_start(self) -> None:
