@@ -325,7 +325,7 @@ def iter_batches(
 
 
 def _settings_dict(
-    settings: PackSettings, tok, dtype: np.dtype, corpus_options: dict, inputs: list[Path]
+    settings: PackSettings, tok, dtype: np.dtype, corpus_options: dict, inputs: list[Path], split: dict | None = None
 ) -> dict:
     jieba_dict = None
     if settings.jieba_dict:
@@ -333,7 +333,9 @@ def _settings_dict(
         if not path.is_file():
             raise DataPrepError(f"--jieba-dict {path}: no such file")
         jieba_dict = {"path": str(path.resolve()), "sha256": sf.file_sha256(path)}
+    extra = {"split": split} if split is not None else {}  # absent without a split: older manifests stay equal
     return {
+        **extra,
         "seq_len": settings.seq_len,
         "lang": settings.lang,
         "cross_document": settings.cross_document,
@@ -416,9 +418,14 @@ def prepare_shards(
     overwrite: bool = False,
     progress: Progress | None = None,
     max_shards: int | None = None,
+    split: dict | None = None,
 ) -> dict:
-    """Run (or resume, or verify) a shard preparation; return the manifest. ``max_shards`` stops early (tests)."""
+    """Run (or resume, or verify) a shard preparation; return the manifest. ``max_shards`` stops early (tests).
+
+    ``split`` (``data_prep.split.record``): pack only the documents of that side of a train/validation split;
+    document indices (resume cursors, totals) then count the documents of that side only."""
     from data_prep import corpus
+    from data_prep import split as splitting
     from data_prep.text_tokenizer import load_tokenizer, serialize
 
     settings.validate()
@@ -426,7 +433,7 @@ def prepare_shards(
     inputs = corpus.resolve_inputs(input_patterns)
     tok = load_tokenizer(tokenizer_dir)
     dtype = sf.choose_dtype(tok.vocab_size, settings.dtype)
-    wanted = _settings_dict(settings, tok, dtype, corpus_options.to_dict(), inputs)
+    wanted = _settings_dict(settings, tok, dtype, corpus_options.to_dict(), inputs, split)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -489,6 +496,8 @@ def prepare_shards(
 
     stats = corpus.CorpusStats()  # skipped records/documents (--skip-*), recorded in the manifest
     docs = chain.from_iterable(corpus.iter_documents(p, corpus_options, stats) for p in inputs)
+    if split is not None:
+        docs = (text for text in docs if splitting.keeps(text, split))
     batches = iter_batches(docs, start["doc"])
     n_docs = start["doc"]
     stopped = False
@@ -544,6 +553,12 @@ def prepare_shards(
     if stopped:
         return state
 
+    if not shards and split is not None:
+        raise DataPrepError(
+            f"--val-fraction {split['val_fraction']}: no document of {', '.join(str(p) for p in inputs)} falls in "
+            f"the {split['part']} split (the split is by document); choose a "
+            f"{'larger' if split['part'] == 'val' else 'smaller'} --val-fraction or a corpus with more documents"
+        )
     if not shards:
         raise DataPrepError(
             f"empty corpus: {', '.join(str(p) for p in inputs)} produced no tokens "

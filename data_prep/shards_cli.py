@@ -7,6 +7,8 @@ import os
 import sys
 
 from data_prep import pack
+from data_prep import split as splitting
+from data_prep.errors import DataPrepError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token id dtype (default: uint16 when the vocabulary fits, else uint32)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace shards in --out made with different settings (default: refuse)")
+    parser.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                        help="hold out about F of the documents (0 < F < 1, chosen by a hash of each document's "
+                             "text, so the same corpus always gives the same split) as validation shards in "
+                             "--val-out; --out then holds the other documents (default: no split)")
+    parser.add_argument("--val-out", default=None, metavar="DIR",
+                        help="directory of the validation shards (default: OUT/val); train with "
+                             "data.path=OUT data.val_path=DIR")
     parser.add_argument("--log-interval", type=float, default=30.0,
                         help="seconds between progress lines when stderr is not a terminal (default %(default)s)")
 
@@ -48,18 +57,25 @@ def run(args: argparse.Namespace) -> int:
         jieba_dict=args.jieba_dict,
     )
     if args.workers < 1:
-        from data_prep.errors import DataPrepError
-
         raise DataPrepError(f"--workers {args.workers} must be at least 1")
-    progress = pack.Progress(interval=args.log_interval)
-    manifest = pack.prepare_shards(
-        args.input, args.tokenizer, args.out, corpus_options_from_args(args), settings,
-        workers=args.workers, overwrite=args.overwrite, progress=progress,
-    )
-    t = manifest["totals"]
-    print(
-        f"{args.out}: {len(manifest['shards'])} shards, {t['sequences']} sequences of {args.seq_len} tokens, "
-        f"{t['content_tokens']} text tokens from {t['documents']} documents",
-        file=sys.stderr,
-    )
+    parts: list[tuple[str, dict | None]] = [(args.out, None)]
+    if args.val_fraction is not None:
+        fraction = splitting.check_fraction(args.val_fraction)
+        val_out = args.val_out or os.path.join(args.out, splitting.VAL_SUBDIR)
+        parts = [(args.out, splitting.record(fraction, "train")), (val_out, splitting.record(fraction, "val"))]
+    elif args.val_out is not None:
+        raise DataPrepError("--val-out is used only with --val-fraction F; add it or drop --val-out")
+    for out, split in parts:
+        progress = pack.Progress(interval=args.log_interval)
+        manifest = pack.prepare_shards(
+            args.input, args.tokenizer, out, corpus_options_from_args(args), settings,
+            workers=args.workers, overwrite=args.overwrite, progress=progress, split=split,
+        )
+        t = manifest["totals"]
+        role = f" ({split['part']} split)" if split else ""
+        print(
+            f"{out}{role}: {len(manifest['shards'])} shards, {t['sequences']} sequences of {args.seq_len} tokens, "
+            f"{t['content_tokens']} text tokens from {t['documents']} documents",
+            file=sys.stderr,
+        )
     return 0

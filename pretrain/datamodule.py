@@ -22,6 +22,17 @@ from pretrain.settings import DataSettings, SettingsError
 log = logging.getLogger(__name__)
 
 
+def check_same_tokenizer(train: ShardCorpus, val: ShardCorpus) -> None:
+    """Validation shards made with another tokenizer would give numbers that mean nothing (other ids, other
+    special tokens): refuse them, naming both directories."""
+    train_sum, val_sum = train.manifest["tokenizer"]["checksum"], val.manifest["tokenizer"]["checksum"]
+    if train_sum != val_sum:
+        raise SettingsError(
+            f"data.val_path={val.describe()} was made with another tokenizer (checksum {val_sum[:12]}...) than "
+            f"the training corpus {train.describe()} ({train_sum[:12]}...); make both with the same --tokenizer, e.g. "
+            "`python -m data_prep shards ... --val-fraction F`, which writes both")
+
+
 class ShardDataModule(L.LightningDataModule):
     def __init__(self, settings: DataSettings):
         super().__init__()
@@ -31,6 +42,8 @@ class ShardDataModule(L.LightningDataModule):
         self.val_set = open_corpus(settings.val_path, verify=settings.verify, what="data.val") \
             if settings.val_path else None
         self.order = self.train_set.order(settings.seed)  # position -> sequence, the same on every rank
+        if self.val_set is not None:
+            check_same_tokenizer(self.train_set, self.val_set)
         self.sampler: ResumableDistributedSampler | None = None
         self.consumed = 0  # global samples consumed by training (all ranks), the whole data position
         self.hasher: LazyShardHasher | None = None  # shard sha256s verified in the background (verify=fast)

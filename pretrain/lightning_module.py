@@ -14,6 +14,7 @@ import torch
 
 from data_prep.atomic_io import write_json_atomic
 from pretrain.objectives.base import PretrainingObjective
+from pretrain.objectives.mlm import MaskedLMObjective
 from pretrain.perf import device_peak_flops
 from pretrain.settings import OptimSettings
 
@@ -69,6 +70,7 @@ class PretrainingModule(L.LightningModule):
         self._nonfinite: torch.Tensor | None = None  # device flag: a non-finite loss since the last check
         self._step_sums: torch.Tensor | None = None  # train/* values summed over this step's micro-batches
         self._step_micro_batches = 0
+        self._val_sums: torch.Tensor | None = None  # MLM evaluation: (summed token loss, predicted tokens)
 
     def _consumed_samples(self) -> int:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -157,8 +159,30 @@ class PretrainingModule(L.LightningModule):
         g = torch.Generator(device=self.device)
         g.manual_seed(self.seed + batch_idx)  # the same masks at every evaluation: comparable numbers
         out = self.objective(batch, g)
-        self.log_dict({f"val/{k}": v.float() for k, v in out.items() if k != "masked_tokens"},
+        token_mean = isinstance(self.objective, MaskedLMObjective)
+        skip = {"masked_tokens", "loss"} if token_mean else {"masked_tokens"}
+        self.log_dict({f"val/{k}": v.float() for k, v in out.items() if k not in skip},
                       batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        if token_mean:  # summed over tokens here, divided once at the end of the evaluation
+            predicted = (out["masked_tokens"] - out["dropped_predictions"]).float()
+            step_sums = torch.stack([out["loss"].detach().float() * predicted, predicted])
+            self._val_sums = step_sums if self._val_sums is None else self._val_sums + step_sums
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = None
+
+    def on_validation_epoch_end(self) -> None:
+        """MLM: ``val/loss`` is the mean cross-entropy over every predicted token of the evaluation (all ranks),
+        and ``val/perplexity`` its exponential. A mean of per-batch means (or of per-batch perplexities) would
+        weigh a batch with few masked tokens like a full one and, for perplexity, overstate it (Jensen)."""
+        if self._val_sums is None:
+            return
+        total = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        mean = total[0] / total[1].clamp(min=1)
+        # the same value on every rank already; sync_dist only keeps Lightning from warning about epoch-level logs
+        self.log("val/loss", mean, sync_dist=True)
+        self.log("val/perplexity", torch.exp(mean), sync_dist=True)
+        self._val_sums = None
 
     def on_fit_start(self) -> None:
         if self.device.type == "cuda":  # MFU only where the device's bf16 peak is known

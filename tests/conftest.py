@@ -39,3 +39,18 @@ def shards(tmp_path_factory):
                     "--out", str(root / "shards"), "--seq-len", "64", "--workers", "1"],
                    check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def split_shards(shards, tmp_path_factory):
+    """(train, val) shard directories of the same corpus and tokenizer as ``shards``, split by document with the
+    real `python -m data_prep shards --val-fraction 0.1` (the validation set lands in OUT/val)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("split_data") / "shards"
+    subprocess.run([sys.executable, "-m", "data_prep", "shards", "--input", str(shards.parent / "corpus.jsonl"),
+                    "--tokenizer", str(shards.parent / "tok"), "--out", str(out), "--seq-len", "64", "--workers", "1",
+                    "--val-fraction", "0.1"], check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    return out, out / "val"

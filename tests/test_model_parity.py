@@ -140,3 +140,23 @@ def test_fixed_prediction_slots(pair, slots):
     torch.testing.assert_close(out.logits[: len(kept)], full.flatten(0, 1)[kept])
     expected = torch.nn.functional.cross_entropy(full.flatten(0, 1)[kept], labels.flatten()[kept])
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_pad_row_gets_no_gradient_from_lookups(pair):
+    """A real (attended) position that holds the [PAD] id does not move the [PAD] row, as ``padding_idx`` in
+    transformers and the original code: the encoder's gradients, the word table's included, equal HF's."""
+    name, hf_model, native = pair
+    ids, mask, types = batch(name)
+    ids[0, [5, 17]] = 0  # [PAD] ids at real positions
+    assert ((ids == 0) & mask.bool()).any()
+    weights = torch.randn(3, 57, BASE["hidden_size"], generator=torch.Generator().manual_seed(3))
+    valid = mask.bool()[..., None]
+    hf_model.zero_grad()
+    native.zero_grad()
+    hf_out = hf_model.deberta(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    (hf_out * weights * valid).sum().backward()
+    (native.deberta(ids, mask, token_type_ids=types).last_hidden_state * weights * valid).sum().backward()
+    grad = native.deberta.embeddings.word_embeddings.weight.grad
+    assert torch.count_nonzero(grad[0]) == 0
+    assert torch.count_nonzero(grad[ids[0, 0]]) > 0  # other looked-up rows do get gradient
+    torch.testing.assert_close(grad, hf_model.deberta.embeddings.word_embeddings.weight.grad, atol=2e-5, rtol=1e-4)

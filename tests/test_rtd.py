@@ -121,3 +121,24 @@ def test_gdes_row_lookup_equals_the_summed_table(data):
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
     assert results[0][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("sharing", ["gdes", "es", "nes"])
+def test_pad_row_of_the_discriminator_table_gets_no_gradient(data, sharing):
+    """[PAD] ids at attended positions send no gradient to the [PAD] row of whichever table the discriminator
+    trains (the GDES residual, the shared table, its own table), as ``nn.Embedding(padding_idx=0)`` would."""
+    objective = make(sharing, data)
+    ids = real_batch(data)["input_ids"].clone()
+    ids[:, 3] = data.special_ids["pad"]
+    tables = objective.discriminator_embedding_inputs()
+    mask = torch.ones_like(ids, dtype=torch.bool)  # every position attended, the [PAD] ids included
+    objective.discriminator(ids, mask, word_embedding_weight=tables["word_embeddings"]).logits.sum().backward()
+    if sharing == "gdes":
+        trained = objective.word_embeddings_residual
+    elif sharing == "es":
+        trained = objective.generator.deberta.embeddings.word_embeddings.weight
+    else:
+        trained = objective.discriminator.deberta.embeddings.word_embeddings.weight
+    pad = data.special_ids["pad"]
+    assert torch.count_nonzero(trained.grad[pad]) == 0
+    assert torch.count_nonzero(trained.grad[ids[0, 0]]) > 0

@@ -15,14 +15,20 @@ from pretrain.model.config import DebertaConfig
 TableOverride = torch.Tensor | tuple[torch.Tensor, ...] | None
 
 
-def lookup(ids: torch.Tensor, table: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Rows of ``table``, or of the sum of the tables in a tuple (one rounding per element either way)."""
+def lookup(ids: torch.Tensor, table: torch.Tensor | tuple[torch.Tensor, ...], padding_idx: int | None = None
+           ) -> torch.Tensor:
+    """Rows of ``table``, or of the sum of the tables in a tuple (one rounding per element either way).
+
+    ``padding_idx``: the row that lookups never send gradient to, as ``nn.Embedding(padding_idx=...)`` (the original
+    code and transformers build the word table that way). Without it, a real position holding the [PAD] id (text
+    that contains the piece, or an unusual packing) would move the [PAD] row, which the original never does.
+    """
     if isinstance(table, tuple):
-        rows = nn.functional.embedding(ids, table[0])
+        rows = nn.functional.embedding(ids, table[0], padding_idx)
         for part in table[1:]:
-            rows = rows + nn.functional.embedding(ids, part)
+            rows = rows + nn.functional.embedding(ids, part, padding_idx)
         return rows
-    return nn.functional.embedding(ids, table)
+    return nn.functional.embedding(ids, table, padding_idx)
 
 
 class Embeddings(nn.Module):
@@ -73,7 +79,7 @@ class Embeddings(nn.Module):
         (GDES: ``(shared.detach(), residual)``), which gives the same rows as looking up the summed table without
         adding two vocabulary-sized tables every step."""
         word = self.word_embeddings.weight if word_embedding_weight is None else word_embedding_weight
-        x = lookup(input_ids, word)
+        x = lookup(input_ids, word, padding_idx=self.config.pad_token_id)  # shared tables too (ES, GDES)
         if self.config.position_biased_input:
             table = self.position_embeddings.weight if position_embedding_weight is None else position_embedding_weight
             x = x + lookup(self.position_ids(input_ids, position_ids), table)
