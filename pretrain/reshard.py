@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 
 from data_prep.atomic_io import fsync_dir
 from pretrain import safe_load
+from pretrain.checkpoint_io import CHECKSUM_SUFFIX
 from pretrain.checkpoints import (DEEPSPEED_TAG, CheckpointError, is_deepspeed_checkpoint, read_metadata,
                                   verify_checkpoint)
 
@@ -125,8 +126,13 @@ def convert(checkpoint: Path, workers: int | None = None) -> Path:
     from deepspeed.checkpoint import ds_to_universal
 
     tmp = checkpoint / f"{TEMP_PREFIX}{os.getpid()}"
+    source = tmp / "source"  # DeepSpeed's files only: it takes any file named like a shard, NAME.pt.sha256 too
+    source.mkdir(parents=True)
+    for file in (checkpoint / DEEPSPEED_TAG).iterdir():
+        if not file.name.endswith(CHECKSUM_SUFFIX):
+            (source / file.name).symlink_to(file)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
-    args = SimpleNamespace(input_folder=str(checkpoint / DEEPSPEED_TAG), output_folder=str(tmp / DEEPSPEED_TAG),
+    args = SimpleNamespace(input_folder=str(source), output_folder=str(tmp / DEEPSPEED_TAG),
                            num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
                            keep_temp_folder=False, strict=True,
                            inject_missing_state=True)  # Lightning records no Megatron layout info: none needed
@@ -138,6 +144,7 @@ def convert(checkpoint: Path, workers: int | None = None) -> Path:
             raise ReshardError(f"{checkpoint}: DeepSpeed could not convert it to a universal checkpoint "
                                f"({type(err).__name__}: {err}); resume with the {saved_world_size(checkpoint)} "
                                "ranks it was saved with") from None
+        shutil.rmtree(source)
         (tmp / RECORD).write_text(json.dumps(_record_for(checkpoint), indent=2) + "\n", encoding="utf-8")
         for file in sorted(tmp.rglob("*")):
             if file.is_file():
