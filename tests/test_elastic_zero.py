@@ -3,8 +3,8 @@
 One uninterrupted 2-rank run per stage trains 2N steps and saves at step N; that step-N checkpoint, copied into a
 new run directory, is resumed on 3 ranks by the real command (``tests/elastic_probe.py`` is ``python -m pretrain``
 that also saves the state it starts training from). The global batch is 6 sequences both ways: micro-batches of
-one sequence, 2 ranks x 3 accumulated = 3 ranks x 2 (changing the accumulation is allowed on purpose with
-``resume.allow_changes``). Dropout and masks are drawn per sequence position, so the resumed run must reproduce the
+one sequence, ``data.global_batch_size=6``: 2 ranks x 3 accumulated = 3 ranks x 2, derived at start-up (the resume
+check compares the global batch, not the accumulation). Dropout and masks are drawn per sequence position, so the resumed run must reproduce the
 uninterrupted run's per-step losses; the weights and Adam moments it starts from are compared with the checkpoint's,
 each consolidated from its own partitions (2 ranks before, 3 after).
 """
@@ -39,11 +39,10 @@ def run(shards: Path, run_dir: Path, stage: int, ranks: int, steps: int, probe: 
     args = [
         "+experiment=quickstart", "objective=mlm", f"strategy=deepspeed_zero{stage}", f"data.path={shards}",
         f"output_dir={run_dir}", f"trainer.max_steps={steps}", "trainer.accelerator=cpu", f"trainer.devices={ranks}",
-        f"trainer.accumulate_grad_batches={GLOBAL_BATCH // ranks}", "data.batch_size=1", "data.num_workers=0",
+        f"data.global_batch_size={GLOBAL_BATCH}", "data.batch_size=1", "data.num_workers=0",
         "trainer.log_every_n_steps=1", f"checkpoint_every_n_steps={N}", "export_hf=false",
         "model.vocab_size=1024", "model.max_position_embeddings=64", "model.position_buckets=16",
         "optim.lr=3e-3", "optim.warmup_steps=2", "optim.min_lr_ratio=1.0",
-        "resume.allow_changes=[trainer.accumulate_grad_batches]",
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     if probe:
