@@ -2,7 +2,8 @@
 
 Why: scaling an experiment down (``+experiment=v3_xsmall trainer.max_steps=200`` on a laptop) silently keeps
 settings chosen for a cluster: a warm-up longer than the run, bf16 autocast on a CPU, more DataLoader workers than
-cores. One line each says what was found and what to change.
+cores, a generator checkpoint for an objective without a generator. One line each says what was found and what to
+change.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 
 
 def sanity_warnings(warmup_steps: int, max_steps: int, accelerator: str, precision: Any, num_workers: int,
-                    cuda_available: bool, cpu_count: int | None = None) -> list[str]:
+                    cuda_available: bool, cpu_count: int | None = None, objective: str = "rtd",
+                    init_generator_from: str | None = None) -> list[str]:
     """The warnings for these settings, one message each (empty when nothing looks off)."""
     found = []
     if max_steps > 0 and warmup_steps >= max_steps:
@@ -27,4 +29,7 @@ def sanity_warnings(warmup_steps: int, max_steps: int, accelerator: str, precisi
     if num_workers > cores:
         found.append(f"data.num_workers={num_workers} > {cores} CPU cores here: the loader processes compete with "
                      f"training; use data.num_workers={max(0, cores - 1)} or fewer")
+    if init_generator_from and objective != "rtd":
+        found.append(f"model.init_generator_from={init_generator_from} is not used by objective={objective} (only "
+                     f"replaced-token detection has a generator): remove it, or use objective=rtd")
     return found

@@ -113,7 +113,9 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
     quiet_console()
     for warning in sanity_warnings(settings.optim.warmup_steps, int(settings.trainer.get("max_steps") or 0),
                                    settings.trainer.get("accelerator", "auto"), settings.trainer.get("precision"),
-                                   settings.data.num_workers, torch.cuda.is_available()):
+                                   settings.data.num_workers, torch.cuda.is_available(),
+                                   objective=settings.objective.name,
+                                   init_generator_from=settings.init.init_generator_from):
         log.warning(warning)
     L.seed_everything(settings.run.seed, workers=True)
     data = ShardDataModule(settings.data)

@@ -23,3 +23,13 @@ def test_sensible_settings_are_quiet():
     # max_steps=0 (export the starting model) trains nothing: no warm-up to speak of
     assert sanity_warnings(warmup_steps=10000, max_steps=0, accelerator="auto", precision="bf16-mixed",
                            num_workers=2, cuda_available=True, cpu_count=16) == []
+
+
+def test_a_generator_checkpoint_without_a_generator_is_named():
+    found = sanity_warnings(warmup_steps=50, max_steps=800, accelerator="cpu", precision="32-true", num_workers=0,
+                            cuda_available=False, cpu_count=2, objective="mlm", init_generator_from="ckpt/hf_generator")
+    assert found == ["model.init_generator_from=ckpt/hf_generator is not used by objective=mlm (only replaced-token "
+                     "detection has a generator): remove it, or use objective=rtd"]
+    assert sanity_warnings(warmup_steps=50, max_steps=800, accelerator="cpu", precision="32-true", num_workers=0,
+                           cuda_available=False, cpu_count=2, objective="rtd",
+                           init_generator_from="ckpt/hf_generator") == []
