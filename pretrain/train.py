@@ -238,7 +238,7 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
                 log.warning("report.png not written (%s); draw it later with `python -m pretrain.report %s`",
                             err, output_dir)
         tokens_per_step = (data.seq_len * settings.data.batch_size * trainer.world_size
-                           * int(trainer_args.get("accumulate_grad_batches") or 1))
+                           * trainer.accumulate_grad_batches)  # also when derived from data.global_batch_size
         summary = RunSummary(output_dir, trainer.global_step, trainer.max_steps, resume_step or 0, tokens_per_step,
                              seconds, metrics, exported, report)
         log.info("\n".join(summary.lines()))
