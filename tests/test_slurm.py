@@ -162,6 +162,12 @@ def job_args(run_dir: Path, shards: Path, strategy: str, steps: int) -> list[str
 JOB_ENV = {"MASTER_ADDR": "127.0.0.1", "PYTHON": sys.executable, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
+def job_log(run_dir: Path) -> str:
+    """A job's output file. A task killed by scancel/requeue can stop in the middle of a progress-bar character, so
+    the file need not be valid UTF-8 where a killed run ends; the lines the test looks for are whole."""
+    return Path(f"{run_dir}.slurm.out").read_text(encoding="utf-8", errors="replace")
+
+
 def wait_for(path: Path, job_id: str, cluster: Cluster, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not path.exists():
@@ -196,8 +202,8 @@ def test_requeue_resumes_and_cancel_leaves_a_resumable_run(cluster, shards, tmp_
     # ... and a new job with the same output_dir continues it to the end
     third = cluster.submit(*args, env=JOB_ENV)
     assert cluster.wait_state(third, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)["JobState"] == "COMPLETED", \
-        (Path(f"{cancelled}.slurm.out").read_text()[-5000:])
-    log = Path(f"{cancelled}.slurm.out").read_text()
+        (job_log(cancelled)[-5000:])
+    log = job_log(cancelled)
     # last.ckpt, or the step-N file beside it when the cancel came between the two writes
     assert re.search(rf"resuming from {re.escape(str(cancelled))}/checkpoints/(last|step-\d+)\.ckpt", log)
     assert sorted(set(logged_steps(cancelled))) == list(range(30)) and len(logged_steps(cancelled)) == 30
@@ -205,7 +211,7 @@ def test_requeue_resumes_and_cancel_leaves_a_resumable_run(cluster, shards, tmp_
 
     # 3. the requeued job starts again by itself, resumes from its checkpoint and finishes
     info = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400)
-    log = Path(f"{requeued}.slurm.out").read_text()  # --open-mode=append: both runs in one file
+    log = job_log(requeued)  # --open-mode=append: both runs in one file
     assert info["JobState"] == "COMPLETED", log[-5000:]
     assert "(restart 1)" in log
     assert re.search(rf"resuming from {re.escape(str(requeued))}/checkpoints/(last|step-\d+)\.ckpt", log)
