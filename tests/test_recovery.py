@@ -562,7 +562,7 @@ def test_ranks_wait_for_the_shard_hashes_together_in_bounded_slices(three_shards
 
 # --- the same under DeepSpeed ZeRO-1 on two processes ------------------------------------------------------------
 
-DEEPSPEED_KILLS = 6
+DEEPSPEED_KILLS = 10
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
