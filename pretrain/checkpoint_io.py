@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +106,51 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def checksum_problem(checkpoint: Path) -> str | None:
-    """Why ``checkpoint`` does not match the sha256 recorded when it was written, or None (also when none was
-    recorded: checkpoints from older versions; a DeepSpeed directory is checked file by file)."""
+def _recorded_sha256(record: Path) -> tuple[str | None, str]:
+    """The digest in a ``NAME.sha256`` file, or None and why it cannot be read (empty, not text, not a digest)."""
+    try:
+        fields = record.read_bytes().decode("ascii").split()
+    except OSError as err:
+        return None, f"its checksum file {record.name} cannot be read ({err.strerror or err})"
+    except UnicodeDecodeError:
+        return None, f"its checksum file {record.name} is damaged (not text)"
+    if not fields or len(fields[0]) != 64 or any(c not in "0123456789abcdef" for c in fields[0].lower()):
+        return None, f"its checksum file {record.name} is damaged ({'empty' if not fields else 'no sha256 in it'})"
+    return fields[0].lower(), ""
+
+
+def embedded_checksum_problem(path: Path) -> str | None:
+    """Why ``path`` fails the CRC-32 that torch's zip format stores for every record (tensor data included), or
+    None when every record matches. The check for a file whose ``.sha256`` is missing (copied without it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as err:  # zlib/struct errors
+        return (f"no {path.name}{CHECKSUM_SUFFIX} beside it, and it is not a readable torch zip file with checksums "
+                f"of its own ({str(err)[:200] or type(err).__name__})")
+    if bad is not None:
+        return (f"no {path.name}{CHECKSUM_SUFFIX} beside it, and its record {bad} fails the CRC-32 stored in the "
+                "file (damaged)")
+    return None
+
+
+def checksum_problem(checkpoint: Path, required: bool = False) -> str | None:
+    """Why ``checkpoint`` (a file) does not match the sha256 recorded when it was written, or None.
+
+    A file without its ``.sha256`` (copied without it, or written by an older version) is checked against the
+    CRC-32 values torch's zip format keeps for each record instead, so a flipped byte is never trusted unchecked;
+    with ``required`` a missing ``.sha256`` is itself the problem (files this project always checksums). A damaged
+    ``.sha256`` (empty, not text) is a problem like a damaged checkpoint: the caller falls back to an older one."""
     record = checksum_path(checkpoint)
-    if not checkpoint.is_file() or not record.is_file():
+    if not checkpoint.is_file():
         return None
-    expected = record.read_text(encoding="utf-8").split()[0]
+    if not record.exists():
+        if required:
+            return f"no {record.name} beside it (every such file is written with one)"
+        return embedded_checksum_problem(checkpoint)
+    expected, why = _recorded_sha256(record)
+    if expected is None:
+        return why
     digest = hashlib.sha256()
     with open(checkpoint, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -120,6 +159,15 @@ def checksum_problem(checkpoint: Path) -> str | None:
         return (f"its sha256 {digest.hexdigest()[:16]}... differs from {expected[:16]}... recorded in {record.name} "
                 "when it was written (damaged since, or a kill between the file and its checksum)")
     return None
+
+
+def write_checksum(path: Path) -> None:
+    """Write ``NAME.sha256`` beside an existing file (files written by others, e.g. DeepSpeed's conversion)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    _write_text_atomic(checksum_path(path), f"{digest.hexdigest()}  {path.name}\n")
 
 
 def remove_stale_temps(directory: Path) -> list[Path]:

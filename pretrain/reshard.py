@@ -10,8 +10,14 @@ and 3). When a resumed run finds that its checkpoint was saved on another number
 The conversion is written to ``CHECKPOINT/universal/`` (inside the checkpoint directory, so it goes away with the
 checkpoint when Lightning rotates old ones; the original files are not touched). It is built in a temp directory
 ``CHECKPOINT/.universal.tmp-PID`` and renamed into place only when complete, after a record of what it was made
-from (``conversion.json``); a killed conversion leaves only a temp directory, which the next attempt deletes. Every
-file of a universal directory is read with the restricted unpickler before DeepSpeed reads it without restrictions.
+from (``conversion.json``) and the sha256 of every file in it (``SHA256SUMS``, ``sha256sum -c`` format: one list
+rather than a ``NAME.sha256`` beside each file, since DeepSpeed's universal loader takes every name in a parameter's
+folder that contains ``.pt`` as a state to load). A killed conversion leaves only a temp directory, which the next
+attempt deletes; one conversion of a checkpoint runs at a time (a lock file, ``CHECKPOINT/.universal.lock``), so two
+concurrent ones never delete each other's temp directory. Before DeepSpeed reads a universal directory without
+restrictions, every file is compared with ``SHA256SUMS`` (a damaged one is refused, naming the file) and read with the
+restricted unpickler; DeepSpeed is then told to load the tag ``checkpoint`` (``pretrain.strategies``), never the one
+``latest_universal`` names.
 
 ``python -m pretrain.reshard CHECKPOINT`` runs the same conversion by hand (e.g. ahead of a requeue on fewer
 nodes); training does it by itself when needed.
@@ -20,6 +26,9 @@ nodes); training does it by itself when needed.
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +52,8 @@ log = logging.getLogger(__name__)
 
 UNIVERSAL = "universal"  # CHECKPOINT/universal/: {latest_universal, conversion.json, checkpoint/{*.pt, zero/...}}
 RECORD = "conversion.json"
+SUMS = "SHA256SUMS"  # CHECKPOINT/universal/SHA256SUMS: "<sha256>  checkpoint/zero/NAME/fp32.pt" per file
+LOCK = f".{UNIVERSAL}.lock"
 TEMP_PREFIX = f".{UNIVERSAL}.tmp-"
 POLL_SECONDS = 2.0
 
@@ -77,11 +88,58 @@ def _problem(checkpoint: Path, target: Path) -> str | None:
         return f"{RECORD} describes another checkpoint ({record})"
     if not (target / "latest_universal").is_file() or not (target / DEEPSPEED_TAG / "zero").is_dir():
         return "incomplete (no latest_universal or zero/)"
+    if not (target / SUMS).is_file():
+        return f"no {SUMS} (converted by an older version, without checksums)"
     return None
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(target: Path) -> list[Path]:
+    """Every file DeepSpeed may read from a universal directory."""
+    return sorted(p for p in (target / DEEPSPEED_TAG).rglob("*") if p.is_file())
+
+
+def _write_sums(target: Path) -> None:
+    lines = [f"{_sha256(f)}  {f.relative_to(target).as_posix()}\n" for f in _files(target)]
+    (target / SUMS).write_text("".join(lines), encoding="utf-8")
+
+
+def _check_sums(target: Path) -> None:
+    """Every file of ``target`` matches the sha256 recorded at conversion, and none is missing or added."""
+    sums = target / SUMS
+    redo = f"remove {target} and convert again (`python -m pretrain.reshard {target.parent}`; resuming does it too)"
+    recorded: dict[str, str] = {}
+    try:
+        for line in sums.read_bytes().decode("ascii").splitlines():
+            digest, _, name = line.partition("  ")
+            if len(digest) != 64 or not name:
+                raise ValueError(line[:80])
+            recorded[name] = digest
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ReshardError(f"{sums}: damaged checksum list ({type(err).__name__}: {err}); {redo}") from None
+    present = {f.relative_to(target).as_posix(): f for f in _files(target)}
+    for name in sorted(set(recorded) - set(present)):
+        raise ReshardError(f"{target / name}: missing from the universal checkpoint (listed in {SUMS}); {redo}")
+    for name, file in present.items():
+        if name not in recorded:
+            raise ReshardError(f"{file}: not written by the conversion (not in {SUMS}); {redo}")
+        actual = _sha256(file)
+        if actual != recorded[name]:
+            raise ReshardError(f"{file}: its sha256 {actual[:16]}... differs from {recorded[name][:16]}... recorded "
+                               f"in {SUMS} at conversion (damaged since); {redo}")
+
+
 def _verify_files(target: Path) -> None:
-    """Restricted-read every file DeepSpeed will unpickle without restrictions (memory-mapped where possible)."""
+    """Check every file against ``SHA256SUMS``, then restricted-read every file DeepSpeed will unpickle without
+    restrictions (memory-mapped where possible)."""
+    _check_sums(target)
     for file in sorted((target / DEEPSPEED_TAG).rglob("*.pt")):
         try:
             safe_load.load(file, deepspeed=True)
@@ -95,6 +153,40 @@ def _verify_files(target: Path) -> None:
                 raise ReshardError(str(err)) from None
 
 
+class _ConversionLock:
+    """One conversion of a checkpoint at a time (``fcntl.lockf`` on ``CHECKPOINT/.universal.lock``, dropped by the
+    kernel when the holder dies). ``wait=False`` refuses at once when another process holds it."""
+
+    def __init__(self, checkpoint: Path, wait: bool) -> None:
+        self.path, self.wait, self.fd = checkpoint / LOCK, wait, None
+
+    def __enter__(self) -> _ConversionLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)  # a filesystem without locks: go on as before (temp names are per process)
+                log.warning("%s: the filesystem refuses locks (%s); converting without one", self.path, err.strerror)
+                return self
+            holder = os.pread(fd, 200, 0).decode("utf-8", errors="replace").strip() or "another process"
+            if not self.wait:
+                os.close(fd)
+                raise ReshardError(f"{self.path.parent}: {holder} is converting it now; wait for it to finish (the "
+                                   "result is then used as it is)") from None
+            log.info("waiting for %s, which is converting %s", holder, self.path.parent)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the file stays (deleting it would race a new holder)
+            self.fd = None
+
+
 def remove_stale_temps(checkpoint: Path) -> list[Path]:
     """Delete what killed conversions left in ``checkpoint`` (only our ``.universal.tmp-PID`` directories)."""
     removed = []
@@ -104,17 +196,26 @@ def remove_stale_temps(checkpoint: Path) -> list[Path]:
     return removed
 
 
-def convert(checkpoint: Path, workers: int | None = None) -> Path:
+def convert(checkpoint: Path, workers: int | None = None, wait: bool = True) -> Path:
     """Write ``CHECKPOINT/universal`` (unless a complete one is there already) and return its path.
 
-    Runs DeepSpeed's ``ds_to_universal`` into a temp directory beside the result, records the source, fsyncs and
-    renames it into place. Memory: DeepSpeed loads one rank's optimizer file at a time per worker process."""
+    Runs DeepSpeed's ``ds_to_universal`` into a temp directory beside the result, records the source and the
+    checksums, fsyncs and renames it into place, holding the checkpoint's conversion lock (``wait``: wait for
+    another holder, else refuse). Memory: DeepSpeed loads one rank's optimizer file at a time per worker process."""
     checkpoint = Path(checkpoint).resolve()
     if not is_deepspeed_checkpoint(checkpoint):
         raise ReshardError(f"{checkpoint}: not a DeepSpeed (ZeRO) checkpoint directory; only ZeRO state needs "
                            "re-partitioning (file checkpoints resume on any number of ranks)")
     target = checkpoint / UNIVERSAL
-    problem = _problem(checkpoint, target)
+    if _problem(checkpoint, target) is None:
+        _verify_files(target)
+        return target
+    with _ConversionLock(checkpoint, wait):
+        return _convert_locked(checkpoint, target, workers)
+
+
+def _convert_locked(checkpoint: Path, target: Path, workers: int | None) -> Path:
+    problem = _problem(checkpoint, target)  # another process may have converted it while this one waited
     if problem is None:
         _verify_files(target)
         return target
@@ -145,6 +246,7 @@ def convert(checkpoint: Path, workers: int | None = None) -> Path:
                                f"({type(err).__name__}: {err}); resume with the {saved_world_size(checkpoint)} "
                                "ranks it was saved with") from None
         shutil.rmtree(source)
+        _write_sums(tmp)
         (tmp / RECORD).write_text(json.dumps(_record_for(checkpoint), indent=2) + "\n", encoding="utf-8")
         for file in sorted(tmp.rglob("*")):
             if file.is_file():
@@ -247,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.checkpoint.exists():
             raise ReshardError(f"{args.checkpoint}: no such checkpoint directory")
-        target = convert(args.checkpoint, workers=args.workers)
+        target = convert(args.checkpoint, workers=args.workers, wait=False)
         saved = saved_world_size(args.checkpoint)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)

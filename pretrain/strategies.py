@@ -35,6 +35,28 @@ class ZeroStrategy(DeepSpeedStrategy):
         kwargs.setdefault("scale_wrt_gas", False)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        """Lightning's DeepSpeed load with the tag named: the engine would otherwise open whichever directory the
+        checkpoint's ``latest`` (or ``universal/latest_universal``) file names and unpickle its files without
+        restrictions, so a crafted ``latest`` could point it past every file verified before the resume
+        (``pretrain.checkpoints.verify_checkpoint``, ``pretrain.reshard``). Our saves and conversions always use
+        the one tag ``checkpoint``: only that directory is loaded, whatever those files say."""
+        if self.load_full_weights and self.zero_stage_3:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from lightning.pytorch.strategies.deepspeed import _validate_checkpoint_directory
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        from pretrain.checkpoints import DEEPSPEED_TAG
+
+        _validate_checkpoint_directory(checkpoint_path)
+        module = self.lightning_module
+        _, client_state = self.deepspeed_engine.load_checkpoint(
+            checkpoint_path, tag=DEEPSPEED_TAG, load_optimizer_states=module.trainer.state.fn == TrainerFn.FITTING,
+            load_lr_scheduler_states=False, load_module_strict=module.strict_loading)
+        if client_state is None:
+            raise RuntimeError(f"{checkpoint_path}: DeepSpeed found no '{DEEPSPEED_TAG}' checkpoint in it")
+        return client_state
+
 
 class CPUDeepSpeedStrategy(ZeroStrategy):
     """``DeepSpeedStrategy`` for the CPU accelerator (gloo process group).
