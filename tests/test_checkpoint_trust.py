@@ -140,6 +140,11 @@ def test_a_checkpoint_copied_without_its_checksum_is_checked_by_its_own_crcs(fou
     point = newest_checkpoint(run)  # the resume falls back to the newest intact checkpoint, naming the damaged one
     assert point.path == run / "checkpoints" / "step-00000004.ckpt" and point.step == 4
     assert [p for p, _ in point.skipped] == [last] and "fails the CRC-32" in point.skipped[0][1]
+    step4 = run / "checkpoints" / "step-00000004.ckpt"
+    Path(f"{step4}.sha256").write_bytes(b"")  # a damaged sidecar: that checkpoint is skipped like a damaged one
+    point = newest_checkpoint(run)
+    assert point.path == run / "checkpoints" / "step-00000002.ckpt"
+    assert point.skipped[-1] == (step4, "its checksum file step-00000004.ckpt.sha256 is damaged (empty)")
 
     result = cli([str(last), str(tmp_path / "out")], runner=["-m", "pretrain.export"])
     assert result.returncode == 2

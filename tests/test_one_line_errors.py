@@ -25,7 +25,63 @@ class Case:
 
 
 # --- checkpoints and their checksums ---------------------------------------------------------------------------
-CHECKPOINT_CASES: list = []
+
+def _checkpoint_with_sidecar(tmp_path: Path, sidecar: bytes) -> Path:
+    """A small checkpoint file written as training writes it, whose ``.sha256`` is then replaced by ``sidecar``."""
+    import torch
+
+    from pretrain.checkpoint_io import checksum_path, save_atomic
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    save_atomic({"global_step": 4, "state_dict": {"w": torch.ones(3)}}, checkpoint)
+    checksum_path(checkpoint).write_bytes(sidecar)
+    return checkpoint
+
+
+def export_with_an_empty_sha256(tmp_path, shards):
+    checkpoint = _checkpoint_with_sidecar(tmp_path, b"")
+    return Case(["-m", "pretrain.export", str(checkpoint), str(tmp_path / "out")],
+                f"{checkpoint}: its checksum file last.ckpt.sha256 is damaged (empty)")
+
+
+def export_with_a_binary_sha256(tmp_path, shards):
+    checkpoint = _checkpoint_with_sidecar(tmp_path, b"\xff\xfe\x00garbage")
+    return Case(["-m", "pretrain.export", str(checkpoint), str(tmp_path / "out")],
+                f"{checkpoint}: its checksum file last.ckpt.sha256 is damaged (not text)")
+
+
+def resume_with_only_an_empty_sha256(tmp_path, shards):
+    checkpoint = _checkpoint_with_sidecar(tmp_path, b"")
+    run = checkpoint.parent.parent
+    return Case(["-m", "pretrain", "+experiment=quickstart", "objective=mlm", f"data.path={shards}",
+                 f"output_dir={run}", "trainer.max_steps=6", "data.num_workers=0", "model.vocab_size=1024",
+                 "model.max_position_embeddings=64", "export_hf=false"],
+                f"{run} holds checkpoints but none can be resumed")
+
+
+_HELD_LOCKS: list[int] = []  # conversion locks this process holds while a case runs (released at exit)
+
+
+def reshard_while_another_converts(tmp_path, shards):
+    """A second `pretrain.reshard` of a checkpoint that another process is converting: refused at once, before
+    anything of the other's is touched."""
+    import fcntl
+
+    import torch
+
+    checkpoint = (tmp_path / "step-00000002.ckpt").resolve()
+    (checkpoint / "checkpoint").mkdir(parents=True)
+    torch.save({"global_step": 2, "dp_world_size": 1}, checkpoint / "checkpoint" / "mp_rank_00_model_states.pt")
+    (checkpoint / "latest").write_text("checkpoint")
+    fd = os.open(checkpoint / ".universal.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    _HELD_LOCKS.append(fd)
+    return Case(["-m", "pretrain.reshard", str(checkpoint)], f"{checkpoint}: pid {os.getpid()} is converting it now")
+
+
+CHECKPOINT_CASES: list = [export_with_an_empty_sha256, export_with_a_binary_sha256, resume_with_only_an_empty_sha256,
+                          reshard_while_another_converts]
 
 # --- the run record, resume and export -------------------------------------------------------------------------
 RUN_CASES: list = []
