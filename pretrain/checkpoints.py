@@ -80,7 +80,10 @@ def verify_checkpoint(path: Path) -> None:
     """Restricted-read every file of a checkpoint before Lightning or DeepSpeed reads it (DeepSpeed unpickles its
     shard files with ``weights_only=False``): a crafted or damaged shard is refused here, naming the file. Each
     file is also compared with the sha256 recorded beside it when it was written (flipped bytes inside a tensor
-    read back without error otherwise): the checkpoint file itself, or every ``*.pt`` of a DeepSpeed directory."""
+    read back without error otherwise): the checkpoint file itself, or every ``*.pt`` of a DeepSpeed directory; a
+    file copied without its ``.sha256`` is checked against the CRC-32s stored in it instead. Only the tag directory
+    ``checkpoint/`` is verified, and only it is loaded: DeepSpeed is told the tag (``pretrain.strategies``), it never
+    follows the ``latest`` file, which merely marks a finished save."""
     from pretrain.checkpoint_io import checksum_problem
 
     path = Path(path)
