@@ -21,6 +21,10 @@ TASKS = "tasks.json"
 COLUMNS = ["model", "step", "task", "split", "seed", "metric", "value"]
 
 
+class ResultsError(ValueError):
+    """An existing results file this probe cannot add to."""
+
+
 def read_rows(out: Path) -> list[dict[str, str]]:
     path = Path(out) / RESULTS
     if not path.is_file():
@@ -28,7 +32,7 @@ def read_rows(out: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != COLUMNS:
-            raise ValueError(f"{path}: header {reader.fieldnames} is not {COLUMNS}; move the file away or pass "
+            raise ResultsError(f"{path}: header {reader.fieldnames} is not {COLUMNS}; move the file away or pass "
                              "another --out")
         return list(reader)
 
