@@ -1,5 +1,5 @@
 """`python -m pretrain.probe` end to end on a real (tiny) pretraining run: every checkpoint of the run directory and
-the random-init baseline are probed on real reviews, each (model, step, task, seed) cell lands in probes.csv once,
+the random-init baseline are probed (a damaged checkpoint is skipped and named) on real reviews, each (model, step, task, seed) cell lands in probes.csv once,
 a re-run adds only the missing cells, and an exported fine-tuned model gives transformers the same dev accuracy."""
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def small_task(directory: Path) -> Path:
 def test_probe_a_run_resume_and_export(shards, tmp_path, capsys):
     run = tmp_path / "run"
     train(compose_config(tiny_run(shards, run, "mlm", 4, "checkpoint_every_n_steps=2")))
+    damaged = run / "checkpoints" / "step-6.ckpt"
+    damaged.write_bytes(b"PK\x03\x04 cut off while copying")  # a damaged checkpoint is skipped, and named
     task = small_task(tmp_path / "task")
     out, exported = tmp_path / "probes", tmp_path / "exported"
     common = ["--task", str(task), "--out", str(out), "--epochs", "1", "--max-length", "48"]
@@ -41,7 +43,8 @@ def test_probe_a_run_resume_and_export(shards, tmp_path, capsys):
     assert cells == {(str(run), "2", "0"), (str(run), "4", "0"), (f"random:{run / 'hf'}", "0", "0")}
     assert len(first) == 3 * 2  # accuracy and macro F1 on dev, per cell
     assert json.loads((out / "tasks.json").read_text())["en_small"]["labels"] == ["neg", "pos"]
-    printed = capsys.readouterr().out
+    printed, warnings = capsys.readouterr()
+    assert f"warning: skipping {damaged}: " in warnings
     assert "lr=" in printed and "epochs=1.0" in printed and "mean ± std" in printed
 
     # a re-run with a second seed adds exactly the missing cells and leaves the others as they were

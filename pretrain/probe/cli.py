@@ -92,7 +92,13 @@ def probe(args: argparse.Namespace) -> list[dict]:
         if not todo:
             print(f"{label}: every cell already in {args.out / results.RESULTS}")
             continue
-        directory = models.materialise(source, args.out)
+        try:
+            directory = models.materialise(source, args.out)
+        except models.ModelError as err:
+            if source.kind != "checkpoint" or source.path == Path(source.name):
+                raise  # a model named on its own must load; one checkpoint of a run is skipped, with the reason
+            print(f"warning: skipping {source.path}: {err}", file=sys.stderr)
+            continue
         tokenizer = batching.load_tokenizer(directory)
         factory = models.encoder_factory(source, directory)
         hidden = hf.load_config(directory).hidden_size

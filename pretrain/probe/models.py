@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -77,7 +78,7 @@ def resolve(argument: str) -> list[ModelSource]:
             try:
                 step = _checkpoint_step(ckpt)
             except ModelError as err:
-                print(f"warning: skipping {ckpt}: {err}")
+                print(f"warning: skipping {ckpt}: {err}", file=sys.stderr)
                 continue
             sources.setdefault(step, ModelSource(argument, step, "checkpoint", ckpt))
         return [sources[s] for s in sorted(sources)]
