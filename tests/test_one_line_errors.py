@@ -92,7 +92,64 @@ DATA_CASES: list = []
 # --- signals, export directories and concurrent tools ----------------------------------------------------------
 SIGNAL_CASES: list = []
 
-ALL_CASES = CHECKPOINT_CASES + RUN_CASES + DATA_CASES + SIGNAL_CASES
+# --- downstream probes: task files, data files, model directories ----------------------------------------------
+def _probe_model(tmp_path, shards, tokenizer=True):
+    """A tiny exported model directory (with the shards' tokenizer unless ``tokenizer`` is False)."""
+    import torch
+
+    from pretrain import hf
+    from pretrain.model import DebertaConfig, DebertaForMaskedLM
+
+    torch.manual_seed(0)
+    config = DebertaConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=128, position_buckets=16)
+    return hf.save_pretrained(DebertaForMaskedLM(config), tmp_path / "model",
+                              tokenizer=shards.parent / "tok" if tokenizer else None)
+
+
+def _probe_task(tmp_path, train='{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n',
+                dev='{"text": "fine", "label": "pos"}\n', body=None):
+    (tmp_path / "train.jsonl").write_text(train, encoding="utf-8")
+    (tmp_path / "dev.jsonl").write_text(dev, encoding="utf-8")
+    task = tmp_path / "task.yaml"
+    task.write_text(body if body is not None else "name: t\ntype: classification\ntrain: train.jsonl\n"
+                    "dev: dev.jsonl\n", encoding="utf-8")
+    return task
+
+
+def _probe(tmp_path, shards, task, **model_options):
+    return ["-m", "pretrain.probe", str(_probe_model(tmp_path, shards, **model_options)), "--task", str(task),
+            "--out", str(tmp_path / "out"), "--seeds", "1"]
+
+
+def probe_missing_column(tmp_path, shards):
+    task = _probe_task(tmp_path, train='{"review": "good", "label": "pos"}\n{"review": "bad", "label": "neg"}\n')
+    return Case(_probe(tmp_path, shards, task), "column(s) ['text'] not found")
+
+
+def probe_label_outside_list(tmp_path, shards):
+    task = _probe_task(tmp_path, dev='{"text": "fine", "label": "neutral"}\n')
+    return Case(_probe(tmp_path, shards, task), "dev.jsonl: row 1: label 'neutral' is not in the label list")
+
+
+def probe_empty_file(tmp_path, shards):
+    task = _probe_task(tmp_path, dev="")
+    return Case(_probe(tmp_path, shards, task), "dev.jsonl: the file is empty")
+
+
+def probe_task_file_does_not_parse(tmp_path, shards):
+    task = _probe_task(tmp_path, body="name: t\ntype: [classification\ntrain: train.jsonl\n")
+    return Case(_probe(tmp_path, shards, task), "task.yaml: not a valid YAML task file")
+
+
+def probe_model_without_tokenizer(tmp_path, shards):
+    return Case(_probe(tmp_path, shards, _probe_task(tmp_path), tokenizer=False), "no tokenizer files")
+
+
+PROBE_CASES: list = [probe_missing_column, probe_label_outside_list, probe_empty_file, probe_task_file_does_not_parse,
+                     probe_model_without_tokenizer]
+
+ALL_CASES = CHECKPOINT_CASES + RUN_CASES + DATA_CASES + SIGNAL_CASES + PROBE_CASES
 
 
 def run_case(case: Case) -> subprocess.CompletedProcess:

@@ -1,0 +1,137 @@
+"""``python -m pretrain.probe MODEL [MODEL...] --task TASK [--task ...]``: what a pretrained model is worth downstream.
+
+Every (model, pretraining step, task, seed) cell fine-tunes a fresh task head, scores dev (and test) and appends
+its rows to ``OUT/probes.csv`` in one atomic write; a re-run (after a kill, or with more models) skips the cells
+already there. Ends with a mean ± std table over seeds of each task's headline metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pretrain import hf
+from pretrain.probe import batching, models, results
+from pretrain.probe.export import save_task_model
+from pretrain.probe.finetune import default_settings, finetune
+from pretrain.probe.tasks import Task, TaskError, load_task
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+
+
+def task_path(argument: str) -> Path:
+    """A task file, or the name of a bundled sample task (``zh_sentiment``, ``en_sentiment/regression``)."""
+    path = Path(argument)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    bundled = SAMPLES / argument / "task.yaml" if "/" not in argument else SAMPLES / f"{argument}.yaml"
+    if bundled.is_file():
+        return bundled
+    names = sorted(p.parent.name for p in SAMPLES.glob("*/task.yaml"))
+    raise TaskError(f"{argument}: no such task file, and not a bundled task ({', '.join(names)})")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.probe", description=__doc__.split("\n\n", 1)[0].split(": ", 1)[1],
+        epilog="MODEL: an exported hf/ directory or released DebertaV2 directory, a training checkpoint (.ckpt or "
+               "DeepSpeed directory), a run directory (every checkpoint in it), or random:PATH (PATH's architecture "
+               "with fresh weights).\nTASK: a task YAML (see pretrain/probe/tasks.py) or a bundled sample: "
+               "en_sentiment, zh_sentiment, ko_sentiment, en_sentiment/regression.\n\nexample:\n"
+               "  python -m pretrain.probe outputs/quickstart/run random:outputs/quickstart/run/hf --task en_sentiment",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", metavar="MODEL")
+    parser.add_argument("--task", action="append", required=True, metavar="TASK", help="repeat for several tasks")
+    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per cell (default 3)")
+    parser.add_argument("--out", type=Path, default=Path("probes"), help="results directory (default ./probes)")
+    parser.add_argument("--export", type=Path, default=None, metavar="DIR",
+                        help="also save each fine-tuned model as a transformers directory under DIR")
+    parser.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
+    parser.add_argument("--epochs", type=float, default=None, help="override the recipe's epochs")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per text (pair); longer are truncated")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    return args
+
+
+def _warnings_to_console() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    logger = logging.getLogger("pretrain.probe")
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+def probe(args: argparse.Namespace) -> list[dict]:
+    tasks: list[Task] = [load_task(task_path(t)) for t in args.task]  # every file checked before any training
+    if len({t.name for t in tasks}) != len(tasks):
+        raise TaskError(f"two tasks share a name ({[t.name for t in tasks]}); give each task file its own 'name'")
+    sources = [s for m in args.models for s in models.resolve(m)]
+    for task in tasks:
+        results.record_task(args.out, task.name, {"type": task.spec.type, "labels": task.labels,
+                                                  "metric": task.spec.metric, "source": str(task.spec.source)})
+    done = results.done_cells(args.out)
+    for source in sources:
+        todo = [(t, s) for t in tasks for s in range(args.seeds)
+                if results.cell_key(source.name, source.step, t.name, s) not in done]
+        label = source.name + (f" @ step {source.step}" if source.step > 0 else "")
+        if not todo:
+            print(f"{label}: every cell already in {args.out / results.RESULTS}")
+            continue
+        try:
+            directory = models.materialise(source, args.out)
+        except models.ModelError as err:
+            if source.kind != "checkpoint" or source.path == Path(source.name):
+                raise  # a model named on its own must load; one checkpoint of a run is skipped, with the reason
+            print(f"warning: skipping {source.path}: {err}", file=sys.stderr)
+            continue
+        tokenizer = batching.load_tokenizer(directory)
+        factory = models.encoder_factory(source, directory)
+        hidden = hf.load_config(directory).hidden_size
+        for task in tasks:
+            seeds = [s for t, s in todo if t is task]
+            if not seeds:
+                continue
+            settings = default_settings(len(task.rows["train"]), hidden, lr=args.lr, epochs=args.epochs,
+                                        batch_size=args.batch_size, max_length=args.max_length)
+            print(f"{label} | {task.name}: {settings.describe()}")
+            encoded = {split: batching.encode_split(task, split, tokenizer, settings.max_length) for split in task.rows}
+            for seed in seeds:
+                start = time.perf_counter()
+                model, scores = finetune(factory, task, encoded, tokenizer.pad_token_id, settings, seed, args.device)
+                results.append_cell(args.out, source.name, source.step, task.name, seed, scores)
+                shown = ", ".join(f"{split} {task.spec.metric} {m[task.spec.metric]:.4f}" for split, m in scores.items())
+                print(f"{label} | {task.name} | seed {seed}: {shown} ({time.perf_counter() - start:.0f} s)")
+                if args.export:
+                    target = args.export / _slug(source.name) / f"step-{source.step}" / task.name / f"seed-{seed}"
+                    save_task_model(model.cpu().float(), target, tokenizer=tokenizer)
+    metrics = {t.name: t.spec.metric for t in tasks}
+    rows = [r for r in results.read_rows(args.out) if r["task"] in metrics]
+    table = results.summary(rows, metrics)
+    print(results.format_table(table))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _warnings_to_console()
+    try:
+        probe(args)
+    except (TaskError, models.ModelError, hf.CheckpointError, results.ResultsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,133 @@
+"""What a MODEL argument of ``python -m pretrain.probe`` names, and how it becomes an encoder to fine-tune.
+
+- a HuggingFace DebertaV2 directory (a run's ``hf/`` export, or a released model): its encoder weights;
+- a training checkpoint (a Lightning ``.ckpt`` file or a DeepSpeed directory): verified the way resume verifies
+  it (restricted unpickling, recorded sha256), exported once to ``OUT/.models/`` and read from there;
+- a run directory (one with ``checkpoints/``): every checkpoint in it, one per pretraining step;
+- ``random:PATH``: PATH's architecture (and tokenizer) with fresh weights drawn from the probe seed: the
+  baseline every pretrained number is compared with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pretrain import hf
+from pretrain.model import DebertaModel
+
+MODEL_CACHE = ".models"
+
+
+class ModelError(ValueError):
+    """A MODEL argument that cannot be probed; the message names it and the fix."""
+
+
+@dataclass
+class ModelSource:
+    name: str  # the MODEL argument (the run directory for each of its checkpoints)
+    step: int  # pretraining step; -1 when unknown (a released model), 0 for random init
+    kind: str  # "hf", "checkpoint" or "random"
+    path: Path
+
+
+def _checkpoint_step(path: Path) -> int:
+    from pretrain.checkpoints import CheckpointError, read_metadata
+
+    try:
+        return int(read_metadata(path)["global_step"])
+    except CheckpointError as err:
+        raise ModelError(str(err)) from None
+
+
+def run_checkpoints(run: Path) -> list[Path]:
+    """A run's checkpoints, one per step (``step-N.ckpt`` preferred over ``last.ckpt`` and SLURM's saves)."""
+    folder = run / "checkpoints"
+    paths = sorted((p for p in folder.glob("step-*.ckpt") if re.fullmatch(r"step-\d+\.ckpt", p.name)),
+                   key=lambda p: int(p.name[5:-5]))
+    for extra in [folder / "last.ckpt", *sorted(run.glob("hpc_ckpt_*.ckpt"))]:
+        if extra.exists() and not any(extra.resolve() == p.resolve() for p in paths):
+            paths.append(extra)
+    return paths
+
+
+def resolve(argument: str) -> list[ModelSource]:
+    """The model(s) one MODEL argument names; raises :class:`ModelError` naming it when it is none of them."""
+    if argument.startswith("random:"):
+        path = Path(argument[len("random:"):])
+        hf.load_config(path)  # raises naming the file when PATH is not a model directory
+        return [ModelSource(argument, 0, "random", path)]
+    path = Path(argument)
+    if not path.exists():
+        raise ModelError(f"{path}: no such model directory, checkpoint or run directory")
+    if path.is_dir() and (path / hf.CONFIG_NAME).is_file():
+        return [ModelSource(argument, -1, "hf", path)]
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        found = run_checkpoints(path)
+        if not found:
+            raise ModelError(f"{path}: a run directory without checkpoints in {path / 'checkpoints'}; probe it "
+                             "after its first checkpoint is written")
+        sources = {}
+        for ckpt in found:
+            try:
+                step = _checkpoint_step(ckpt)
+            except ModelError as err:
+                print(f"warning: skipping {ckpt}: {err}", file=sys.stderr)
+                continue
+            sources.setdefault(step, ModelSource(argument, step, "checkpoint", ckpt))
+        return [sources[s] for s in sorted(sources)]
+    if path.is_file() or (path / "checkpoint").is_dir():
+        return [ModelSource(argument, _checkpoint_step(path), "checkpoint", path)]
+    raise ModelError(f"{path}: not a model directory (no config.json), checkpoint or run directory (no "
+                     "checkpoints/); pass an exported hf/ directory, a .ckpt file, a run directory or random:PATH")
+
+
+def materialise(source: ModelSource, out: Path) -> Path:
+    """The HuggingFace directory to read ``source`` from; a checkpoint is verified and exported (once) into
+    ``OUT/.models/`` first."""
+    if source.kind != "checkpoint":
+        return source.path
+    from pretrain.export import ExportError, load_objective
+    from pretrain.train import export
+
+    digest = hashlib.sha256(str(source.path.resolve()).encode()).hexdigest()[:12]
+    target = out / MODEL_CACHE / f"step-{source.step}-{digest}"
+    if (target / "hf" / hf.CONFIG_NAME).is_file():
+        return target / "hf"
+    try:
+        objective, tokenizer_dir = load_objective(source.path)  # verifies before anything unpickles freely
+    except ExportError as err:
+        raise ModelError(str(err)) from None
+    if not tokenizer_dir.is_dir():
+        raise ModelError(f"{source.path}: the tokenizer recorded in the checkpoint ({tokenizer_dir}) is gone; export "
+                         "the checkpoint with `python -m pretrain.export CKPT OUT --tokenizer DIR` and probe OUT/hf")
+    export(objective, target, tokenizer_dir)  # each directory is written atomically
+    return target / "hf"
+
+
+def encoder_factory(source: ModelSource, directory: Path) -> Callable[[int], DebertaModel]:
+    """``factory(seed)``: a fresh copy of the encoder (loaded once), or a random init drawn from ``seed``."""
+    if source.kind == "random":
+        config = hf.load_config(directory)
+
+        def fresh(seed: int) -> DebertaModel:
+            torch.manual_seed(seed)
+            return DebertaModel(config)
+        return fresh
+    try:
+        encoder = hf.from_pretrained(directory, head="none")
+    except hf.CheckpointError as err:
+        raise ModelError(str(err)) from None
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+
+    def pretrained(seed: int) -> DebertaModel:
+        model = DebertaModel(encoder.config)
+        model.load_state_dict(state)
+        return model
+    return pretrained
