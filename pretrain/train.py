@@ -29,7 +29,7 @@ from pretrain.checkpoints import check_resumable, newest_checkpoint, read_metada
 from pretrain.csv_log import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
 from pretrain.global_batch import AccumulationOnResume, accumulation_for
-from pretrain.interrupt import StopOnInterrupt, TrainingInterrupted
+from pretrain.interrupt import StopOnInterrupt, StoppedAtOnce, TrainingInterrupted
 from pretrain.lightning_module import PretrainingModule
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
 from pretrain.objectives.build import build_objective  # noqa: F401 (export and tests import it from here too)
@@ -218,6 +218,8 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
             saved = getattr(checkpoint, "interrupt_checkpoint", None)
             raise TrainingInterrupted(interrupt.received or "SIGTERM", trainer.global_step, trainer.max_steps,
                                       Path(saved) if saved else None, trainer.is_global_zero) from None
+        except StoppedAtOnce:  # Ctrl-C pressed twice: nothing saved (the command line says so, status 130)
+            raise KeyboardInterrupt from None
     seconds = time.monotonic() - started
 
     exported: list[Path] = []
