@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from data_prep.mixture import ShardCorpus, open_corpus
 from data_prep.reader import ResumableDistributedSampler
 from data_prep.shard_hashes import LazyShardHasher, verify_used_together
-from pretrain.interrupt import worker_ignores_sigint
+from pretrain.interrupt import SignalSafeDataLoader, worker_ignores_stop_signals
 from pretrain.settings import DataSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,11 @@ class ShardDataModule(L.LightningDataModule):
         if self.settings.verify == "fast" and (trainer is None or trainer.is_global_zero) and self.hasher is None:
             # one rank hashes (the others would re-read the same files); it stops the whole run on a mismatch
             self.hasher = LazyShardHasher(self.train_set, self.sampler.order, self.consumed)
-        return DataLoader(self.train_set, batch_size=self.settings.batch_size, sampler=self.sampler,
-                          num_workers=self.settings.num_workers, drop_last=True,
-                          persistent_workers=False, pin_memory=False,
-                          worker_init_fn=partial(worker_ignores_sigint, rank=trainer.global_rank if trainer else 0))
+        return SignalSafeDataLoader(self.train_set, batch_size=self.settings.batch_size, sampler=self.sampler,
+                                    num_workers=self.settings.num_workers, drop_last=True,
+                                    persistent_workers=False, pin_memory=False,
+                                    worker_init_fn=partial(worker_ignores_stop_signals,
+                                                           rank=trainer.global_rank if trainer else 0))
 
     def val_dataloader(self):
         if self.val_set is None:

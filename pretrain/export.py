@@ -1,8 +1,13 @@
 """``python -m pretrain.export CKPT OUT``: turn a training checkpoint into HuggingFace directories.
 
 Writes ``OUT/hf`` (the MLM model for v2; the GDES-merged discriminator for v3) and, for v3, ``OUT/hf_generator``,
-each with the tokenizer the shards were made with. Works on any checkpoint written by ``pretrain``: a Lightning
-``.ckpt`` file, or a DeepSpeed ZeRO checkpoint directory (consolidated to fp32 first).
+each with the tokenizer the shards were made with and ``export_info.json`` naming the checkpoint and its step. An
+existing, non-empty ``OUT/hf`` is replaced only with ``--overwrite``, and then whole, in one step (never a mix of
+old and new files). Exports into one OUT take its lock (:mod:`pretrain.run_lock`, shared with training), so what a
+killed export left there is removed safely by the next one.
+
+Works on any checkpoint written by ``pretrain``: a Lightning ``.ckpt`` file, or a DeepSpeed ZeRO checkpoint
+directory (consolidated to fp32 first).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from pretrain.checkpoints import (DEEPSPEED_TAG, CheckpointError, is_deepspeed_checkpoint, read_metadata,
                                   verify_checkpoint)
 from pretrain.model import DebertaConfig
+from pretrain.run_lock import RunLock, RunLockedError
 from pretrain.objectives.base import SpecialTokens
 from pretrain.settings import ObjectiveSettings
 from pretrain.train import build_objective, export
@@ -60,10 +66,24 @@ def load_objective(checkpoint_path: Path):
     return objective, Path(record["tokenizer_dir"])
 
 
+def check_destinations(out: Path, names, overwrite: bool) -> None:
+    """A directory the user already has at ``OUT/hf`` (an earlier export, with notes or fine-tuning files beside
+    it) is not replaced unless asked."""
+    for name in names:
+        target = out / name
+        if target.exists() and not target.is_dir():
+            raise ExportError(f"{target}: exists and is not a directory; move it away or choose another OUT")
+        if target.is_dir() and any(target.iterdir()) and not overwrite:
+            raise ExportError(f"{target}: exists and is not empty; pass --overwrite to replace it whole (files you "
+                              "added there are deleted too), or choose another OUT")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a .ckpt file or DeepSpeed checkpoint directory from output_dir/checkpoints/")
     parser.add_argument("out", type=Path, help="directory to write hf/ (and hf_generator/) into")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing, non-empty OUT/hf (and OUT/hf_generator) whole")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer directory to ship (default: the one recorded in the checkpoint)")
     args = parser.parse_args(argv)
@@ -72,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = args.tokenizer or tokenizer_dir
         if not tokenizer.is_dir():
             raise ExportError(f"{tokenizer}: the tokenizer recorded in the checkpoint is gone; pass --tokenizer DIR")
-        for path in export(objective, args.out, tokenizer):
-            print(f"wrote {path}")
-    except ExportError as err:
+        names = list(objective.export_models())
+        step = int(read_metadata(args.checkpoint).get("global_step", 0))
+        with RunLock(args.out):  # one export (or run) at a time into OUT
+            check_destinations(args.out, names, args.overwrite)
+            info = {"step": step, "checkpoint": str(args.checkpoint.resolve())}
+            for path in export(objective, args.out, tokenizer, info):
+                print(f"wrote {path}")
+    except (ExportError, RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a read-only or missing output directory

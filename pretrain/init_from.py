@@ -38,8 +38,6 @@ import dataclasses
 import json
 import logging
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,7 +175,8 @@ class ContinuedStart:
         set_effective_tables(objective, targets, self.init_from)
 
     # ------------------------------------------------------------------------------------------ export
-    def export_untrained(self, objective: Any, output_dir: Path, tokenizer_dir: Path) -> list[Path]:
+    def export_untrained(self, objective: Any, output_dir: Path, tokenizer_dir: Path,
+                         info: dict | None = None) -> list[Path]:
         """``trainer.max_steps=0``: write each model in the layout of the directory it came from (same keys, same
         head layout, nothing the source lacks), so an untrained run's ``hf/`` equals the source tensor for tensor."""
         sources = {"hf": self.init_from, "hf_generator": self.init_generator_from}
@@ -185,10 +184,11 @@ class ContinuedStart:
         for name, model in objective.export_models().items():
             source = sources.get(name)
             target = output_dir / name
+            hf.remove_stale_staging(output_dir, name)
             if source is None:
-                written.append(hf.save_pretrained(model, target, tokenizer=tokenizer_dir))
+                written.append(hf.save_pretrained(model, target, tokenizer=tokenizer_dir, info=info))
             else:
-                written.append(save_like(model, source, target, tokenizer_dir))
+                written.append(save_like(model, source, target, tokenizer_dir, info))
         return written
 
 
@@ -292,7 +292,7 @@ def _check_generator(disc: DebertaConfig, gen: DebertaConfig, path: str) -> None
 
 
 # ------------------------------------------------------------------------------------------------ export
-def save_like(model: Any, source: Path, target: Path, tokenizer_dir: Path) -> Path:
+def save_like(model: Any, source: Path, target: Path, tokenizer_dir: Path, info: dict | None = None) -> Path:
     """Write ``model`` as ``source`` is laid out: the source's tensor names (bare or ``deberta.``-prefixed, legacy
     ``cls.predictions.*`` or ``lm_predictions.*`` head, tied copies included), only the tensors it has, and its
     ``legacy`` flag; the RTD head goes to ``rtd_head.safetensors`` only if the source had one there."""
@@ -318,16 +318,12 @@ def save_like(model: Any, source: Path, target: Path, tokenizer_dir: Path) -> Pa
     config["legacy"] = any(k.startswith("cls.predictions.") for k in raw)
     if "architectures" in source_config:
         config["architectures"] = source_config["architectures"]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         save_file(main, str(staging / hf.SAFE_WEIGHTS), metadata={"format": "pt"})
         if rtd:
             save_file(rtd, str(staging / hf.RTD_HEAD_WEIGHTS), metadata={"format": "pt"})
         (staging / hf.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         hf._save_tokenizer(tokenizer_dir, staging)
-        hf._replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return hf.write_directory(target, fill, info)

@@ -14,11 +14,18 @@ Lightning for the processes it starts itself); the other ranks run under its loc
 The command line takes the lock before Hydra writes its record (``.hydra/``, the job log) into ``output_dir``
 (:mod:`pretrain.hydra_callbacks`), so a second launch changes nothing in a live run directory; ``train()`` takes it
 again, which within the holding process only counts a nesting level (POSIX locks belong to the process: a second
-``lockf`` on another descriptor would succeed, and closing either descriptor would drop the lock).
+``lockf`` on another descriptor would succeed, and closing either descriptor would drop the lock; locks are
+therefore keyed by the lock file's real path, so a symlinked spelling of a held directory nests too).
+
+A run writes its checkpoints into ``output_dir/checkpoints``; when that is a link to another folder (another run's
+``checkpoints/``, a scratch area), the lock of ``output_dir`` alone would let two runs train into one folder.
+:func:`checkpoint_folder_lock` then also takes the lock of the directory that really holds the folder (another
+run's ``output_dir``, whose own run holds that same lock), so either run refuses while the other one is live.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -55,7 +62,7 @@ class RunLock:
 
     def __init__(self, output_dir: str | os.PathLike) -> None:
         self.path = Path(output_dir) / LOCK_NAME
-        self._key = Path(os.path.abspath(self.path))
+        self._key = Path(os.path.realpath(self.path))
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
@@ -73,9 +80,7 @@ class RunLock:
             if err.errno in (errno.EAGAIN, errno.EACCES):
                 holder = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip() or "an unknown process"
                 os.close(fd)
-                raise RunLockedError(
-                    f"{self.path.parent} is in use by another run ({holder}); wait for it to end or stop it, or "
-                    "choose another output_dir. (The lock goes away by itself when that process exits.)") from None
+                raise RunLockedError(self._refusal(holder)) from None
             os.close(fd)
             log.warning("%s: the filesystem refuses locks (%s); running without the one-run-per-output_dir check",
                         self.path, err.strerror)
@@ -88,6 +93,10 @@ class RunLock:
         _held[self._key] = [fd, 1]
         return self
 
+    def _refusal(self, holder: str) -> str:
+        return (f"{self.path.parent} is in use by another run ({holder}); wait for it to end or stop it, or choose "
+                "another output_dir. (The lock goes away by itself when that process exits.)")
+
     def __exit__(self, *exc) -> None:
         if self._fd is None:
             return
@@ -97,3 +106,25 @@ class RunLock:
         if entry[1] == 0:
             del _held[self._key]
             os.close(entry[0])  # releases the lock; the file stays (deleting it would race a new holder)
+
+
+def checkpoint_folder_lock(output_dir: str | os.PathLike) -> RunLock | contextlib.nullcontext:
+    """The lock that keeps ``output_dir/checkpoints`` to this run when it is a link elsewhere (see the module
+    docstring): a :class:`RunLock` on the real folder's parent directory, or nothing to take when the folder is
+    inside ``output_dir``. Raises :class:`RunLockedError` naming the link when another live run holds it."""
+    folder = Path(output_dir) / "checkpoints"
+    real = Path(os.path.realpath(folder))
+    if real == Path(os.path.realpath(output_dir)) / "checkpoints":
+        return contextlib.nullcontext()
+    return _LinkedFolderLock(folder, real)
+
+
+class _LinkedFolderLock(RunLock):
+    def __init__(self, folder: Path, real: Path) -> None:
+        super().__init__(real.parent)
+        self.folder, self.real = folder, real
+
+    def _refusal(self, holder: str) -> str:
+        return (f"{self.folder} leads to {self.real}, a checkpoint folder in use by another run ({holder}); two runs "
+                "cannot train into one folder: give this run its own checkpoints folder (remove the link), or stop "
+                "the other run")

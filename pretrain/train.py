@@ -29,14 +29,14 @@ from pretrain.checkpoints import check_resumable, newest_checkpoint, read_metada
 from pretrain.csv_log import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
 from pretrain.global_batch import AccumulationOnResume, accumulation_for
-from pretrain.interrupt import StopOnInterrupt, TrainingInterrupted
+from pretrain.interrupt import StopOnInterrupt, StoppedAtOnce, TrainingInterrupted
 from pretrain.lightning_module import PretrainingModule
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
 from pretrain.objectives.build import build_objective  # noqa: F401 (export and tests import it from here too)
 from pretrain.perf import training_flops_per_token
 from pretrain.report import write_report
 from pretrain.resume_check import check_changes, optimisation_settings
-from pretrain.run_lock import RunLock, launching_process
+from pretrain.run_lock import RunLock, checkpoint_folder_lock, launching_process
 from pretrain.sanity import sanity_warnings
 from pretrain.settings import Settings, SettingsError, settings_from_config
 from pretrain.strategies import build_strategy, expose_outputs_to_zero3, full_parameters, is_deepspeed, zero_stage
@@ -58,10 +58,16 @@ def check_data_against_model(settings: Settings, data: ShardDataModule) -> None:
         raise SettingsError(f"data.path={settings.data.path} does not fit the model:\n  - " + "\n  - ".join(problems))
 
 
-def export(objective: PretrainingObjective, output_dir: Path, tokenizer_dir: Path) -> list[Path]:
+def export(objective: PretrainingObjective, output_dir: Path, tokenizer_dir: Path,
+           info: dict[str, Any] | None = None) -> list[Path]:
+    """Write ``output_dir/hf`` (and ``hf_generator``), each replaced whole, with ``info`` (the step it came from) in
+    its ``export_info.json``. The caller holds ``output_dir``'s run lock, so what an export killed there before left
+    behind (``.hf.tmp-*``: a full model copy) is removed first."""
     written = []
     for name, model in objective.export_models().items():
-        written.append(hf.save_pretrained(model, output_dir / name, tokenizer=tokenizer_dir))
+        for stale in hf.remove_stale_staging(output_dir, name):
+            log.warning("removed %s, left by an export that was interrupted", stale)
+        written.append(hf.save_pretrained(model, output_dir / name, tokenizer=tokenizer_dir, info=info))
     return written
 
 
@@ -103,9 +109,10 @@ def save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train under the output_dir's run lock (one run per output_dir; see ``pretrain.run_lock``)."""
+    """Train under the output_dir's run lock (one run per output_dir, and per checkpoint folder when
+    ``checkpoints/`` is a link elsewhere; see ``pretrain.run_lock``)."""
     settings = settings_from_config(cfg)
-    with RunLock(settings.run.output_dir):
+    with RunLock(settings.run.output_dir), checkpoint_folder_lock(settings.run.output_dir):
         return _train(cfg, settings)
 
 
@@ -218,16 +225,19 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
             saved = getattr(checkpoint, "interrupt_checkpoint", None)
             raise TrainingInterrupted(interrupt.received or "SIGTERM", trainer.global_step, trainer.max_steps,
                                       Path(saved) if saved else None, trainer.is_global_zero) from None
+        except StoppedAtOnce:  # Ctrl-C pressed twice: nothing saved (the command line says so, status 130)
+            raise KeyboardInterrupt from None
     seconds = time.monotonic() - started
 
     exported: list[Path] = []
     if settings.run.export_hf:
         with full_parameters(trainer.strategy, objective):  # ZeRO-3: every rank takes part in the gather
             if trainer.is_global_zero:
+                info = {"step": trainer.global_step, "output_dir": str(output_dir.resolve())}
                 if start is not None and not trained:
-                    exported = start.export_untrained(objective, output_dir, data.train_set.tokenizer_dir)
+                    exported = start.export_untrained(objective, output_dir, data.train_set.tokenizer_dir, info)
                 else:
-                    exported = export(objective, output_dir, data.train_set.tokenizer_dir)
+                    exported = export(objective, output_dir, data.train_set.tokenizer_dir, info)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero and trained:
         report = None

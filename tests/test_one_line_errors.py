@@ -5,6 +5,7 @@ Each case is a function ``case(tmp_path, shards) -> Case`` that prepares its bad
 says which command to run and what the error line must contain. Cases are grouped by the part of the project that
 reads the input; every group is one list, and the test below is parametrised over all of them."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -90,7 +91,41 @@ RUN_CASES: list = []
 DATA_CASES: list = []
 
 # --- signals, export directories and concurrent tools ----------------------------------------------------------
-SIGNAL_CASES: list = []
+@functools.cache
+def _one_step_checkpoint(shards: Path) -> Path:
+    """A 1-step checkpoint of a tiny run (trained once per session, beside the session's shards)."""
+    from hydra import compose, initialize_config_dir
+
+    from pretrain.train import train
+
+    run = shards.parent / "one_line_errors_signal_run"
+    overrides = ["+experiment=quickstart", "objective=mlm", f"data.path={shards}", f"output_dir={run}",
+                 "trainer.max_steps=1", "data.batch_size=4", "data.num_workers=0", "model.vocab_size=1024",
+                 "model.max_position_embeddings=64", "model.position_buckets=16", "checkpoint_every_n_steps=1",
+                 "export_hf=false", "report=false"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        train(compose(config_name="config", overrides=overrides))
+    return run / "checkpoints" / "step-00000001.ckpt"
+
+
+def export_into_a_non_empty_hf(tmp_path, shards):
+    (tmp_path / "out" / "hf").mkdir(parents=True)
+    (tmp_path / "out" / "hf" / "notes.txt").write_text("mine\n")
+    return Case(["-m", "pretrain.export", str(_one_step_checkpoint(shards)), str(tmp_path / "out")],
+                f"{tmp_path / 'out' / 'hf'}: exists and is not empty; pass --overwrite")
+
+
+def export_onto_a_full_disk_names_the_destination(tmp_path, shards):
+    """No room for the weights (a file size limit stands in for a full disk: no mount needed); the line names OUT/hf,
+    where space is missing, not a file the export was reading."""
+    limited = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); sys.argv = ['pretrain.export', *sys.argv[1:]]; "
+               "runpy.run_module('pretrain.export', run_name='__main__', alter_sys=True)")
+    return Case(["-c", limited, str(_one_step_checkpoint(shards)), str(tmp_path / "out")],
+                f"File too large ({tmp_path / 'out' / 'hf'})")
+
+
+SIGNAL_CASES: list = [export_into_a_non_empty_hf, export_onto_a_full_disk_names_the_destination]
 
 # --- downstream probes: task files, data files, model directories ----------------------------------------------
 def _probe_model(tmp_path, shards, tokenizer=True):
