@@ -1,7 +1,7 @@
 """``python -m pretrain.export CKPT OUT``: turn a training checkpoint into HuggingFace directories.
 
 Writes ``OUT/hf`` (the MLM model for v2; the GDES-merged discriminator for v3) and, for v3, ``OUT/hf_generator``,
-each with the tokenizer the shards were made with. Works on any checkpoint written by ``pretrain``: a Lightning
+each with the tokenizer the shards were made with (checked against the checksum the checkpoint recorded). Works on any checkpoint written by ``pretrain``: a Lightning
 ``.ckpt`` file, or a DeepSpeed ZeRO checkpoint directory (consolidated to fp32 first).
 """
 
@@ -60,6 +60,25 @@ def load_objective(checkpoint_path: Path):
     return objective, Path(record["tokenizer_dir"])
 
 
+def check_tokenizer(checkpoint_path: Path, tokenizer: Path) -> None:
+    """The tokenizer about to be shipped must be the one the checkpoint was trained with (its checksum is in the
+    run record): the recorded directory may since hold another tokenizer (shards re-made in place), and a model
+    shipped with another tokenizer reads other ids for every token. Checkpoints from before the checksum was
+    recorded are not checked."""
+    from data_prep.text_tokenizer import tokenizer_checksum
+
+    record = read_metadata(checkpoint_path).get("deberta_pretrain") or {}
+    expected = record.get("tokenizer_checksum")
+    if not expected:
+        return
+    actual, files = tokenizer_checksum(tokenizer)
+    if actual != expected:
+        what = f"checksum {actual[:12]}..." if files else "no tokenizer files"
+        raise ExportError(f"{tokenizer}: this tokenizer ({what}) is not the one {checkpoint_path} was trained with "
+                          f"(checksum {expected[:12]}...); pass --tokenizer DIR with that tokenizer (the tokenizer/ "
+                          "copy of the shard directory the run trained on)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a .ckpt file or DeepSpeed checkpoint directory from output_dir/checkpoints/")
@@ -72,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = args.tokenizer or tokenizer_dir
         if not tokenizer.is_dir():
             raise ExportError(f"{tokenizer}: the tokenizer recorded in the checkpoint is gone; pass --tokenizer DIR")
+        check_tokenizer(args.checkpoint, tokenizer)
         for path in export(objective, args.out, tokenizer):
             print(f"wrote {path}")
     except ExportError as err:
