@@ -63,6 +63,25 @@ def differences(saved: dict[str, Any], current: dict[str, Any], world_size: int 
     return dict(sorted(changed.items()))
 
 
+def unknown_allowances(allow: list[Any], model, objective, optim) -> list[str]:
+    """Problems with ``resume.allow_changes`` entries that name nothing the resume compares (a typo would otherwise
+    allow nothing and leave the user believing it did); checked with the other settings, before anything runs."""
+    keys = {f"data.{k}" for k in ("seed", "corpus", "tokenizer", "global_batch_size")} | {"seed"}
+    keys |= {f"trainer.{k}" for k in TRAINER_KEYS if k != "accumulate_grad_batches"}
+    for section, obj in (("model", model), ("objective", objective), ("optim", optim)):
+        if obj is not None:
+            keys |= {f"{section}.{f.name}" for f in dataclasses.fields(obj)}
+    sections = {k.split(".")[0] for k in keys}
+    bad = [a for a in allow if not isinstance(a, str) or (a not in keys and a not in sections)]
+    if not bad:
+        return []
+    hint = (" (the batch is compared as data.global_batch_size, the effective global batch)"
+            if {"data.batch_size", "trainer.accumulate_grad_batches"} & {str(b) for b in bad} else "")
+    return [f"resume.allow_changes: {', '.join(map(str, bad))} is not a setting the resume compares{hint}; name a key "
+            "such as optim.lr, data.global_batch_size, data.corpus or data.tokenizer, or a whole section (model, "
+            "objective, optim, data, trainer, seed)"]
+
+
 def _allowed(key: str, allow: list[str]) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allow)
 
