@@ -130,9 +130,9 @@ class ShardDataModule(L.LightningDataModule):
         saved = {k: state.get(k) for k in signature}
         if saved["source_lengths"] is None:  # saved before mixtures existed: one set, one source
             saved["source_lengths"] = [state.get("num_samples")]
-        same_weights_ = same_weights(saved["weights"], signature["weights"])  # [7,3] is the mixture [0.7,0.3]
-        if ({k: v for k, v in saved.items() if k != "weights"} != {k: v for k, v in signature.items() if k != "weights"}
-                or not same_weights_ or state.get("seed") != self.settings.seed):
+        counts = ("num_samples", "source_lengths")  # weights compare as proportions: [7,3] is the mixture [0.7,0.3]
+        if (any(saved[k] != signature[k] for k in counts) or not same_weights(saved["weights"], signature["weights"])
+                or state.get("seed") != self.settings.seed):
             raise SettingsError(
                 f"checkpoint data position was saved for {state.get('num_samples')} sequences (per source "
                 f"{saved['source_lengths']}, weights {saved['weights']}) with seed {state.get('seed')}, but the "

@@ -161,7 +161,7 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
             model.compile_layers()
     run_record = {"model": settings.model.to_dict(), "objective": dataclasses.asdict(settings.objective),
                   "special_tokens": dataclasses.asdict(special), "tokenizer_dir": str(data.train_set.tokenizer_dir.resolve()),
-                  "tokenizer_checksum": data.train_set.tokenizer_checksum, "data": data.train_set.identity(),
+                  "tokenizer_checksum": data.train_set.tokenizer_checksum, "data": data.identity,
                   "optimisation": optimisation_settings(settings)}  # the effective global batch is set below
     flops = training_flops_per_token(settings.model, data.seq_len, settings.objective.name, settings.objective.mask_prob,
                                      settings.objective.generator_layers, settings.objective.use_emd)
