@@ -45,7 +45,7 @@ def identity_changes(saved: dict | None, current: dict, saved_special: dict | No
     new_toks = list(dict.fromkeys(e["tokenizer"] for _, e in new_sets))
     if old_toks != new_toks:
         text = (f"the checkpoint was trained on shards made with tokenizer {', '.join(t[:12] + '...' for t in old_toks)}"
-                f", the shards now were made with {', '.join(t[:12] + '...' for t in new_toks)}")
+                f", these shards were made with {', '.join(t[:12] + '...' for t in new_toks)}")
         if saved_special and current_special:
             moved = [f"[{name.upper()}] id {saved_special[name]} -> {current_special[name]}"
                      for name in sorted(saved_special) if name in current_special
