@@ -144,7 +144,8 @@ class ShardDataModule(L.LightningDataModule):
                    if not any(k == a or k.startswith(a + ".") for a in self.allow_changes)}
         if changes:  # the run record is compared first (pretrain.resume_check); this guards the position itself
             raise SettingsError(
-                "checkpoint data position was saved for other data: " + "; ".join(f"{k}: {v}" for k, v in changes.items())
+                "checkpoint data position was saved for other data: "
+                + "; ".join(f"{k}: {v}" for k, v in changes.items())
                 + f". Resume with the same shard sets in the same order, or allow it with resume.allow_changes="
                 f"[{','.join(changes)}]")
         self.consumed = int(state["consumed"])

@@ -1,8 +1,9 @@
 """``python -m pretrain.export CKPT OUT``: turn a training checkpoint into HuggingFace directories.
 
 Writes ``OUT/hf`` (the MLM model for v2; the GDES-merged discriminator for v3) and, for v3, ``OUT/hf_generator``,
-each with the tokenizer the shards were made with (checked against the checksum the checkpoint recorded). Works on any checkpoint written by ``pretrain``: a Lightning
-``.ckpt`` file, or a DeepSpeed ZeRO checkpoint directory (consolidated to fp32 first).
+each with the tokenizer the shards were made with (checked against the checksum the checkpoint recorded). Works
+on any checkpoint written by ``pretrain``: a Lightning ``.ckpt`` file, or a DeepSpeed ZeRO checkpoint directory
+(consolidated to fp32 first).
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ def identity_changes(saved: dict | None, current: dict, saved_special: dict | No
     old_toks = list(dict.fromkeys(e["tokenizer"] for _, e in old_sets))
     new_toks = list(dict.fromkeys(e["tokenizer"] for _, e in new_sets))
     if old_toks != new_toks:
-        text = (f"the checkpoint was trained on shards made with tokenizer {', '.join(t[:12] + '...' for t in old_toks)}"
-                f", these shards were made with {', '.join(t[:12] + '...' for t in new_toks)}")
+        old, new = (", ".join(t[:12] + "..." for t in toks) for toks in (old_toks, new_toks))
+        text = f"the checkpoint was trained on shards made with tokenizer {old}, these shards were made with {new}"
         if saved_special and current_special:
             moved = [f"[{name.upper()}] id {saved_special[name]} -> {current_special[name]}"
                      for name in sorted(saved_special) if name in current_special
@@ -99,7 +99,8 @@ def unloadable_changes(saved_record: dict[str, Any], objective) -> list[str]:
 
     try:
         with torch.device("meta"):
-            saved = build_objective(DebertaConfig(**saved_record["model"]), ObjectiveSettings(**saved_record["objective"]),
+            saved = build_objective(DebertaConfig(**saved_record["model"]),
+                                    ObjectiveSettings(**saved_record["objective"]),
                                     SpecialTokens(**saved_record["special_tokens"]))
     except (KeyError, TypeError, ValueError):  # a record from another version: leave it to the load itself
         return []
