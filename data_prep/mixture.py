@@ -24,6 +24,8 @@ and sequence length: anything else is one error naming both sets.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -239,6 +241,21 @@ class ShardCorpus:
         return {"num_samples": len(self), "source_lengths": self.source_lengths,
                 "weights": [s.weight for s in self.sources] if self.weighted else None}
 
+    def identity(self) -> dict:
+        """What the data *is*, beyond its counts: per source (in order) its weight and its shard sets in order,
+        each with its resolved path, the sha256 of its manifest's content and its tokenizer checksum. Two corpora
+        with equal counts but other text, another tokenizer or another order of sets differ here (compared on
+        resume by ``pretrain.run_identity``)."""
+        sources = [{"weight": s.weight, "sets": []} for s in self.sources]
+        for d, s in zip(self.sets, self.source_of_set):
+            sources[s]["sets"].append({"path": str(d.path.resolve()), "manifest_sha256": manifest_sha256(d.manifest),
+                                       "tokenizer": d.manifest["tokenizer"]["checksum"], "sequences": len(d)})
+        return {"sources": sources}
+
+    @property
+    def tokenizer_checksum(self) -> str:
+        return self.manifest["tokenizer"]["checksum"]  # every set shares it (check_compatible)
+
     @property
     def tokenizer_dir(self) -> Path:
         return self.sets[0].tokenizer_dir
@@ -265,6 +282,24 @@ class ShardCorpus:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         dataset, row = self._locate(int(index))
         return dataset[row]
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """sha256 of a manifest's content (canonical JSON: sorted keys, no whitespace), so the identity is that of
+    what was read, whatever the file's formatting. The manifest lists every shard's sha256, the tokenizer checksum
+    and the preparation settings, so it names the shard set's exact bytes."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def same_weights(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
+    """Mixture weights are proportions: [7, 3] is the mixture [0.7, 0.3] (compared normalised)."""
+    if a is None or b is None:
+        return a is None and b is None
+    if len(a) != len(b):
+        return False
+    ta, tb = float(sum(a)), float(sum(b))
+    return all(abs(x / ta - y / tb) <= 1e-9 for x, y in zip(a, b))
 
 
 def check_compatible(sets: Sequence[ShardedDataset]) -> None:

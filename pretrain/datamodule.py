@@ -13,10 +13,11 @@ import logging
 import lightning as L
 from torch.utils.data import DataLoader
 
-from data_prep.mixture import ShardCorpus, open_corpus
+from data_prep.mixture import ShardCorpus, open_corpus, same_weights
 from data_prep.reader import ResumableDistributedSampler
 from data_prep.shard_hashes import LazyShardHasher, verify_used_together
 from pretrain.interrupt import SignalSafeDataLoader, worker_ignores_stop_signals
+from pretrain.run_identity import identity_changes
 from pretrain.settings import DataSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class ShardDataModule(L.LightningDataModule):
         self.consumed = 0  # global samples consumed by training (all ranks), the whole data position
         self.hasher: LazyShardHasher | None = None  # shard sha256s verified in the background (verify=fast)
         self._epochs_logged_at: int | None = None
+        self.identity = self.train_set.identity()  # which shard sets, in which order, with which tokenizer
+        self.allow_changes: list[str] = []  # resume.allow_changes, set by train() on a resume
 
     @property
     def seq_len(self) -> int:
@@ -89,7 +92,8 @@ class ShardDataModule(L.LightningDataModule):
         have passed its sha256 (this waits for the background hashes), so no checkpoint holds weights trained on
         a damaged shard."""
         self._verify_trained_shards()
-        state = {"consumed": self.consumed, "seed": self.settings.seed, **self.train_set.signature()}
+        state = {"consumed": self.consumed, "seed": self.settings.seed, **self.train_set.signature(),
+                 "identity": self.identity}
         if self.train_set.weighted:  # how often each source has been gone through so far
             state["source_epochs"] = self.order.source_epochs(self.consumed)
             if self._epochs_logged_at != self.consumed:  # once per position (last.ckpt saves the same state)
@@ -127,7 +131,9 @@ class ShardDataModule(L.LightningDataModule):
         saved = {k: state.get(k) for k in signature}
         if saved["source_lengths"] is None:  # saved before mixtures existed: one set, one source
             saved["source_lengths"] = [state.get("num_samples")]
-        if saved != signature or state.get("seed") != self.settings.seed:
+        counts = ("num_samples", "source_lengths")  # weights compare as proportions: [7,3] is the mixture [0.7,0.3]
+        if (any(saved[k] != signature[k] for k in counts) or not same_weights(saved["weights"], signature["weights"])
+                or state.get("seed") != self.settings.seed):
             raise SettingsError(
                 f"checkpoint data position was saved for {state.get('num_samples')} sequences (per source "
                 f"{saved['source_lengths']}, weights {saved['weights']}) with seed {state.get('seed')}, but the "
@@ -135,6 +141,14 @@ class ShardDataModule(L.LightningDataModule):
                 f"{signature['source_lengths']}, weights {signature['weights']}) with seed {self.settings.seed}: "
                 "resume with the same shards, weights and data.seed, or start a new output_dir"
             )
+        changes = {k: v for k, v in identity_changes(state.get("identity"), self.identity).items()
+                   if not any(k == a or k.startswith(a + ".") for a in self.allow_changes)}
+        if changes:  # the run record is compared first (pretrain.resume_check); this guards the position itself
+            raise SettingsError(
+                "checkpoint data position was saved for other data: "
+                + "; ".join(f"{k}: {v}" for k, v in changes.items())
+                + f". Resume with the same shard sets in the same order, or allow it with resume.allow_changes="
+                f"[{','.join(changes)}]")
         self.consumed = int(state["consumed"])
         if self.sampler is not None:
             self.sampler.consumed = self.consumed

@@ -1,9 +1,9 @@
 """``python -m pretrain.export CKPT OUT``: turn a training checkpoint into HuggingFace directories.
 
 Writes ``OUT/hf`` (the MLM model for v2; the GDES-merged discriminator for v3) and, for v3, ``OUT/hf_generator``,
-each with the tokenizer the shards were made with and ``export_info.json`` naming the checkpoint and its step. An
-existing, non-empty ``OUT/hf`` is replaced only with ``--overwrite``, and then whole, in one step (never a mix of
-old and new files). Exports into one OUT take its lock (:mod:`pretrain.run_lock`, shared with training), so what a
+each with the tokenizer the shards were made with (checked against the checksum the checkpoint recorded) and
+``export_info.json`` naming the checkpoint and its step. An existing, non-empty ``OUT/hf`` is replaced only with
+``--overwrite``, and then whole, in one step (never a mix of old and new files). Exports into one OUT take its lock (:mod:`pretrain.run_lock`, shared with training), so what a
 killed export left there is removed safely by the next one.
 
 Works on any checkpoint written by ``pretrain``: a Lightning ``.ckpt`` file, or a DeepSpeed ZeRO checkpoint
@@ -78,6 +78,25 @@ def check_destinations(out: Path, names, overwrite: bool) -> None:
                               "added there are deleted too), or choose another OUT")
 
 
+def check_tokenizer(checkpoint_path: Path, tokenizer: Path) -> None:
+    """The tokenizer about to be shipped must be the one the checkpoint was trained with (its checksum is in the
+    run record): the recorded directory may since hold another tokenizer (shards re-made in place), and a model
+    shipped with another tokenizer reads other ids for every token. Checkpoints from before the checksum was
+    recorded are not checked."""
+    from data_prep.text_tokenizer import tokenizer_checksum
+
+    record = read_metadata(checkpoint_path).get("deberta_pretrain") or {}
+    expected = record.get("tokenizer_checksum")
+    if not expected:
+        return
+    actual, files = tokenizer_checksum(tokenizer)
+    if actual != expected:
+        what = f"checksum {actual[:12]}..." if files else "no tokenizer files"
+        raise ExportError(f"{tokenizer}: this tokenizer ({what}) is not the one {checkpoint_path} was trained with "
+                          f"(checksum {expected[:12]}...); pass --tokenizer DIR with that tokenizer (the tokenizer/ "
+                          "copy of the shard directory the run trained on)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a .ckpt file or DeepSpeed checkpoint directory from output_dir/checkpoints/")
@@ -94,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"{tokenizer}: the tokenizer recorded in the checkpoint is gone; pass --tokenizer DIR")
         names = list(objective.export_models())
         step = int(read_metadata(args.checkpoint).get("global_step", 0))
+        check_tokenizer(args.checkpoint, tokenizer)
         with RunLock(args.out):  # one export (or run) at a time into OUT
             check_destinations(args.out, names, args.overwrite)
             info = {"step": step, "checkpoint": str(args.checkpoint.resolve())}

@@ -5,7 +5,13 @@ continue the run with the new values without a word, and ``config.yaml`` then de
 record stored in every checkpoint holds the settings that shape the optimisation; a resumed run compares its own
 with it and stops with the list of differences. ``resume.allow_changes=[optim.lr,model.hidden_dropout_prob]`` (a key,
 or a whole section such as ``optim``) accepts them on purpose; the change is then logged, kept in the run record
-of later checkpoints and appended to ``output_dir/config_changes.yaml``.
+of later checkpoints and appended to ``output_dir/config_changes.yaml``. The data and tokenizer identity
+(``data.corpus``, ``data.tokenizer``) and the effective global batch are compared too (``pretrain.run_identity``).
+
+Nothing is written for a resume that is refused: the check runs before training starts, and ``config.yaml`` and
+the change record are written only once the checkpoint has loaded (``train.RunRecordWriter``). An allowed change
+that the checkpoint's weights cannot be loaded into (``model.hidden_size``, ``objective.name``) is refused here,
+before anything is loaded or written.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from typing import Any
 
 import yaml
 
+from pretrain.run_identity import GLOBAL_BATCH_KEY, identity_changes, saved_global_batch, unloadable_changes
 from pretrain.settings import Settings, SettingsError
 
-# trainer arguments that change what an optimizer step does
+# trainer arguments that change what an optimizer step does (the accumulation enters the effective global batch)
 TRAINER_KEYS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "precision")
 
 
@@ -27,17 +34,15 @@ class ChangedSettingsError(SettingsError):
     """Settings differ from the checkpoint's run record and were not allowed."""
 
 
-def optimisation_settings(settings: Settings) -> dict[str, Any]:
-    """The part of the run record compared on resume (flattened ``section.key`` -> value, JSON-like values)."""
+def optimisation_settings(settings: Settings, global_batch: int | None = None) -> dict[str, Any]:
+    """The part of the run record compared on resume (flattened ``section.key`` -> value, JSON-like values).
+
+    The batch enters as ``data.global_batch_size``, the effective global batch (``data.batch_size x ranks x
+    accumulate_grad_batches``, known once the trainer has its ranks), whichever keys produced it: the micro-batch,
+    the accumulation and the number of ranks may change between runs of one output_dir, the global batch may not."""
     flat: dict[str, Any] = {}
-    data = {"seed": settings.data.seed, "batch_size": settings.data.batch_size}
-    trainer = {k: settings.trainer.get(k) for k in TRAINER_KEYS}
-    trainer["accumulate_grad_batches"] = trainer["accumulate_grad_batches"] or 1  # null: 1 without a global batch
-    if settings.data.global_batch_size is not None:
-        # The global batch is what the optimisation sees; the micro-batch and the accumulation derived from it and
-        # the number of ranks may change between runs of one output_dir (resume on another GPU count).
-        data = {"seed": settings.data.seed, "global_batch_size": settings.data.global_batch_size}
-        del trainer["accumulate_grad_batches"]
+    data = {"seed": settings.data.seed, "global_batch_size": global_batch}
+    trainer = {k: settings.trainer.get(k) for k in TRAINER_KEYS if k != "accumulate_grad_batches"}
     sections = {"model": settings.model.to_dict(), "objective": dataclasses.asdict(settings.objective),
                 "optim": dataclasses.asdict(settings.optim), "data": data, "trainer": trainer}
     for section, values in sections.items():
@@ -47,36 +52,90 @@ def optimisation_settings(settings: Settings) -> dict[str, Any]:
     return flat
 
 
-def differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Keys present in both whose values differ (a key the older record lacks is not compared)."""
-    return {k: (saved[k], current[k]) for k in sorted(current) if k in saved and saved[k] != current[k]}
+def differences(saved: dict[str, Any], current: dict[str, Any], world_size: int = 1) -> dict[str, tuple[Any, Any]]:
+    """Keys present in both whose values differ (a key the older record lacks is not compared), and the effective
+    global batch, which every record has in one form or another (``run_identity.saved_global_batch``)."""
+    changed = {k: (saved[k], current[k]) for k in sorted(current)
+               if k in saved and k != GLOBAL_BATCH_KEY and saved[k] != current[k]}
+    old, new = saved_global_batch(saved, world_size), current.get(GLOBAL_BATCH_KEY)
+    if old is not None and new is not None and old != new:
+        changed[GLOBAL_BATCH_KEY] = (old, new)
+    return dict(sorted(changed.items()))
+
+
+def unknown_allowances(allow: list[Any], model, objective, optim) -> list[str]:
+    """Problems with ``resume.allow_changes`` entries that name nothing the resume compares (a typo would otherwise
+    allow nothing and leave the user believing it did); checked with the other settings, before anything runs."""
+    keys = {f"data.{k}" for k in ("seed", "corpus", "tokenizer", "global_batch_size")} | {"seed"}
+    keys |= {f"trainer.{k}" for k in TRAINER_KEYS if k != "accumulate_grad_batches"}
+    for section, obj in (("model", model), ("objective", objective), ("optim", optim)):
+        if obj is not None:
+            keys |= {f"{section}.{f.name}" for f in dataclasses.fields(obj)}
+    sections = {k.split(".")[0] for k in keys}
+    bad = [a for a in allow if not isinstance(a, str) or (a not in keys and a not in sections)]
+    if not bad:
+        return []
+    hint = (" (the batch is compared as data.global_batch_size, the effective global batch)"
+            if {"data.batch_size", "trainer.accumulate_grad_batches"} & {str(b) for b in bad} else "")
+    return [f"resume.allow_changes: {', '.join(map(str, bad))} is not a setting the resume compares{hint}; name a key "
+            "such as optim.lr, data.global_batch_size, data.corpus or data.tokenizer, or a whole section (model, "
+            "objective, optim, data, trainer, seed)"]
 
 
 def _allowed(key: str, allow: list[str]) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allow)
 
 
-def check_changes(saved_record: dict[str, Any], settings: Settings, checkpoint: Path, step: int,
-                  output_dir: Path, write_history: bool) -> dict[str, tuple[Any, Any]]:
-    """Raise :class:`ChangedSettingsError` listing every difference not in ``resume.allow_changes``; return the
-    allowed ones (recorded in ``config_changes.yaml`` when ``write_history``)."""
+def _identity_summary(identity: dict) -> list[str]:
+    return [f"{e['path']} (manifest {e['manifest_sha256'][:12]}, tokenizer {e['tokenizer'][:12]})"
+            for source in identity.get("sources", []) for e in source.get("sets", [])]
+
+
+def check_changes(saved_record: dict[str, Any], current_record: dict[str, Any], settings: Settings, checkpoint: Path,
+                  step: int, world_size: int, objective=None) -> dict[str, tuple[Any, Any]]:
+    """Raise :class:`ChangedSettingsError` listing every difference (settings, effective global batch, data and
+    tokenizer identity) not in ``resume.allow_changes``, or allowed changes the checkpoint's weights cannot be
+    loaded into (``objective``: the model about to be resumed). Return the allowed ones. Writes nothing: the
+    change record is written by :func:`write_change_record` once the resume has loaded."""
+    changed: dict[str, tuple[Any, Any]] = {}
+    descriptions: dict[str, str] = {}
     saved = saved_record.get("optimisation")
-    if not saved:
-        return {}  # a checkpoint from before run records held these settings
-    changed = differences(saved, optimisation_settings(settings))
+    if saved:  # absent in checkpoints from before run records held these settings
+        changed.update(differences(saved, current_record["optimisation"], world_size))
+    identity = identity_changes(saved_record.get("data"), current_record["data"], saved_record.get("special_tokens"),
+                                current_record.get("special_tokens"))
+    for key, text in identity.items():
+        descriptions[key] = text
+        changed[key] = (_identity_summary(saved_record["data"]), _identity_summary(current_record["data"]))
     allow = list(settings.resume.allow_changes)
     refused = {k: v for k, v in changed.items() if not _allowed(k, allow)}
     if refused:
-        listing = "\n  - ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items())
+        listing = "\n  - ".join(f"{k}: {descriptions[k]}" if k in descriptions else
+                                f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items())
         keys = ",".join(refused)
         raise ChangedSettingsError(
-            f"resuming {checkpoint} (step {step}) with settings that change the optimisation:\n  - {listing}\n"
-            f"Re-run with the checkpoint's values, or allow the change on purpose with resume.allow_changes=[{keys}], "
-            "or start a new output_dir")
-    if changed and write_history:
-        history = output_dir / "config_changes.yaml"
-        entry = [{"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from": str(checkpoint), "step": step,
-                  "changes": {k: {"from": old, "to": new} for k, (old, new) in changed.items()}}]
-        with open(history, "a", encoding="utf-8") as f:
-            yaml.safe_dump(entry, f, sort_keys=False)
+            f"resuming {checkpoint} (step {step}) with settings or data that change the run:\n  - {listing}\n"
+            f"Re-run with the checkpoint's settings and data, or allow the change on purpose with "
+            f"resume.allow_changes=[{keys}], or start a new output_dir")
+    shaped = [k for k in changed if k.startswith(("model.", "objective."))]
+    if shaped and objective is not None and saved_record.get("model"):
+        problems = unloadable_changes(saved_record, objective)
+        if problems:
+            listing = "\n  - ".join(problems[:6] + ([f"and {len(problems) - 6} more"] if len(problems) > 6 else []))
+            raise ChangedSettingsError(
+                f"resume.allow_changes accepts {', '.join(shaped)}, but the weights of {checkpoint} (step {step}) "
+                f"cannot be loaded into the changed model:\n  - {listing}\nAn architecture or objective change "
+                "cannot continue a checkpoint: start a new output_dir, continuing from an export of this run with "
+                "model.init_from=DIR (python -m pretrain.export)")
     return changed
+
+
+def write_change_record(output_dir: Path, checkpoint: Path, step: int, changed: dict[str, tuple[Any, Any]]) -> None:
+    """Append an accepted change to ``output_dir/config_changes.yaml`` (called once the resume has loaded)."""
+    if not changed:
+        return
+    history = output_dir / "config_changes.yaml"
+    entry = [{"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from": str(checkpoint), "step": step,
+              "changes": {k: {"from": old, "to": new} for k, (old, new) in changed.items()}}]
+    with open(history, "a", encoding="utf-8") as f:
+        yaml.safe_dump(entry, f, sort_keys=False)

@@ -122,7 +122,9 @@ class ResumeSettings:
 
     allow_changes: list[str] = field(default_factory=list)
     """Settings that may differ from the checkpoint's (``optim.lr``, or a whole section: ``optim``); any other
-    difference in model/objective/optim/data/seed/trainer settings stops the resume with the list."""
+    difference in model/objective/optim/data/seed/trainer settings stops the resume with the list. Also
+    ``data.global_batch_size`` (the effective global batch), ``data.corpus`` (other shard sets, or another order)
+    and ``data.tokenizer`` (shards made with another tokenizer)."""
 
 
 @dataclass
@@ -282,7 +284,16 @@ def settings_from_config(cfg: DictConfig) -> Settings:
 
     if run.attention_backend not in ATTENTION_BACKENDS:
         problems.append(f"attention_backend={run.attention_backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+    from pretrain.resume_check import unknown_allowances  # (here: it imports this module)
+
+    if not isinstance(resume.allow_changes, (list, tuple)):
+        problems.append(f"resume.allow_changes={resume.allow_changes!r}: give a list, e.g. "
+                        f"resume.allow_changes=[{resume.allow_changes}]")
+    else:
+        problems += unknown_allowances(list(resume.allow_changes), model, objective, optim)
     if problems:
+        if len(problems) == 1:  # one problem, one line
+            raise SettingsError(f"invalid configuration: {problems[0]}")
         raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return Settings(model, objective, data, optim, run, logger, trainer=trainer, strategy=strategy, init=init,
                     resume=resume)

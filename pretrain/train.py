@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,7 +35,7 @@ from pretrain.objectives.base import PretrainingObjective, SpecialTokens
 from pretrain.objectives.build import build_objective  # noqa: F401 (export and tests import it from here too)
 from pretrain.perf import training_flops_per_token
 from pretrain.report import write_report
-from pretrain.resume_check import check_changes, optimisation_settings
+from pretrain.resume_check import check_changes, optimisation_settings, write_change_record
 from pretrain.run_lock import RunLock, checkpoint_folder_lock, launching_process
 from pretrain.sanity import sanity_warnings
 from pretrain.settings import Settings, SettingsError, settings_from_config
@@ -108,6 +108,29 @@ def save_config(cfg: DictConfig, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+class RunRecordWriter(Callback):
+    """Writes ``config.yaml`` and, on a resume with allowed changes, appends to ``config_changes.yaml``: on a
+    resume only once the checkpoint has loaded (``on_train_start`` runs after every restore), so a refused or
+    failed resume leaves the run record as it was. Rank 0 writes, once."""
+
+    def __init__(self, cfg: DictConfig, output_dir: Path):
+        self.cfg, self.output_dir = cfg, output_dir
+        self.changes: tuple[Path, int, dict] | None = None
+        self.written = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.write(trainer)
+
+    def write(self, trainer) -> None:
+        if self.written or not trainer.is_global_zero:
+            return
+        self.written = True
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.output_dir / "config.yaml")
+        if self.changes is not None:
+            write_change_record(self.output_dir, *self.changes)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train under the output_dir's run lock (one run per output_dir, and per checkpoint folder when
     ``checkpoints/`` is a link elsewhere; see ``pretrain.run_lock``)."""
@@ -145,7 +168,8 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
             model.compile_layers()
     run_record = {"model": settings.model.to_dict(), "objective": dataclasses.asdict(settings.objective),
                   "special_tokens": dataclasses.asdict(special), "tokenizer_dir": str(data.train_set.tokenizer_dir.resolve()),
-                  "optimisation": optimisation_settings(settings)}
+                  "tokenizer_checksum": data.train_set.tokenizer_checksum, "data": data.identity,
+                  "optimisation": optimisation_settings(settings)}  # the effective global batch is set below
     flops = training_flops_per_token(settings.model, data.seq_len, settings.objective.name, settings.objective.mask_prob,
                                      settings.objective.generator_layers, settings.objective.use_emd)
     module = PretrainingModule(objective, settings.optim, settings.run.seed, data.seq_len, run_record, flops)
@@ -174,14 +198,6 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
         for path, why in newest.skipped:
             log.warning("not resuming from %s: %s", path, why)
         log.info("resuming from %s (step %d)", resume, resume_step)
-        saved = read_metadata(newest.path).get("deberta_pretrain") or {}
-        allowed = check_changes(saved, settings, newest.path, newest.step, output_dir, launching_process())
-        if allowed:
-            log.warning("resuming with changed settings (resume.allow_changes): %s",
-                        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in allowed.items()))
-        run_record["changes"] = [*saved.get("changes", []),
-                                 *([{"step": newest.step, "changes": {k: list(v) for k, v in allowed.items()}}]
-                                   if allowed else [])]
     loggers = build_loggers(settings, output_dir, resume_step)
     if not settings.data.val_path:
         trainer_args["limit_val_batches"] = 0
@@ -201,6 +217,21 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
             log.info("global batch %d sequences = data.batch_size %d x %d rank(s) x accumulate_grad_batches %d",
                      settings.data.global_batch_size, settings.data.batch_size, trainer.world_size,
                      trainer.accumulate_grad_batches)
+    run_record["optimisation"] = optimisation_settings(
+        settings, settings.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches)
+    record = RunRecordWriter(cfg, output_dir)
+    if newest:  # refuse changed settings or data before anything is loaded or written
+        saved = read_metadata(newest.path).get("deberta_pretrain") or {}
+        allowed = check_changes(saved, run_record, settings, newest.path, newest.step, trainer.world_size, objective)
+        if allowed:
+            log.warning("resuming with changed settings (resume.allow_changes): %s",
+                        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in allowed.items()))
+        data.allow_changes = list(settings.resume.allow_changes)  # the data position's own identity check
+        run_record["changes"] = [*saved.get("changes", []),
+                                 *([{"step": newest.step, "changes": {k: list(v) for k, v in allowed.items()}}]
+                                   if allowed else [])]
+        record.changes = (newest.path, newest.step, allowed)
+        trainer.callbacks.append(record)  # writes config.yaml and the change record once the checkpoint has loaded
     if resume:
         universal = None
         if check_resumable(Path(resume), is_deepspeed(strategy), trainer.world_size):
@@ -210,9 +241,8 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
             reshard.enable_universal_load(strategy.config)
             resume = str(universal)
             trainer.callbacks.append(reshard.ElasticResume(universal))
-    if trainer.is_global_zero:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+    if not newest:  # a fresh run: nothing to refuse or load
+        record.write(trainer)
     trained = settings.trainer["max_steps"] > 0  # 0: export the starting model as it is
     started = time.monotonic()
     if trained:
@@ -228,6 +258,7 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
         except StoppedAtOnce:  # Ctrl-C pressed twice: nothing saved (the command line says so, status 130)
             raise KeyboardInterrupt from None
     seconds = time.monotonic() - started
+    record.write(trainer)  # a resume with nothing left to train loaded its checkpoint but never started training
 
     exported: list[Path] = []
     if settings.run.export_hf:

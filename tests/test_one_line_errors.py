@@ -85,7 +85,19 @@ CHECKPOINT_CASES: list = [export_with_an_empty_sha256, export_with_a_binary_sha2
                           reshard_while_another_converts]
 
 # --- the run record, resume and export -------------------------------------------------------------------------
-RUN_CASES: list = []
+def allow_changes_naming_nothing(tmp_path, shards):
+    """A typo in resume.allow_changes used to allow nothing, silently."""
+    return Case(["-m", "pretrain", "+experiment=quickstart", f"data.path={shards}", f"output_dir={tmp_path / 'run'}",
+                 "resume.allow_changes=[optim.lrr]"], "resume.allow_changes: optim.lrr is not a setting the resume")
+
+
+def allow_changes_of_the_micro_batch(tmp_path, shards):
+    """data.batch_size is no longer compared on its own: the effective global batch is."""
+    return Case(["-m", "pretrain", "+experiment=quickstart", f"data.path={shards}", f"output_dir={tmp_path / 'run'}",
+                 "resume.allow_changes=[data.batch_size]"], "compared as data.global_batch_size")
+
+
+RUN_CASES: list = [allow_changes_naming_nothing, allow_changes_of_the_micro_batch]
 
 # --- shard sets, manifests and data_prep -----------------------------------------------------------------------
 DATA_CASES: list = []
