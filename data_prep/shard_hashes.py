@@ -76,7 +76,10 @@ class LazyShardHasher:
                     self._results[s] = problem
                     self._done.notify_all()
         except BaseException as err:  # a bug or a damaged entry: the waiting side raises it instead of hanging
-            where = f" at shard {self.dataset.shard_file(s)}" if s is not None else ""
+            try:
+                where = f" at shard {self.dataset.shard_file(s)}" if s is not None else ""
+            except Exception:
+                where = f" at shard number {s}"
             self._crash = (f"the background sha256 check of the shards stopped{where} "
                            f"({type(err).__name__}: {err}); the shards trained on cannot be verified: check the "
                            "shard set (`python -m data_prep inspect DIR`), then resume")
