@@ -11,6 +11,7 @@ A shard directory looks like::
       tokenizer/               copy of the tokenizer files the shards were made with (hashed in the manifest)
       shard-00000.bin ...      fixed-length sequences, see below
       progress.json            only while a run is unfinished: finished shards + where to resume
+      .shards.lock             the lock that keeps writers and training runs apart (data_prep.shard_lock)
 
 Shard file (little-endian)::
 

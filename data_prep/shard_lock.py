@@ -116,6 +116,7 @@ class ShardSetLock:
         if self.exclusive:
             try:  # refused an exclusive lock: by readers if a shared one is possible, else by another writer
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)  # (this writer's own descriptor: no one else shares it)
                 readers = True
             except OSError:
                 pass
@@ -146,7 +147,7 @@ def lock_readers(path: Path) -> list[str]:
         fields = line.split()
         if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK" or fields[3] != "READ":
             continue
-        if fields[5].rsplit(":", 1)[-1] == str(inode) and fields[4] not in found:
+        if fields[5].rsplit(":", 1)[-1] == str(inode) and fields[4] not in found and fields[4] != str(os.getpid()):
             found.append(fields[4])
     described = []
     for pid in found:

@@ -27,9 +27,9 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
 TIMEOUT = 600  # seconds: a bound so that a hang fails the test instead of stalling CI
 
 
-def run_args(shards: Path, run_dir: Path, steps: int = 2) -> list[str]:
+def run_args(shards: Path, run_dir: Path, workers: int = 0) -> list[str]:
     return ["+experiment=quickstart", "objective=mlm", f"data.path={shards}", f"output_dir={run_dir}",
-            f"trainer.max_steps={steps}", "data.batch_size=8", "data.num_workers=0", "model.vocab_size=1024",
+            "trainer.max_steps=2", "data.batch_size=8", f"data.num_workers={workers}", "model.vocab_size=1024",
             "model.max_position_embeddings=64", "model.position_buckets=16", "checkpoint_every_n_steps=2",
             "export_hf=false", "report=false"]
 
@@ -84,11 +84,11 @@ def live_set(shards, tmp_path) -> Path:
 
 def test_overwrite_under_a_live_run_is_refused_and_the_run_trains_on_what_it_checked(shards, live_set, tmp_path):
     """F3: `data_prep shards --overwrite` (other settings: --seq-len 32) while a run holds the set, checked and
-    about to read it, is refused with one line naming the directory and the run's pid, and changes no file; the
-    run then trains to its end. Once the run is over, the same command goes through: the live run was the reason."""
+    about to read it with two DataLoader workers, is refused with one line naming the directory and the run's pid,
+    and changes no file; the run then trains to its end. Once the run is over, the same command goes through: the live run was the reason."""
     before = digests(live_set)
     flag = tmp_path / "run"
-    process, pid = start_held("data", flag, "pretrain", run_args(live_set, tmp_path / "run_dir"))
+    process, pid = start_held("data", flag, "pretrain", run_args(live_set, tmp_path / "run_dir", workers=2))
     try:
         overwrite = shards_command(shards, live_set, "--overwrite")
         overwrite[overwrite.index("--seq-len") + 1] = "32"
@@ -110,10 +110,11 @@ def test_overwrite_under_a_live_run_is_refused_and_the_run_trains_on_what_it_che
 
 def test_a_shard_truncated_under_a_live_run_stops_it_with_one_line(live_set, tmp_path):
     """F3: a shard truncated after the run checked it at start and before the run opened it is refused when it is
-    first opened, with one line naming it: not read as zeros, no mmap traceback, no SIGBUS; no checkpoint."""
+    first opened (by a DataLoader worker or the background sha256, whichever comes first), with one line naming
+    it: not read as zeros, no mmap traceback, no SIGBUS; no checkpoint."""
     shard = live_set / "shard-00000.bin"
     flag = tmp_path / "run"
-    process, _ = start_held("data", flag, "pretrain", run_args(live_set, tmp_path / "run_dir"))
+    process, _ = start_held("data", flag, "pretrain", run_args(live_set, tmp_path / "run_dir", workers=2))
     try:
         os.truncate(shard, shard.stat().st_size // 2)  # far past the first page: was a mmap ValueError or SIGBUS
     finally:
