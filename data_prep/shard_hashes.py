@@ -14,6 +14,11 @@ the others would meanwhile sit in the checkpoint's first collective operation, w
 a large corpus exceeds. :func:`verify_used_together` makes all ranks wait together instead, in slices of at most
 ``slice_s`` seconds, each closed by one small collective that shares "done?" and "which shard failed?": no rank
 ever waits inside a collective for longer than a slice, and a failed hash stops every rank with the same message.
+
+Each shard is hashed through a descriptor of the very file training maps (``ShardedDataset.check_sha256``: same
+inode, size and mtime as at the start check), so a file replaced after its hash passed is never trained on. Any
+failure of the thread itself is recorded and raised on the training side: a dead thread never leaves a
+checkpoint waiting for ever.
 """
 
 from __future__ import annotations
@@ -121,6 +126,7 @@ class LazyShardHasher:
                 return False, failed
             self.checked_upto = consumed
         return self._failed() is None, self._failed()
+
     def pending(self, consumed: int) -> int:
         """How many of the shards used at positions [checked_upto, consumed) are not hashed yet."""
         if consumed <= self.checked_upto:
