@@ -25,7 +25,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")  # per process: two writers never share one
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

@@ -169,6 +169,11 @@ def resolve_inputs(patterns: Sequence[str]) -> list[Path]:
                 raise DataPrepError(f"--input {pattern}: no such file or directory")
         for candidate in candidates:
             for p in _expand(candidate, pattern):
+                if not p.is_dir() and not p.is_file():  # a FIFO would block the reader for ever
+                    raise DataPrepError(
+                        f"--input {pattern}: {p} is not a regular file (a FIFO, socket, device or broken link); "
+                        "inputs are read more than once (a rerun resumes by re-reading them) and their sizes are "
+                        "recorded: save the data to a file and pass that")
                 found.setdefault(p.resolve(), p)
     if not found:
         raise DataPrepError("--input names no files")

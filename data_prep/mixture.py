@@ -193,18 +193,23 @@ class ShardCorpus:
     uses (``seq_len``, ``vocab_size``, ``special_ids``, ``tokenizer_dir``, ``check_tokenizer``, items as dicts).
 
     ``sources``: from :func:`parse_sources`; every directory is opened and verified as a ``ShardedDataset``
-    (``verify``) and all are checked to share tokenizer and sequence length.
+    (``verify``; ``lock``: hold each set's shared lock, as training does) and all are checked to share tokenizer
+    and sequence length.
     """
 
-    def __init__(self, sources: Sequence[Source], *, verify: str = "fast"):
+    def __init__(self, sources: Sequence[Source], *, verify: str = "fast", lock: bool = False):
         self.sources = list(sources)
         self.sets: list[ShardedDataset] = []
         self.source_of_set: list[int] = []
-        for s, source in enumerate(self.sources):
-            for path in source.paths:
-                self.sets.append(ShardedDataset(path, verify=verify))
-                self.source_of_set.append(s)
-        check_compatible(self.sets)
+        try:
+            for s, source in enumerate(self.sources):
+                for path in source.paths:
+                    self.sets.append(ShardedDataset(path, verify=verify, lock=lock))
+                    self.source_of_set.append(s)
+            check_compatible(self.sets)
+        except BaseException:
+            self.close()
+            raise
         first = self.sets[0]
         self.path: Path | str = first.path if len(self.sets) == 1 else self.describe()  # for messages
         self.manifest = first.manifest
@@ -219,6 +224,7 @@ class ShardCorpus:
         # every shard of every set, in order, for the lazy sha256 check
         self.shards = [entry for d in self.sets for entry in d.shards]
         self._shard_files = [d.path / entry["file"] for d in self.sets for entry in d.shards]
+        self._shard_owner = [(d, i) for d in self.sets for i in range(len(d.shards))]
         self._ends = np.cumsum([entry["sequences"] for entry in self.shards]).astype(np.int64)
 
     @property
@@ -265,6 +271,16 @@ class ShardCorpus:
 
     def shard_file(self, shard: int) -> Path:
         return self._shard_files[shard]
+
+    def check_sha256(self, shard: int) -> str | None:
+        """The background sha256 of one shard (numbered over all sets), through its set's verified descriptor."""
+        dataset, local = self._shard_owner[shard]
+        return dataset.check_sha256(local)
+
+    def close(self) -> None:
+        """Give up the shard sets' locks."""
+        for dataset in self.sets:
+            dataset.close()
 
     def __len__(self) -> int:
         return int(self._set_ends[-1])
@@ -322,6 +338,6 @@ def check_compatible(sets: Sequence[ShardedDataset]) -> None:
 
 
 def open_corpus(path: Any = None, sources: Iterable[Any] | None = None, *, verify: str = "fast",
-                what: str = "data") -> ShardCorpus:
+                what: str = "data", lock: bool = False) -> ShardCorpus:
     """The training corpus named by ``data.path`` / ``data.sources`` (see module doc)."""
-    return ShardCorpus(parse_sources(path, sources, what), verify=verify)
+    return ShardCorpus(parse_sources(path, sources, what), verify=verify, lock=lock)

@@ -38,6 +38,7 @@ import numpy as np
 
 from data_prep import shard_format as sf
 from data_prep.errors import DataPrepError
+from data_prep.shard_lock import ShardSetLock
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_SHARD_SIZE = 16384  # sequences per shard: 8 Mi tokens (24 MiB with uint16) at seq_len 512
@@ -367,24 +368,59 @@ def _describe_difference(old: dict, new: dict) -> str:
 
 def _clear_outputs(out: Path) -> None:
     for p in out.iterdir():
-        if p.name.startswith("shard-") or p.name in (sf.MANIFEST_NAME, sf.PROGRESS_NAME) or p.name.endswith(sf.TMP_SUFFIX):
+        if p.name.startswith("shard-") or p.name in (sf.MANIFEST_NAME, sf.PROGRESS_NAME):
             p.unlink()
-    for name in (sf.TOKENIZER_SUBDIR, sf.TOKENIZER_SUBDIR + sf.TMP_SUFFIX):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+    if (out / sf.TOKENIZER_SUBDIR).is_dir():
+        shutil.rmtree(out / sf.TOKENIZER_SUBDIR)
+    _remove_temps(out)
+
+
+def _remove_temps(out: Path) -> None:
+    """Temp files and directories (``*.tmp``) that a killed writer left; called under the exclusive lock, so none
+    belongs to a live writer."""
+    for p in out.iterdir():
+        if p.name.endswith(sf.TMP_SUFFIX):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def _check_out_apart(out: Path, patterns: list[str]) -> None:
+    """``--out`` must not be an input or lie inside one: the shards would be written into the corpus, and a rerun
+    would read them back as text."""
+    import glob
+
+    target = out.resolve()
+    for pattern in patterns:
+        pattern = str(pattern)
+        candidates = [Path(m) for m in glob.glob(pattern, recursive=True)] if glob.has_magic(pattern) else [Path(pattern)]
+        for candidate in candidates:
+            source = candidate.resolve()
+            if target == source or source in target.parents:
+                where = "is" if target == source else "lies inside"
+                raise DataPrepError(f"--out {out} {where} the input {candidate}: the shards would be written into "
+                                    "the corpus they are made from; choose an --out outside every --input")
 
 
 def _verified_prefix(out: Path, shards: list[dict], settings: dict, log) -> list[dict]:
     """The longest prefix of recorded shards that pass the full check; the rest are redone."""
     kept = []
-    for entry in shards:
+    for i, entry in enumerate(shards):
         try:
+            if not isinstance(entry, dict):
+                raise DataPrepError(f"recorded shard {i} is not an entry")
+            sf.check_entry(entry, lambda key, value, what: _bad_entry(i, key, value, what))
             sf.check_shard(out, entry, settings, full=True)
         except DataPrepError as err:
             log(f"[shards] {err} -> redoing from this shard on")
             break
         kept.append(entry)
     return kept
+
+
+def _bad_entry(index: int, key: str, value, what: str) -> None:
+    raise DataPrepError(f"the record of shard {index} has {key}={value!r}, expected {what}")
 
 
 def _install_tokenizer(out: Path, tok) -> None:
@@ -394,7 +430,7 @@ def _install_tokenizer(out: Path, tok) -> None:
     dest = out / sf.TOKENIZER_SUBDIR
     if dest.is_dir() and tokenizer_checksum(dest)[0] == tok.checksum:
         return
-    tmp = out / (sf.TOKENIZER_SUBDIR + sf.TMP_SUFFIX)
+    tmp = sf.temp_path(out / sf.TOKENIZER_SUBDIR)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -425,8 +461,7 @@ def prepare_shards(
     ``split`` (``data_prep.split.record``): pack only the documents of that side of a train/validation split;
     document indices (resume cursors, totals) then count the documents of that side only."""
     from data_prep import corpus
-    from data_prep import split as splitting
-    from data_prep.text_tokenizer import load_tokenizer, serialize
+    from data_prep.text_tokenizer import load_tokenizer
 
     settings.validate()
     progress = progress or Progress(enabled=False)
@@ -436,7 +471,21 @@ def prepare_shards(
     wanted = _settings_dict(settings, tok, dtype, corpus_options.to_dict(), inputs, split)
 
     out = Path(out_dir)
+    _check_out_apart(out, input_patterns)
     out.mkdir(parents=True, exist_ok=True)
+    # exclusive for the whole run: no training run reads the set meanwhile, no other writer shares the directory
+    with ShardSetLock(out, exclusive=True):
+        return _prepare_locked(out, inputs, tok, dtype, wanted, corpus_options, settings, workers, overwrite,
+                               progress, max_shards, split)
+
+
+def _prepare_locked(out: Path, inputs: list[Path], tok, dtype, wanted: dict, corpus_options, settings: PackSettings,
+                    workers: int, overwrite: bool, progress: Progress, max_shards: int | None,
+                    split: dict | None) -> dict:
+    from data_prep import corpus
+    from data_prep import split as splitting
+    from data_prep.text_tokenizer import serialize
+
     shards: list[dict] = []
     recorded = None
     if (out / sf.MANIFEST_NAME).exists():
@@ -445,17 +494,19 @@ def prepare_shards(
         recorded = sf.read_json(out / sf.PROGRESS_NAME)
     if recorded is not None and recorded.get("settings") != wanted:
         if not overwrite:
+            settings_now = recorded.get("settings")
             raise DataPrepError(
                 f"output directory {out} already holds shards made with different settings: "
-                f"{_describe_difference(recorded.get('settings') or {}, wanted)}. Re-run with the original "
-                f"arguments to resume, pass --overwrite to replace them, or choose another --out"
+                f"{_describe_difference(settings_now if isinstance(settings_now, dict) else {}, wanted)}. Re-run "
+                f"with the original arguments to resume, pass --overwrite to replace them, or choose another --out"
             )
         recorded = None
     if overwrite and recorded is None:
         _clear_outputs(out)
     if recorded is not None:
-        shards = _verified_prefix(out, recorded.get("shards", []), wanted, progress.log)
-        if (out / sf.MANIFEST_NAME).exists() and len(shards) == len(recorded["shards"]):
+        listed = recorded.get("shards") if isinstance(recorded.get("shards"), list) else []
+        shards = _verified_prefix(out, listed, wanted, progress.log)
+        if (out / sf.MANIFEST_NAME).exists() and listed and len(shards) == len(listed):
             _install_tokenizer(out, tok)
             progress.log(f"[shards] {out} is complete and verified ({len(shards)} shards); nothing to do")
             return recorded
@@ -465,10 +516,9 @@ def prepare_shards(
             (out / sf.MANIFEST_NAME).unlink()
 
     # nothing unverified is trusted: temp files and shards past the verified prefix go
+    _remove_temps(out)
     for p in out.iterdir():
-        if p.name.endswith(sf.TMP_SUFFIX) and p.is_file():
-            p.unlink()
-        elif p.name.startswith("shard-") and p.name.endswith(".bin") and p.name not in {s["file"] for s in shards}:
+        if p.name.startswith("shard-") and p.name.endswith(".bin") and p.name not in {s["file"] for s in shards}:
             p.unlink()
     _install_tokenizer(out, tok)
 

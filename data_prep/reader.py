@@ -20,6 +20,7 @@ does not replace this sampler.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +29,7 @@ from torch.utils.data import Sampler
 
 from data_prep import shard_format as sf
 from data_prep.errors import DataPrepError
+from data_prep.shard_lock import ShardSetLock
 
 # ------------------------------------------------------------------------------------------------ dataset
 
@@ -42,10 +44,28 @@ class ShardedDataset:
     with. Items are dicts of numpy arrays (``DataLoader``'s default collate turns them into tensors):
     ``input_ids`` int64 [seq_len], ``word_start`` bool [seq_len], ``special_tokens_mask`` bool [seq_len]
     (True for [CLS]/[SEP]/[PAD] inserted by packing).
+
+    A shard file is opened once per process, at its first use, and its size and header are checked through that
+    descriptor before the same descriptor is mapped; its inode, size and mtime must be those seen at the start
+    check, so a shard replaced or truncated under a live run stops it with one error instead of being trained on
+    (or read as zeros, or killing the reader with SIGBUS). The background sha256 reads through such a descriptor
+    too. A file truncated after it was mapped cannot be caught this way: the set's lock (``lock=True``, held by
+    training) keeps ``data_prep shards`` out, and nothing else should write a shard set in use.
     """
 
-    def __init__(self, path: str | Path, *, verify: str = "fast", tokenizer_dir: str | Path | None = None):
+    def __init__(self, path: str | Path, *, verify: str = "fast", tokenizer_dir: str | Path | None = None,
+                 lock: bool = False):
         self.path = Path(path)
+        # lock: hold the set's shared lock while this object lives (training), so `data_prep shards` cannot
+        # rewrite it meanwhile (see data_prep.shard_lock); taken before the manifest is read
+        self._lock = ShardSetLock(self.path, exclusive=False).acquire() if lock else None
+        try:
+            self._open(verify, tokenizer_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, verify: str, tokenizer_dir: str | Path | None) -> None:
         self.manifest = sf.load_manifest(self.path)
         self.settings = self.manifest["settings"]
         tok = self.manifest["tokenizer"]
@@ -58,6 +78,9 @@ class ShardedDataset:
         counts = np.array([s["sequences"] for s in self.shards], dtype=np.int64)
         self._ends = np.cumsum(counts)
         self._headers: list[sf.ShardHeader | None] = [None] * len(self.shards)
+        # (device, inode, size, mtime) of each shard file when it was first checked: every later open (a DataLoader
+        # worker's, the background sha256) must find the same file, or the shard changed under the run
+        self._identity: list[tuple | None] = [None] * len(self.shards)
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if verify not in ("fast", "full", "none"):
             raise DataPrepError(f"verify={verify!r}: use 'fast', 'full' or 'none'")
@@ -65,6 +88,12 @@ class ShardedDataset:
             self.check_tokenizer(tokenizer_dir)
         if verify != "none":
             self.verify(full=verify == "full")
+
+    def close(self) -> None:
+        """Give up the shard set's lock (the memory maps stay usable)."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -99,7 +128,12 @@ class ShardedDataset:
                                     f"({'; '.join(problems)}): the manifest was edited or mixed up; re-create the "
                                     "shards")
         for i, entry in enumerate(self.shards):
-            self._headers[i] = sf.check_shard(self.path, entry, self.settings, full=full, position=i)
+            fd = sf.open_regular(self.shard_file(i))
+            try:
+                self._headers[i] = sf.check_open_shard(fd, self.shard_file(i), entry, self.settings, full, i)
+                self._identity[i] = _identity(fd)
+            finally:
+                os.close(fd)
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
@@ -107,12 +141,61 @@ class ShardedDataset:
     def shard_file(self, shard: int) -> Path:
         return self.path / self.shards[shard]["file"]
 
+    def _open_shard(self, s: int) -> int:
+        """Open shard ``s`` and check that it is still the file checked at start (same inode, size and mtime);
+        returns the descriptor, whose later reads are of that very file."""
+        path = self.shard_file(s)
+        fd = sf.open_regular(path)
+        try:
+            now, then = _identity(fd), self._identity[s]
+            if then is None:
+                self._identity[s] = now
+            elif now != then:
+                change = ("another file has taken its name" if now[:2] != then[:2] else
+                          f"its size went from {then[2]} to {now[2]} bytes" if now[2] != then[2] else
+                          "it was written to")
+                raise DataPrepError(
+                    f"shard {path} changed on disk under this run ({change}) after the run had checked it; nothing "
+                    "is trained on it. Restore the shard set as it was and resume, or re-create it and start a new "
+                    "run")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _shard(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         maps = self._maps.get(s)
         if maps is None:
-            header = self._headers[s] or sf.check_shard(self.path, self.shards[s], self.settings, position=s)
-            maps = self._maps[s] = sf.open_shard(self.path / self.shards[s]["file"], header)
+            fd = self._open_shard(s)
+            try:  # size and header checked through the descriptor that is then mapped
+                header = sf.check_open_shard(fd, self.shard_file(s), self.shards[s], self.settings, position=s)
+                maps = self._maps[s] = sf.map_shard(fd, header)
+            finally:
+                os.close(fd)
         return maps
+
+    def check_sha256(self, s: int) -> str | None:
+        """Hash shard ``s`` through the descriptor of the file the run reads (``_open_shard``); the problem found,
+        or None when it matches the manifest. Used by the background check (``data_prep.shard_hashes``)."""
+        path = self.shard_file(s)
+        try:
+            fd = self._open_shard(s)
+        except DataPrepError as err:
+            return f"{err}"
+        try:
+            actual = sf.file_sha256(fd)
+            if _identity(fd) != self._identity[s]:
+                return (f"shard {path} changed on disk while its sha256 was being checked; nothing is trained on it. "
+                        "Restore the shard set as it was and resume, or re-create it and start a new run")
+        except OSError as err:
+            return f"shard {path} cannot be read ({err.strerror or err}); restore it, then resume"
+        finally:
+            os.close(fd)
+        expected = self.shards[s]["sha256"]
+        if actual != expected:
+            return (f"shard {path} is corrupted: sha256 {actual[:16]}... != manifest {expected[:16]}...; re-create it "
+                    "(delete it and re-run the same `python -m data_prep shards` command), then resume")
+        return None
 
     def locate(self, index: int) -> tuple[int, int]:
         """(shard number, row in shard) of a global sequence index."""
@@ -147,7 +230,13 @@ class ShardedDataset:
         # memory maps are per process: DataLoader workers (spawn) reopen them instead of pickling the data
         state = dict(self.__dict__)
         state["_maps"] = {}
+        state["_lock"] = None  # the parent process holds the set's lock for the workers it starts
         return state
+
+
+def _identity(fd: int) -> tuple[int, int, int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 # ------------------------------------------------------------------------------------------ global order

@@ -11,6 +11,7 @@ A shard directory looks like::
       tokenizer/               copy of the tokenizer files the shards were made with (hashed in the manifest)
       shard-00000.bin ...      fixed-length sequences, see below
       progress.json            only while a run is unfinished: finished shards + where to resume
+      .shards.lock             the lock that keeps writers and training runs apart (data_prep.shard_lock)
 
 Shard file (little-endian)::
 
@@ -30,7 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,13 +122,37 @@ def shard_file_size(num_sequences: int, seq_len: int, token_itemsize: int) -> in
     return HEADER_SIZE + num_sequences * seq_len * (token_itemsize + 1)
 
 
-def read_header(path: Path) -> ShardHeader:
-    """Parse and sanity-check a shard header; DataPrepError naming the file on anything unexpected."""
+def open_regular(path: Path, what: str = "shard") -> int:
+    """Open ``path`` for reading and return its descriptor; only a regular file is accepted.
+
+    Opened non-blocking, so a FIFO (or a device) named as a shard or manifest is refused here instead of blocking
+    the reader for ever, with the shard set's lock held. Every later check and read goes through this descriptor:
+    what was checked is what is read, even if the name is replaced meanwhile."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_SIZE)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise DataPrepError(f"{what} {path} is missing; re-run `python -m data_prep shards`") from None
+    except OSError as err:
+        raise DataPrepError(f"cannot read {what} {path}: {err.strerror}; check it and its permissions") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DataPrepError(f"{what} {path} is not a regular file (a FIFO, socket, device or directory); a shard set "
+                            "holds only files written by `python -m data_prep shards`: re-create it")
+    return fd
+
+
+def read_header(path: Path, fd: int | None = None) -> ShardHeader:
+    """Parse and sanity-check a shard header (read through ``fd`` when given); DataPrepError naming the file."""
+    own = fd is None
+    if own:
+        fd = open_regular(path)
+    try:
+        raw = os.pread(fd, HEADER_SIZE, 0)
     except OSError as err:
         raise DataPrepError(f"cannot read shard {path}: {err.strerror}; re-run `python -m data_prep shards`") from None
+    finally:
+        if own:
+            os.close(fd)
     if len(raw) < HEADER_SIZE:
         raise DataPrepError(f"shard {path} is truncated ({len(raw)} bytes, no complete header); re-create it")
     magic, version, itemsize, seq_len, flag_size, n_seq, index = _HEADER.unpack_from(raw)
@@ -140,12 +168,18 @@ def read_header(path: Path) -> ShardHeader:
     return ShardHeader(version, itemsize, seq_len, n_seq, index)
 
 
+def temp_path(path: Path) -> Path:
+    """The temp name a writer of ``path`` uses: per process, so two writers never share one (it ends with
+    TMP_SUFFIX, which marks it as never trusted)."""
+    return path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
 def write_shard(path: Path, index: int, input_ids: np.ndarray, flags: np.ndarray) -> dict[str, Any]:
     """Write one shard atomically (temp file, fsync, rename, fsync dir); return its manifest entry."""
     n_seq, seq_len = input_ids.shape
     header = ShardHeader(FORMAT_VERSION, input_ids.dtype.itemsize, seq_len, n_seq, index)
     digest = hashlib.sha256()
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             for chunk in (header.pack(), np.ascontiguousarray(input_ids).data, np.ascontiguousarray(flags).data):
@@ -169,37 +203,72 @@ def write_shard(path: Path, index: int, input_ids: np.ndarray, flags: np.ndarray
     }
 
 
-def open_shard(path: Path, header: ShardHeader) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-map (input_ids, flags) of a shard whose header has been read; read-only, nothing loaded."""
+def map_shard(fd: int, header: ShardHeader) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map (input_ids, flags) of the shard open as ``fd``, whose header and size have been checked through
+    that same descriptor; read-only, nothing loaded. The mapping keeps the file alive: ``fd`` may be closed."""
     dtype = np.dtype("<u2") if header.token_itemsize == 2 else np.dtype("<u4")
     shape = (header.num_sequences, header.seq_len)
     n = header.num_sequences * header.seq_len
     if n == 0:
         return np.zeros(shape, dtype), np.zeros(shape, np.uint8)
-    ids = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=shape)
-    flags = np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_SIZE + n * dtype.itemsize, shape=shape)
+    mapped = mmap.mmap(fd, header.file_size, access=mmap.ACCESS_READ)
+    ids = np.frombuffer(mapped, dtype=dtype, count=n, offset=HEADER_SIZE).reshape(shape)
+    flags = np.frombuffer(mapped, dtype=np.uint8, count=n, offset=HEADER_SIZE + n * dtype.itemsize).reshape(shape)
     return ids, flags
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+def open_shard(path: Path, header: ShardHeader) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map (input_ids, flags) of a shard whose header has been read; refused if its size no longer fits."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size != header.file_size:
+            raise DataPrepError(f"shard {path} is {size} bytes, its header says {header.file_size} (truncated or "
+                                "extended); re-create it")
+        return map_shard(fd, header)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(source: Path | int, chunk: int = 1 << 22) -> str:
+    """sha256 of a file given by path, or by an open descriptor (read with pread from offset 0: the descriptor's
+    own offset is left alone, so other threads may use it)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
+    if isinstance(source, int):
+        offset = 0
+        while block := os.pread(source, chunk, offset):
             digest.update(block)
-    return digest.hexdigest()
+            offset += len(block)
+        return digest.hexdigest()
+    fd = open_regular(Path(source), "file")
+    try:
+        return file_sha256(fd, chunk)
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------- atomic json
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from ``path``: one DataPrepError naming the file if it is missing, not a regular file, not
+    JSON or not an object."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataPrepError(f"{path} not found: is this a directory written by `python -m data_prep shards`?") from None
+        fd = open_regular(path, "file")
+    except DataPrepError:
+        if not os.path.lexists(path):
+            raise DataPrepError(f"{path} not found: is this a directory written by `python -m data_prep shards`?") \
+                from None
+        raise
+    try:
+        with open(fd, encoding="utf-8", closefd=True) as f:
+            data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataPrepError(f"{path} is not valid JSON ({err}); re-run `python -m data_prep shards`") from None
+    if not isinstance(data, dict):
+        raise DataPrepError(f"{path} holds a JSON {type(data).__name__}, not an object; re-run "
+                            "`python -m data_prep shards`")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -224,10 +293,81 @@ def load_manifest(directory: Path) -> dict:
             f"{path}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
             f"re-create the shards with this version of data_prep"
         )
-    for key in ("tokenizer", "settings", "shards", "totals"):
-        if key not in manifest:
-            raise DataPrepError(f"{path}: required key {key!r} is missing; re-create the shards")
+    validate_manifest(manifest, path)
     return manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_COUNT = "a whole number >= 0"
+# key -> (check, what it must be) for the parts of a manifest that readers (training, inspect) use
+_SCHEMA: dict[str, dict[str, tuple]] = {
+    "tokenizer": {"checksum": (str, "a string"), "kind": (str, "a string"), "vocab_size": (int, _COUNT),
+                  "special_ids": (dict, "an object")},
+    "settings": {"seq_len": (int, _COUNT), "dtype": (str, f"one of {sorted(_DTYPES)}"), "lang": (str, "a string"),
+                 "cross_document": (bool, "true or false"), "shard_size": (int, _COUNT), "inputs": (list, "a list")},
+    "totals": {key: (int, _COUNT) for key in ("documents", "sequences", "tokens", "content_tokens")},
+}
+_SHARD_ENTRY = {"file": (str, "a shard file name"), "sequences": (int, _COUNT), "bytes": (int, _COUNT),
+                "sha256": (str, "64 hex digits")}
+SPECIAL_NAMES = ("pad", "cls", "sep", "mask", "unk")
+
+
+def _valid(value: Any, kind: type) -> bool:
+    if kind is int:  # JSON whole numbers only: not true/false, not "20", not 20.5
+        return type(value) is int and value >= 0
+    return isinstance(value, kind)
+
+
+def validate_manifest(manifest: dict, path: Path) -> None:
+    """Every key a reader uses is present with the type ``data_prep shards`` writes, checked before anything is
+    read: an edited or damaged manifest is one error naming the key, never a traceback later (or, for a shard
+    without its sha256, a background check that dies while training waits for it)."""
+    def refuse(key: str, value: Any, what: str) -> None:
+        shown = "missing" if value is _MISSING else f"{value!r}"[:60] + f" ({type(value).__name__})"
+        raise DataPrepError(f"{path}: {key} is {shown}, expected {what}; the manifest was edited or damaged: "
+                            "re-create the shards with `python -m data_prep shards`")
+
+    for section, keys in _SCHEMA.items():
+        part = manifest.get(section, _MISSING)
+        if not isinstance(part, dict):
+            refuse(section, part, "an object")
+        for key, (kind, what) in keys.items():
+            value = part.get(key, _MISSING)
+            if not _valid(value, kind):
+                refuse(f"{section}.{key}", value, what)
+    if manifest["settings"]["dtype"] not in _DTYPES:
+        refuse("settings.dtype", manifest["settings"]["dtype"], f"one of {sorted(_DTYPES)}")
+    special = manifest["tokenizer"]["special_ids"]
+    for name in SPECIAL_NAMES:
+        if not _valid(special.get(name, _MISSING), int):
+            refuse(f"tokenizer.special_ids.{name}", special.get(name, _MISSING), _COUNT)
+    shards = manifest.get("shards", _MISSING)
+    if not isinstance(shards, list):
+        refuse("shards", shards, "a list")
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            refuse(f"shards[{i}]", entry, "an object")
+        check_entry(entry, lambda key, value, what: refuse(f"shards[{i}].{key}", value, what))
+
+
+def check_entry(entry: dict, refuse) -> None:
+    """The keys of one manifest shard entry (a plain file name, counts, a sha256); ``refuse(key, value, what)``."""
+    for key, (kind, what) in _SHARD_ENTRY.items():
+        value = entry.get(key, _MISSING)
+        if not _valid(value, kind):
+            refuse(key, value, what)
+    name = entry["file"]
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        refuse("file", name, "a shard file name inside the shard directory")
+    if not _SHA256.fullmatch(entry["sha256"]):
+        refuse("sha256", entry["sha256"], "64 hex digits")
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
 
 
 def check_shard(directory: Path, entry: dict, settings: dict, full: bool = False,
@@ -239,9 +379,18 @@ def check_shard(directory: Path, entry: dict, settings: dict, full: bool = False
     what differs.
     """
     path = Path(directory) / entry["file"]
-    if not path.exists():
-        raise DataPrepError(f"shard {path} listed in the manifest is missing; re-run `python -m data_prep shards`")
-    header = read_header(path)
+    fd = open_regular(path)
+    try:
+        return check_open_shard(fd, path, entry, settings, full, position)
+    finally:
+        os.close(fd)
+
+
+def check_open_shard(fd: int, path: Path, entry: dict, settings: dict, full: bool = False,
+                     position: int | None = None) -> ShardHeader:
+    """``check_shard`` through an open descriptor (``open_regular``): the size, header and (``full``) sha256 of
+    the very file that will be read through it."""
+    header = read_header(path, fd)
     itemsize = dtype_from_name(settings["dtype"]).itemsize
     problems = []
     if header.seq_len != settings["seq_len"]:
@@ -253,13 +402,13 @@ def check_shard(directory: Path, entry: dict, settings: dict, full: bool = False
                         "(shards swapped, renamed or copied from another shard set?)")
     if header.num_sequences != entry["sequences"]:
         problems.append(f"{header.num_sequences} sequences != manifest {entry['sequences']}")
-    size = path.stat().st_size
+    size = os.fstat(fd).st_size
     if size != entry["bytes"] or size != header.file_size:
         problems.append(f"size {size} bytes != expected {entry['bytes']} (truncated or extended)")
     if problems:
         raise DataPrepError(f"shard {path} does not match the manifest: {'; '.join(problems)}; re-create it")
     if full:
-        actual = file_sha256(path)
+        actual = file_sha256(fd)
         if actual != entry["sha256"]:
             raise DataPrepError(
                 f"shard {path} is corrupted: sha256 {actual[:16]}... != manifest {entry['sha256'][:16]}...; "

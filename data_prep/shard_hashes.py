@@ -14,6 +14,11 @@ the others would meanwhile sit in the checkpoint's first collective operation, w
 a large corpus exceeds. :func:`verify_used_together` makes all ranks wait together instead, in slices of at most
 ``slice_s`` seconds, each closed by one small collective that shares "done?" and "which shard failed?": no rank
 ever waits inside a collective for longer than a slice, and a failed hash stops every rank with the same message.
+
+Each shard is hashed through a descriptor of the very file training maps (``ShardedDataset.check_sha256``: same
+inode, size and mtime as at the start check), so a file replaced after its hash passed is never trained on. Any
+failure of the thread itself is recorded and raised on the training side: a dead thread never leaves a
+checkpoint waiting for ever.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from data_prep import shard_format as sf
 from data_prep.errors import DataPrepError
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,8 @@ class LazyShardHasher:
         self.checked_upto = int(start)
         self._results: dict[int, str | None] = {}  # shard -> None (matches) or the problem
         self._done = threading.Condition()
+        self._finished = False  # the thread has ended (all hashed, or stopped by self._crash)
+        self._crash: str | None = None
         self._thread = threading.Thread(target=self._run, args=(self._first_use_order(start),),
                                         name="shard-sha256", daemon=True)
         self._thread.start()
@@ -61,22 +67,36 @@ class LazyShardHasher:
         return order + [s for s in range(n_shards) if s not in seen]
 
     def _run(self, order: list[int]) -> None:
-        for s in order:
-            entry = self.dataset.shards[s]
-            path = self.dataset.shard_file(s)
+        """Hash the shards in ``order``. Whatever goes wrong here ends as a recorded problem and a notification,
+        never as a silently dead thread that training would wait for at its next checkpoint."""
+        s = None
+        try:
+            for s in order:
+                try:
+                    problem = self.dataset.check_sha256(s)
+                except OSError as err:
+                    problem = (f"shard {self.dataset.shard_file(s)} cannot be read ({err.strerror or err}); restore "
+                               "it, then resume")
+                with self._done:
+                    self._results[s] = problem
+                    self._done.notify_all()
+        except BaseException as err:  # a bug or a damaged entry: the waiting side raises it instead of hanging
             try:
-                actual = sf.file_sha256(path)
-                problem = None if actual == entry["sha256"] else (
-                    f"shard {path} is corrupted: sha256 {actual[:16]}... != manifest {entry['sha256'][:16]}...; "
-                    "re-create it (delete it and re-run the same `python -m data_prep shards` command), then resume")
-            except OSError as err:
-                problem = f"shard {path} cannot be read ({err.strerror or err}); restore it, then resume"
+                where = f" at shard {self.dataset.shard_file(s)}" if s is not None else ""
+            except Exception:
+                where = f" at shard number {s}"
+            self._crash = (f"the background sha256 check of the shards stopped{where} "
+                           f"({type(err).__name__}: {err}); the shards trained on cannot be verified: check the "
+                           "shard set (`python -m data_prep inspect DIR`), then resume")
+        finally:
             with self._done:
-                self._results[s] = problem
+                self._finished = True
                 self._done.notify_all()
 
     def raise_if_failed(self) -> None:
-        """Cheap: raise if any hash computed so far failed."""
+        """Cheap: raise if any hash computed so far failed, or the check itself stopped."""
+        if self._crash:
+            raise DataPrepError(self._crash)
         for problem in self._results.values():
             if problem:
                 raise DataPrepError(problem)
@@ -91,13 +111,17 @@ class LazyShardHasher:
     def poll_used(self, consumed: int, timeout: float | None) -> tuple[bool, int | None]:
         """Wait at most ``timeout`` seconds (None: until done) for the hashes of the shards used at positions
         [checked_upto, consumed). Returns (all of them hashed and matching, the first failed shard or None),
-        without raising, so that a caller can share the outcome with the other ranks first."""
+        without raising, so that a caller can share the outcome with the other ranks first. A background check
+        that stopped before hashing them counts as a failure (of the first shard it left unhashed)."""
         if consumed > self.checked_upto:
             needed = self._used(range(self.checked_upto, consumed))
             with self._done:
-                self._done.wait_for(lambda: needed <= self._results.keys() or self._failed() is not None, timeout)
+                self._done.wait_for(lambda: needed <= self._results.keys() or self._failed() is not None
+                                    or self._finished, timeout)
                 known = needed & self._results.keys()
             failed = next((s for s in sorted(known) if self._results[s]), self._failed())
+            if failed is None and known != needed and self._finished:
+                failed = min(needed - known)
             if failed is not None or known != needed:
                 return False, failed
             self.checked_upto = consumed
@@ -110,7 +134,7 @@ class LazyShardHasher:
         return len(self._used(range(self.checked_upto, consumed)) - self._results.keys())
 
     def problem(self, shard: int) -> str:
-        return self._results.get(shard) or f"shard {self.dataset.shard_file(shard)} failed"
+        return self._results.get(shard) or self._crash or f"shard {self.dataset.shard_file(shard)} failed"
 
     def _failed(self) -> int | None:
         return next((s for s, problem in sorted(self._results.items()) if problem), None)

@@ -38,10 +38,15 @@ class ShardDataModule(L.LightningDataModule):
     def __init__(self, settings: DataSettings):
         super().__init__()
         self.settings = settings
-        # data.path (a directory, a glob, a list) or data.sources (weighted): see data_prep.mixture
-        self.train_set: ShardCorpus = open_corpus(settings.path, settings.sources, verify=settings.verify)
-        self.val_set = open_corpus(settings.val_path, verify=settings.verify, what="data.val") \
-            if settings.val_path else None
+        # data.path (a directory, a glob, a list) or data.sources (weighted): see data_prep.mixture. Every set is
+        # read under its shared lock (data_prep.shard_lock) until teardown: `data_prep shards` cannot rewrite it
+        self.train_set: ShardCorpus = open_corpus(settings.path, settings.sources, verify=settings.verify, lock=True)
+        try:
+            self.val_set = open_corpus(settings.val_path, verify=settings.verify, what="data.val", lock=True) \
+                if settings.val_path else None
+        except BaseException:
+            self.train_set.close()
+            raise
         self.order = self.train_set.order(settings.seed)  # position -> sequence, the same on every rank
         if self.val_set is not None:
             check_same_tokenizer(self.train_set, self.val_set)
@@ -71,6 +76,12 @@ class ShardDataModule(L.LightningDataModule):
                                     persistent_workers=False, pin_memory=False,
                                     worker_init_fn=partial(worker_ignores_stop_signals,
                                                            rank=trainer.global_rank if trainer else 0))
+
+    def teardown(self, stage: str) -> None:
+        """Training has ended: give up the shard sets' locks."""
+        self.train_set.close()
+        if self.val_set is not None:
+            self.val_set.close()
 
     def val_dataloader(self):
         if self.val_set is None:
