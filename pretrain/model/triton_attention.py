@@ -49,6 +49,10 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRETING:  # Triton <= 3.6's interpreter fails under NumPy >= 2.4 without this (see the module)
+    from pretrain.model import triton_interpreter
+
+    triton_interpreter.apply()
 
 # A distance's table row lives in the low 24 bits of its lookup code; bits 24 and 25 flag where a run of one row
 # begins (its smallest distance) and ends (its largest). The kernels spell these numbers out (Triton constants).
