@@ -76,7 +76,7 @@ class _ByteCounter(TorchDispatchMode):
 def _record_launch(totals: dict[str, int]):
     """A stand-in for ``triton_attention._launch``: counts each kernel's tensor arguments instead of running it."""
 
-    def launch(name, tiled_axis, L, programs, dtype, *args, **constexprs):
+    def launch(name, tiled_axis, L, batch, heads, dtype, *args, **constexprs):
         arg_names = kernels._RAW_KERNELS[name].arg_names
         _count_kernel_arguments(totals, name, arg_names, args, WRITTEN_BY[name])
 
