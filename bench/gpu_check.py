@@ -35,7 +35,9 @@ from data_prep.atomic_io import write_json_atomic  # noqa: E402
 STAGE_ORDER = ("environment", "self_check", "step_512", "kernel_tests", "attention_bench", "step_2048")
 TIMEOUT_CODES = {124, 137}  # `timeout` exit codes: TERM after the limit, KILL after the grace period
 # (dtype, head size) of the self-check stage: the configurations the kernel tests also compile.
-GPU_SELF_CHECKS = (("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float32", 64))
+# Head sizes 64 and 128 in every dtype the host code launches; each check also runs the dropout variants.
+GPU_SELF_CHECKS = (("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float16", 128), ("float32", 64),
+                   ("float32", 128))
 DRY_RUN_SELF_CHECKS = (("float32", 16), ("float16", 16))  # the interpreter has no bf16 tl.dot
 
 
@@ -109,8 +111,11 @@ def self_check_figures(out: Path) -> tuple[dict[str, Any], str | None]:
         check = plan["check"] or {}
         label = f"{check.get('dtype')} d{check.get('head_dim')}"
         errors = [e["max_rel"] for e in check.get("errors", {}).values() if e["max_rel"] is not None]
+        elementwise = [e["elem_rel"] for e in check.get("errors", {}).values() if e.get("elem_rel") is not None]
         figures[label] = {"passed": check.get("passed"), "worst_max_rel": max(errors) if errors else None,
-                          "tolerance": check.get("tolerance_max_rel"), "exception": check.get("exception")}
+                          "tolerance": check.get("tolerance_max_rel"),
+                          "worst_elem_rel": max(elementwise) if elementwise else None,
+                          "elem_tolerance": check.get("tolerance_elem_rel"), "exception": check.get("exception")}
         if not plan["fused"]:
             failed.append(label)
     return figures, f"self-check failed: {', '.join(failed)}" if failed else None

@@ -9,8 +9,10 @@
 #
 # Stages, in order of value, each under its own `timeout` (seconds), every stage runs even when an earlier one fails:
 #   environment       15   nvidia-smi, torch/triton/transformers versions
-#   self_check        90   attention_backend=auto's self-check on CUDA: bf16 head size 64 and 128, fp16 and fp32
-#                          head size 64 (compiles the kernel variants the tests use: a cold Triton cache fills here)
+#   self_check        90   attention_backend=auto's self-check on CUDA: bf16, fp16 and fp32 at head size 64 and
+#                          128, each with and without dropout, leading/interior/trailing/full padding, NaN-filled
+#                          outputs, max_rel and elementwise tolerances (compiles the variants training and the
+#                          tests use: a cold Triton cache fills here)
 #   step_512         180   bench/gpu_step_bench.py at L=512, B=32, in this order: ours RTD and MLM compiled, HF-built
 #                          RTD compiled, HF MLM compiled and eager (5 timed steps after 2 warm-up steps). Each row
 #                          gets what is left of 170 s minus 15 s per row after it; a row past its share (a cold

@@ -151,6 +151,18 @@ def _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p):
 
 
 @triton.jit
+def _dropout_mask_kernel(KEEP, seed, L, dropout_p, N_HEADS, BLOCK: tl.constexpr):
+    """The kernels' keep-mask written out as int8 (B, N, L, L): what the self-check applies to the reference."""
+    bh, b, h = _batch_and_head(N_HEADS)
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK)
+    for j0 in range(0, L, BLOCK):
+        keep = _dropout_keep(seed, bh, offs_m, j0 + offs_n, L, dropout_p)
+        inside = (offs_m[:, None] < L) & ((j0 + offs_n)[None, :] < L)
+        tl.store(KEEP + (bh * L + offs_m[:, None]) * L + j0 + offs_n[None, :], keep.to(tl.int8), mask=inside)
+
+
+@triton.jit
 def _rows(X, b, h, offs, offs_d, L, s_b, s_h, s_m):
     """(len(offs), HEAD_DIM) rows of a (B, N, L, d) tensor addressed by strides; rows beyond L read as 0."""
     return tl.load(X + b * s_b + h * s_h + offs[:, None] * s_m + offs_d[None, :], mask=(offs < L)[:, None],
@@ -643,6 +655,24 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd("deberta_pretrain::disentangled_attention", _backward, setup_context=_setup_context)
 
 
+def _dropout_seed(dropout_p: float) -> Tensor:
+    """The Philox seed of one call, drawn from torch's global generator on the host."""
+    if dropout_p > 0:
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    return torch.zeros((), dtype=torch.int64)
+
+
+def dropout_keep_mask(batch: int, heads: int, length: int, dropout_p: float, device) -> Tensor:
+    """(B, N, L, L) bool: the mask the next call of :func:`disentangled_attention` with ``dropout_p`` draws from the
+    same state of torch's generator (re-seed it in between). For checks of the dropout variants."""
+    seed = int(_dropout_seed(dropout_p))
+    keep = torch.empty(batch, heads, length, length, dtype=torch.int8, device=device)
+    block = 16
+    _dropout_mask_kernel[launch_grid(length, block, batch, heads)](keep, seed, length, float(dropout_p), heads,
+                                                                    BLOCK=block)
+    return keep.bool()
+
+
 def disentangled_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
     """The :class:`~pretrain.model.attention.AttentionCore` of the "triton" backend (self-attention, Lq == Lk).
 
@@ -651,7 +681,7 @@ def disentangled_attention(query, key, value, pos_key, pos_query, rel_index, key
     """
     two_k = next((t.shape[1] for t in (pos_key, pos_query) if t is not None), 1)
     code, reached = relative_lookup(rel_index, two_k)
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    seed = _dropout_seed(dropout_p)
     value = value.to(query.dtype)
     out, _ = torch.ops.deberta_pretrain.disentangled_attention(
         query, key.to(query.dtype), value, pos_key, pos_query, code, reached,
