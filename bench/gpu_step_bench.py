@@ -32,6 +32,12 @@ memory (``torch.cuda.max_memory_allocated`` from before the warm-up), and speed-
 ``--check-steps N`` also trains a small model twice from one initial state, with ``--backend`` and with
 "reference", on identical batches and masks, and compares the loss curves (see :func:`run_check`).
 
+A row of ours whose model did not run the fused kernel where it should (CUDA, or ``--interpret-kernel``) is
+``invalid``: a failed self-check makes ``auto`` fall back to the reference path, and that speed must not pass for
+ours. ``--time-budget`` gives each row a share of the time; a row past it says which phase it was in, and the JSON
+is rewritten as each row progresses, so a row cut by an outer time limit says so too. The exit code is 1 when any
+row is not ok (skipped rows excepted).
+
 Usage:
     python bench/gpu_step_bench.py                                       # all contestants, seq 512 (b32) and 2048 (b8)
     python bench/gpu_step_bench.py --contestants hf_mlm_compiled ours_mlm --seq-lens 2048 --batch-sizes 8
@@ -95,8 +101,8 @@ FIRST_ORDINARY_ID = 5
 RTD_WEIGHT = 50.0
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "attention_head_size": 16,
         "intermediate_size": 256, "vocab_size": 1000, "position_buckets": 32}
-TINY_SHAPE = ([64], [4])
-ROW_RESERVE_S = 15.0  # --time-budget: what each row still to come is guaranteed (a cached-compile row's need)  # seq_lens, batch_sizes
+TINY_SHAPE = ([64], [4])  # seq_lens, batch_sizes
+ROW_RESERVE_S = 15.0  # --time-budget: what each row still to come is guaranteed (a cached-compile row's need)
 BASE_SHAPE = ([512, 2048], [32, 8])
 
 # Correctness check: PASS when the curves track within bf16 noise (see run_check).

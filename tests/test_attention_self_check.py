@@ -242,3 +242,15 @@ def test_elementwise_tolerance_catches_an_error_at_one_small_entry():
     assert out["elem_rel"] > 0.5 * TOLERANCE[torch.float32] / (ELEMENT_FLOOR + 0.01)  # the shift, at its entry
     assert not result.passed
     assert all(e["elem_rel"] < ELEMENT_TOLERANCE[torch.float32] / 5 for n, e in result.errors.items() if n != "out")
+
+
+def test_fp32_kernel_warns_that_it_is_a_test_mode(kernel_on_cpu, monkeypatch, caplog):
+    """fp32 kernels use the smallest tiles and spill at head size 128: a run that would train with them is told."""
+    # the check's outcome is not the subject here (the tests above run it): a passed one, without the interpreter
+    monkeypatch.setattr(attention, "run_check", lambda key, *a, **k: attention.CheckResult(key, True, 1e-4))
+    with caplog.at_level(logging.WARNING):
+        plan = attention.plan_attention("auto", "cpu", torch.float32, HEAD_DIM, True, True)
+        attention.plan_attention("auto", "cpu", torch.float16, HEAD_DIM, True, True)
+    assert plan["fused"] is True
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [attention.FP32_KERNEL_WARNING]

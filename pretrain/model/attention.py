@@ -138,6 +138,14 @@ def _reference_given_mask(keep: torch.Tensor):
     return core
 
 
+# fp32 is the kernel's test mode (IEEE dots, checked to 1e-4), not a training mode: its pinned tiles are the smallest
+# (16 x 16), it runs without tensor cores' 16-bit rates, and at head size 128 ptxas spills registers (over 1 KB per
+# thread, `python bench/kernel_resources.py --dtypes fp32`). Training runs bf16/fp16 autocast.
+FP32_KERNEL_WARNING = ("the fused attention kernel runs in float32: a test mode, several times slower than bf16 "
+                       "(smallest tiles, no 16-bit tensor cores, register spills at head size 128); train with "
+                       "precision bf16-mixed (or 16-mixed) for the fused kernel's speed")
+
+
 # Device types on which ``auto`` picks the fused kernel (after its self-check) and ``triton`` checks it before first
 # use. Tests add "cpu" to let Triton's interpreter stand in for CUDA, so the real check runs on a CPU machine.
 KERNEL_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
@@ -271,6 +279,8 @@ def plan_attention(backend: str, device_type: str, dtype: torch.dtype, head_dim:
         record.update(fused=True, check=check.to_dict() if check else None, reason="attention_backend=triton")
     else:
         record["reason"] = f"custom backend {backend!r}"
+    if record["fused"] and dtype == torch.float32:
+        log.warning(FP32_KERNEL_WARNING)
     return record
 
 
