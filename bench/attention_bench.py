@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.tiny:
         args.shapes, args.heads, args.head_size, args.buckets, args.max_position = ["2x40"], 2, 16, 8, 32
-        args.warmup, args.repeats = 1, 2
+        args.warmup, args.repeats = 0, 1
         if args.device == "cpu":
             args.dtype = "float32"  # Triton's interpreter has no bf16 tl.dot
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -13,15 +13,24 @@ How it is counted (no GPU, no allocation of the real sizes):
   writes counts once. This is the usual flash-attention accounting: tiles of K/V re-read by the programs of one
   head come from L2, and the relative window rows (``(N, 2k, d)``, about 1.5 MB at v3-base) are read from L2.
 
+That count is the DRAM floor: what must cross DRAM at least once. The kernels also re-load data inside: every
+score tile loads its relative window (``WINDOW`` rows of ``pos_key`` and ``pos_query`` and their lookup codes),
+every query block loads all K/V tiles of its head, every key block all Q/dO tiles. Whether those re-loads are L2
+hits decides the real speed, so ``--requests`` adds, per kernel, the load requests of the pinned tiling (counted
+from the kernels' loop structure, :func:`load_requests`) beside the floor, and the unique bytes they touch per head
+(what L2 must hold for the re-loads to hit)::
+
     python bench/attention_bytes.py                       # v3-base shape, bf16: bytes per step and in total
     python bench/attention_bytes.py --batch 8 --length 2048
     python bench/attention_bytes.py --json out.json
+    python bench/attention_bytes.py --requests            # the DRAM floor and the load requests per kernel (sm_90)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -76,7 +85,7 @@ class _ByteCounter(TorchDispatchMode):
 def _record_launch(totals: dict[str, int]):
     """A stand-in for ``triton_attention._launch``: counts each kernel's tensor arguments instead of running it."""
 
-    def launch(name, tiled_axis, L, programs, dtype, *args, **constexprs):
+    def launch(name, tiled_axis, L, batch, heads, dtype, *args, **constexprs):
         arg_names = kernels._RAW_KERNELS[name].arg_names
         _count_kernel_arguments(totals, name, arg_names, args, WRITTEN_BY[name])
 
@@ -159,12 +168,75 @@ def count(batch: int, heads: int, length: int, head_dim: int, buckets: int, max_
     return dict(totals)
 
 
+def load_requests(batch: int, heads: int, length: int, head_dim: int, buckets: int, max_position: int,
+                  dtype: str = "bf16", arch: int = 90) -> dict[str, dict[str, int]]:
+    """Bytes the loads of each kernel request from global memory (L2 hits included) at the pinned tiling for
+    ``arch``, by what is loaded, from the kernels' loop structure (both position terms on, as every DeBERTa
+    release). A window is ``WINDOW`` table rows of ``d`` elements and ``WINDOW`` int32 lookup codes, per term and
+    score tile; the backward kernels also load one int32 code per pair of a tile for the run sums."""
+    e = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    d, L, programs_bh = head_dim, length, batch * heads
+    two_k = 2 * (buckets if buckets > 0 else max_position)
+    result = {}
+    for kernel in kernels.KERNELS:
+        c = kernels.pinned_config(kernel, arch // 10, dtype, head_dim)
+        bm, bn, w = c.block_m, c.block_n, c.window
+        t_m, t_n = math.ceil(L / bm), math.ceil(L / bn)
+        tiles = programs_bh * t_m * t_n  # score tiles computed by the kernel
+        window = tiles * 2 * (w * d * e + w * 4)  # two terms: rows of the projected table and their codes
+        if kernel == "forward":
+            own = programs_bh * t_m * bm * (d * e + 1)  # Q and mask rows, once per program
+            streamed = tiles * bn * (2 * d * e + 1)  # K, V and mask of every key tile
+            codes = 0
+        elif kernel == "backward_query":
+            own = programs_bh * t_m * bm * (2 * d * e + 8 + 1)  # Q, dO, LSE, delta, mask
+            streamed = tiles * bn * (2 * d * e + 1)  # K, V, mask per key tile
+            codes = tiles * bm * bn * 4 + programs_bh * t_m * (2 * bm * 4 + math.ceil(two_k / bn) * bn)
+        else:
+            own = programs_bh * t_n * bn * (2 * d * e + 1)  # K, V, mask
+            streamed = tiles * bm * (2 * d * e + 8 + 1)  # Q, dO, LSE, delta, mask per query tile
+            codes = tiles * bm * bn * 4 + programs_bh * t_n * (2 * bn * 4 + math.ceil(two_k / bm) * bm)
+        result[kernel] = {"tile": f"{bm}x{bn} w{w}", "programs": programs_bh * (t_n if kernel == "backward_key"
+                                                                                 else t_m),
+                          "own_block": own, "streamed_tiles": streamed, "relative_window": window,
+                          "lookup_codes": codes, "total": own + streamed + window + codes,
+                          "streamed_rereads": t_m if kernel != "backward_key" else t_n}
+    return result
+
+
+def requests_table(shape: dict[str, int], dtype: str, arch: int, totals: dict[str, int]) -> str:
+    """Markdown: per kernel the DRAM floor (its arguments once) and the load requests, and what L2 must hold."""
+    req = load_requests(**shape, dtype=dtype, arch=arch)
+    e = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    lines = ["| kernel | tile (sm_%d) | DRAM floor, MB | load requests, MB | of which: relative window | "
+             "K/V or Q/dO tiles (re-read x) | lookup codes |" % arch, "|---|---|---|---|---|---|---|"]
+    for kernel, r in req.items():
+        floor = totals.get(f"kernel {kernel} reads", 0) + totals.get(f"kernel {kernel} writes", 0)
+        lines.append(f"| {kernel} | {r['tile']} | {floor / 1e6:,.0f} | {r['total'] / 1e6:,.0f} | "
+                     f"{r['relative_window'] / 1e6:,.0f} | {r['streamed_tiles'] / 1e6:,.0f} "
+                     f"({r['streamed_rereads']}x) | {r['lookup_codes'] / 1e6:,.0f} |")
+    floor = sum(totals.values())
+    requested = sum(r["total"] for r in req.values())
+    span = shape["buckets"] if shape["buckets"] > 0 else shape["max_position"]
+    per_head_kv = 2 * shape["length"] * shape["head_dim"] * e
+    tables = 2 * 2 * span * shape["heads"] * shape["head_dim"] * e
+    lines += ["", f"DRAM floor of the whole step (kernels and host ops, each tensor once): {floor / 1e9:.2f} GB; "
+              f"load requests of the three kernels: {requested / 1e9:.2f} GB. For the re-loads to be L2 hits, L2 "
+              f"holds the projected tables of both terms ({tables / 1e6:.1f} MB for all heads, re-read by every "
+              f"tile) and the K/V (or Q/dO) of the heads in flight ({per_head_kv / 1e3:.0f} kB per head; the "
+              f"tiles of one head are neighbours on grid axis 0, so they run together)."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for key, value in V3_BASE.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=value)
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--requests", action="store_true",
+                        help="also the load requests per kernel (in-kernel re-reads included) beside the DRAM floor")
+    parser.add_argument("--arch", type=int, choices=(80, 90), default=90, help="pinned tiling of this sm_XX")
     parser.add_argument("--design-at", metavar="REV", help="count the kernel module of this git revision instead "
                         "(831ec8e: the design with (B, N, L, 2k) tables and fp32 run sums)")
     args = parser.parse_args(argv)
@@ -175,9 +247,13 @@ def main(argv=None) -> int:
         print(f"{moved / 1e6:10.1f} MB  {step}")
     total = sum(totals.values())
     print(f"{total / 1e9:10.3f} GB  total, forward + backward ({args.dtype}, {shape})")
+    report = {"shape": shape, "dtype": args.dtype, "bytes": totals, "total": total}
+    if args.requests:
+        print()
+        print(requests_table(shape, args.dtype, args.arch, totals))
+        report["load_requests"] = load_requests(**shape, dtype=args.dtype, arch=args.arch)
     if args.json:
-        args.json.write_text(json.dumps({"shape": shape, "dtype": args.dtype, "bytes": totals, "total": total},
-                                        indent=1))
+        args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 

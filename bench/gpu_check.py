@@ -27,12 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+if str(REPO / "bench") not in sys.path:
+    sys.path.insert(0, str(REPO / "bench"))
 from data_prep.atomic_io import write_json_atomic  # noqa: E402
 
-STAGE_ORDER = ("environment", "self_check", "kernel_tests", "attention_bench", "step_512", "step_2048")
+# In order of value (the order gpu_check.sh runs them): our step rows right after the self-check that gates them.
+STAGE_ORDER = ("environment", "self_check", "step_512", "kernel_tests", "attention_bench", "step_2048")
 TIMEOUT_CODES = {124, 137}  # `timeout` exit codes: TERM after the limit, KILL after the grace period
 # (dtype, head size) of the self-check stage: the configurations the kernel tests also compile.
-GPU_SELF_CHECKS = (("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float32", 64))
+# Head sizes 64 and 128 in every dtype the host code launches; each check also runs the dropout variants.
+GPU_SELF_CHECKS = (("bfloat16", 64), ("bfloat16", 128), ("float16", 64), ("float16", 128), ("float32", 64),
+                   ("float32", 128))
 DRY_RUN_SELF_CHECKS = (("float32", 16), ("float16", 16))  # the interpreter has no bf16 tl.dot
 
 
@@ -44,7 +49,7 @@ def environment(out: Path) -> int:
 
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
-    for package in ("triton", "transformers", "pytest", "disentangled_flash"):
+    for package in ("triton", "numpy", "transformers", "pytest", "disentangled_flash"):
         try:
             info[package] = __import__(package).__version__
         except Exception as err:  # reported, not fatal: later stages say what they miss
@@ -65,8 +70,10 @@ def self_check(device: str, out: Path) -> int:
     fall back to the reference path on this card)."""
     import torch
 
+    from kernel_fault import inject_if_requested
     from pretrain.model import attention
 
+    inject_if_requested()
     configs = DRY_RUN_SELF_CHECKS if device == "cpu" else GPU_SELF_CHECKS
     if device == "cpu":  # the interpreter stands in for CUDA (dry run)
         attention.KERNEL_DEVICE_TYPES = ("cuda", "cpu")
@@ -91,7 +98,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def environment_figures(out: Path) -> tuple[dict[str, Any], str | None]:
     info = read_json(out / "environment.json") or {}
-    keys = ("device_name", "torch", "triton", "transformers", "pytest", "disentangled_flash")
+    keys = ("device_name", "torch", "triton", "numpy", "transformers", "pytest", "disentangled_flash")
     return {k: info.get(k) for k in keys}, None if info else "no environment.json"
 
 
@@ -104,8 +111,11 @@ def self_check_figures(out: Path) -> tuple[dict[str, Any], str | None]:
         check = plan["check"] or {}
         label = f"{check.get('dtype')} d{check.get('head_dim')}"
         errors = [e["max_rel"] for e in check.get("errors", {}).values() if e["max_rel"] is not None]
+        elementwise = [e["elem_rel"] for e in check.get("errors", {}).values() if e.get("elem_rel") is not None]
         figures[label] = {"passed": check.get("passed"), "worst_max_rel": max(errors) if errors else None,
-                          "tolerance": check.get("tolerance_max_rel"), "exception": check.get("exception")}
+                          "tolerance": check.get("tolerance_max_rel"),
+                          "worst_elem_rel": max(elementwise) if elementwise else None,
+                          "elem_tolerance": check.get("tolerance_elem_rel"), "exception": check.get("exception")}
         if not plan["fused"]:
             failed.append(label)
     return figures, f"self-check failed: {', '.join(failed)}" if failed else None
@@ -151,8 +161,11 @@ def step_figures(name: str) -> Callable[[Path], tuple[dict[str, Any], str | None
                                      "vs_baseline": r.get("vs_baseline"), "peak_mem_gib": r["peak_mem_gib"]}
             if "attention_fused" in r:
                 rows[r["contestant"]]["attention_fused"] = r["attention_fused"]
-        bad = [n for n, r in rows.items() if r["status"] != "ok" and not r["status"].startswith("skipped")]
-        return rows, f"rows not ok: {', '.join(bad)}" if bad else None
+        invalid = [n for n, r in rows.items() if r["status"].startswith("invalid")]
+        bad = [n for n, r in rows.items() if r["status"] != "ok" and not r["status"].startswith(("skipped", "invalid"))]
+        problems = ([f"INVALID (the fused kernel did not run): {', '.join(invalid)}"] if invalid else []) + \
+            ([f"rows not ok: {', '.join(bad)}"] if bad else [])
+        return rows, "; ".join(problems) or None
     return figures
 
 

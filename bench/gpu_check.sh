@@ -7,20 +7,27 @@
 #   bash bench/gpu_check.sh --dry-run    # any CPU machine: every stage on CPU (Triton's interpreter), tiny shapes,
 #                                        #   about two minutes (GPU_CHECK_DRY_RUN=1 does the same); CI runs this
 #
-# Stages, in order, each under its own `timeout` (seconds), every stage runs even when an earlier one fails:
+# Stages, in order of value, each under its own `timeout` (seconds), every stage runs even when an earlier one fails:
 #   environment       15   nvidia-smi, torch/triton/transformers versions
-#   self_check        90   attention_backend=auto's self-check on CUDA: bf16 head size 64 and 128, fp16 and fp32
-#                          head size 64 (compiles the kernel variants the tests use: a cold Triton cache fills here)
+#   self_check       140   attention_backend=auto's self-check on CUDA: bf16, fp16 and fp32 at head size 64 and
+#                          128, each with and without dropout, leading/interior/trailing/full padding, NaN-filled
+#                          outputs, max_rel and elementwise tolerances (compiles the variants training and the
+#                          tests use: a cold Triton cache fills here)
+#   step_512         180   bench/gpu_step_bench.py at L=512, B=32, in this order: ours RTD and MLM compiled, HF-built
+#                          RTD compiled, HF MLM compiled and eager (5 timed steps after 2 warm-up steps). Each row
+#                          gets what is left of 170 s minus 15 s per row after it; a row past its share (a cold
+#                          compile) says so and the next runs; a row of ours whose model did not run the fused
+#                          kernel (a failed self-check falls back) is INVALID, and the stage fails
 #   kernel_tests     120   tests/test_attention_gpu.py: kernel vs float64 and vs the same-dtype reference, outputs
-#                          and every gradient (bf16/fp16/fp32, head size 64/128, L up to 512, padding)
+#                          and every gradient (bf16/fp16/fp32, head size 64/128, L=512, L=200 for every pinned
+#                          configuration, L=2048 once, padding of every kind, dropout variants)
 #   attention_bench   60   bench/attention_bench.py at v3-base, B=32, 12 heads, L=512, d=64, bf16: ours vs flash
 #                          SDPA without positions vs the reference, fwd+bwd
-#   step_512         180   bench/gpu_step_bench.py at L=512, B=32: ours MLM/RTD compiled, HF MLM compiled and
-#                          eager, HF-built RTD compiled (5 timed steps after 2 warm-up steps)
 #   step_2048      rest    if at least 60 s of the 480 s are left: L=2048, B=8, ours MLM vs HF compiled and HF +
 #                          disentangled-flash (that row is skipped unless the package is importable)
-# Total budget 480 s. The fixed limits add up to 465 s, so step_2048 runs only on what the earlier stages left
-# unused (at most 150 s); the report says when it was skipped.
+# GPU_CHECK_STAGES="self_check step_512" runs only the stages named (the environment always runs).
+# Total budget 480 s. The fixed limits add up to 515 s (under a 540 s lease with the report), so step_2048 runs
+# only on what the earlier stages left unused (at most 150 s); the report says when it was skipped.
 #
 # Results in $OUT (default bench/results): gpu_check.json (per stage: status, seconds, limit, key figures) and
 # gpu_check.md (the same as one table), plus each stage's log and JSON. Optional wheels: a carried .whl/ directory
@@ -49,6 +56,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 CACHE=${GPU_CHECK_CACHE:-/tmp/gpu_check_cache}  # compiled kernels and graphs shared by the stages (and a rerun)
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$CACHE/triton}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$CACHE/inductor}
+WANTED=" environment ${GPU_CHECK_STAGES:-self_check step_512 kernel_tests attention_bench step_2048} "
 if [ "$DRY_RUN" = 1 ]; then
     export GPU_CHECK_DRY_RUN=1 TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 fi
@@ -70,6 +78,7 @@ install_wheels() {
 run_stage() {
     local name=$1 limit=$2
     shift 2
+    case "$WANTED" in *" $name "*) ;; *) skip_stage "$name" "$limit" "not in GPU_CHECK_STAGES"; return ;; esac
     echo "== $name (limit ${limit}s)"
     local t0=$(date +%s)
     timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -90,9 +99,10 @@ install_wheels 2>&1 | tee "$OUT/wheels.log"
 if [ "$DRY_RUN" = 1 ]; then
     DEVICE=(--device cpu)
     ATTN=(--device cpu --tiny)
-    STEP=(--device cpu --tiny --no-compile --steps 2 --warmup 1)
-    STEP_512=(--seq-lens 64 --batch-sizes 2)
-    STEP_2048=(--seq-lens 128 --batch-sizes 2)
+    # our rows run the kernel in the interpreter (slow: one step, one sequence; 24 is not a multiple of a tile)
+    STEP=(--device cpu --tiny --no-compile --steps 1 --warmup 0 --interpret-kernel)
+    STEP_512=(--seq-lens 16 --batch-sizes 1)
+    STEP_2048=(--seq-lens 24 --batch-sizes 1)
 else
     DEVICE=(--device cuda)
     ATTN=(--device cuda --shapes 32x512 --warmup 3 --repeats 10)
@@ -102,17 +112,18 @@ else
 fi
 
 run_stage environment 15 "$PYTHON" bench/gpu_check.py environment --out "$OUT/environment.json"
-run_stage self_check 90 "$PYTHON" bench/gpu_check.py self-check "${DEVICE[@]}" --out "$OUT/self_check.json"
+run_stage self_check 140 "$PYTHON" bench/gpu_check.py self-check "${DEVICE[@]}" --out "$OUT/self_check.json"
+run_stage step_512 180 "$PYTHON" bench/gpu_step_bench.py "${STEP[@]}" "${STEP_512[@]}" --out "$OUT/step_512.json" \
+    --time-budget 170 --contestants ours_rtd ours_mlm hf_rtd_compiled hf_mlm_compiled hf_mlm_eager
 run_stage kernel_tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_attention_gpu.py \
     --junitxml "$OUT/kernel_tests.xml"
 run_stage attention_bench 60 "$PYTHON" bench/attention_bench.py "${ATTN[@]}" --out "$OUT/attention_bench.json"
-run_stage step_512 180 "$PYTHON" bench/gpu_step_bench.py "${STEP[@]}" "${STEP_512[@]}" --out "$OUT/step_512.json" \
-    --contestants ours_mlm hf_mlm_compiled hf_mlm_eager ours_rtd hf_rtd_compiled
 left=$((TOTAL_BUDGET - ($(date +%s) - START) - 10))
 limit=$((left < 150 ? left : 150))
 if [ "$limit" -ge 60 ]; then
     run_stage step_2048 "$limit" "$PYTHON" bench/gpu_step_bench.py "${STEP[@]}" "${STEP_2048[@]}" \
-        --out "$OUT/step_2048.json" --contestants ours_mlm hf_mlm_compiled hf_mlm_disentangled_flash
+        --out "$OUT/step_2048.json" --time-budget $((limit - 10)) \
+        --contestants ours_mlm hf_mlm_compiled hf_mlm_disentangled_flash
 else
     skip_stage step_2048 "$limit" "only ${left}s of the ${TOTAL_BUDGET}s budget left"
 fi

@@ -32,6 +32,12 @@ memory (``torch.cuda.max_memory_allocated`` from before the warm-up), and speed-
 ``--check-steps N`` also trains a small model twice from one initial state, with ``--backend`` and with
 "reference", on identical batches and masks, and compares the loss curves (see :func:`run_check`).
 
+A row of ours whose model did not run the fused kernel where it should (CUDA, or ``--interpret-kernel``) is
+``invalid``: a failed self-check makes ``auto`` fall back to the reference path, and that speed must not pass for
+ours. ``--time-budget`` gives each row a share of the time; a row past it says which phase it was in, and the JSON
+is rewritten as each row progresses, so a row cut by an outer time limit says so too. The exit code is 1 when any
+row is not ok (skipped rows excepted).
+
 Usage:
     python bench/gpu_step_bench.py                                       # all contestants, seq 512 (b32) and 2048 (b8)
     python bench/gpu_step_bench.py --contestants hf_mlm_compiled ours_mlm --seq-lens 2048 --batch-sizes 8
@@ -48,6 +54,7 @@ import gc
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -61,8 +68,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python bench/gpu_step_bench.py` from a checkout without an install
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "bench"):  # run as `python bench/gpu_step_bench.py`, or imported by a test
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -70,6 +78,7 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 from data_prep.atomic_io import write_json_atomic  # noqa: E402
+from kernel_fault import inject_if_requested  # noqa: E402  (bench/, this script's directory)
 from pretrain.model import DebertaConfig  # noqa: E402
 from pretrain.model.attention import ATTENTION_BACKENDS, DisentangledSelfAttention  # noqa: E402
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens  # noqa: E402
@@ -93,6 +102,7 @@ RTD_WEIGHT = 50.0
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "attention_head_size": 16,
         "intermediate_size": 256, "vocab_size": 1000, "position_buckets": 32}
 TINY_SHAPE = ([64], [4])  # seq_lens, batch_sizes
+ROW_RESERVE_S = 15.0  # --time-budget: what each row still to come is guaranteed (a cached-compile row's need)
 BASE_SHAPE = ([512, 2048], [32, 8])
 
 # Correctness check: PASS when the curves track within bf16 noise (see run_check).
@@ -359,15 +369,17 @@ def encoder_models(objective: PretrainingObjective) -> list[nn.Module]:
 
 
 def prepare_ours(objective: PretrainingObjective, backend: str, compile_model: bool,
-                 device_type: str = "cpu") -> dict[str, Any]:
-    """Select the attention backend on every sub-model, resolve it for bf16 on this device as training does (the
-    fused kernel's self-check on CUDA), then compile each encoder layer in place."""
+                 device_type: str = "cpu", amp_dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """Select the attention backend on every sub-model, resolve it for the autocast dtype on this device as
+    training does (the fused kernel's self-check on CUDA), then compile each encoder layer in place."""
     models = encoder_models(objective)
-    fused = []
+    fused, reasons = [], []
     for model in models:
         model.set_attention_backend(backend)
         if hasattr(model, "plan_attention"):
-            fused.append(model.plan_attention(device_type, torch.bfloat16)["fused"])
+            plan = model.plan_attention(device_type, amp_dtype)
+            fused.append(plan["fused"])
+            reasons.append(plan["reason"])
     how = "off"
     if compile_model:
         for model in models:
@@ -380,7 +392,8 @@ def prepare_ours(objective: PretrainingObjective, backend: str, compile_model: b
                 how = "layer.compile() per encoder layer"
     in_use = sorted({m.backend for m in objective.modules() if isinstance(m, DisentangledSelfAttention)})
     return {"compiled": compile_model, "compile": how, "attention_backend": ",".join(in_use),
-            "attention_fused": None if not fused or None in fused else all(fused)}
+            "attention_fused": None if not fused or None in fused else all(fused),
+            "attention_plan": "; ".join(sorted(set(reasons)))}
 
 
 def build_ours(name: str, config: DebertaConfig) -> PretrainingObjective:
@@ -388,10 +401,10 @@ def build_ours(name: str, config: DebertaConfig) -> PretrainingObjective:
 
 
 def ours_workload(name: str, config: DebertaConfig, batch: dict[str, torch.Tensor], seq_len: int,
-                  device: torch.device, compile_model: bool, backend: str) -> Workload:
+                  device: torch.device, compile_model: bool, backend: str, amp_dtype: torch.dtype) -> Workload:
     settings = objective_settings(name)
     objective = build_ours(name, config).to(device).train()
-    info = prepare_ours(objective, backend, compile_model, device.type)
+    info = prepare_ours(objective, backend, compile_model, device.type, amp_dtype)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def loss() -> torch.Tensor:
@@ -414,7 +427,8 @@ def build_workload(name: str, config: DebertaConfig, batch: dict[str, torch.Tens
         return hf_mlm_workload(config, batch, seq_len, device, False, True)
     if name == "hf_rtd_compiled":
         return hf_rtd_workload(config, batch, seq_len, device, compile_model)
-    return ours_workload(OBJECTIVE[name], config, batch, seq_len, device, compile_model, args.backend_used)
+    return ours_workload(OBJECTIVE[name], config, batch, seq_len, device, compile_model, args.backend_used,
+                         args.amp_dtype)
 
 
 def skip_reason(name: str, device: torch.device) -> str | None:
@@ -472,8 +486,9 @@ def matmul_ceiling(device: torch.device, size: int, repeats: int = 5) -> dict[st
 
 
 def time_steps(workload: Workload, optimizer: torch.optim.Optimizer, device: torch.device, warmup: int,
-               steps: int) -> dict[str, Any]:
-    amp = torch.autocast(device.type, dtype=torch.bfloat16)
+               steps: int, amp_dtype: torch.dtype = torch.bfloat16, phase: Callable[[str], None] = lambda _: None
+               ) -> dict[str, Any]:
+    amp = torch.autocast(device.type, dtype=amp_dtype)
 
     def step() -> torch.Tensor:
         with amp:
@@ -485,11 +500,13 @@ def time_steps(workload: Workload, optimizer: torch.optim.Optimizer, device: tor
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    phase("warm-up steps (compilation happens here)")
     start = time.perf_counter()
     for _ in range(warmup):
         step()
     synchronize(device)
     warmup_s = time.perf_counter() - start
+    phase("timed steps")
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
@@ -510,8 +527,29 @@ def failure_status(err: BaseException) -> str:
     return "error: " + first[:300]
 
 
+class ShareExceeded(BaseException):
+    """A contestant ran past its share of the stage's time (``--time-budget``). Not an ``Exception``, so that no
+    ``except Exception`` on the way (the kernel's self-check, a compiler) mistakes it for a failure of its own."""
+
+
+def unfinished(phase: str) -> str:
+    """The status a row carries while it runs: what the JSON says if the process is killed in this phase."""
+    return f"unfinished: the process ended during {phase} (the stage's time limit?)"
+
+
+def requires_fused(name: str, device: torch.device, args: argparse.Namespace) -> bool:
+    """Our rows measure the fused kernel wherever it is meant to run (CUDA, or the interpreter standing in for
+    it): a row that fell back to the reference path would be PyTorch's speed under our name."""
+    return (name.startswith("ours_") and not args.allow_fallback and args.backend_used in ("auto", "triton")
+            and (device.type == "cuda" or args.interpret_kernel))
+
+
 def run_contestant(name: str, seq_len: int, batch_size: int, device: torch.device, args: argparse.Namespace,
-                   ceiling_flops: float, datasheet_flops: float | None) -> dict[str, Any]:
+                   ceiling_flops: float, datasheet_flops: float | None, share_s: float | None = None,
+                   save: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+    """Measure one row. ``share_s``: seconds this contestant may take (build, compile, warm-up and timed steps);
+    past it the row says so and the next contestant runs. ``save(row)`` records the row as it progresses, so a
+    kill by the stage's own time limit leaves a row that names the phase it was in."""
     row: dict[str, Any] = {"contestant": name, "objective": OBJECTIVE[name], "seq_len": seq_len,
                            "batch_size": batch_size, "status": "ok", "tokens_per_s": None, "mfu": None,
                            "peak_mem_gib": None}
@@ -519,14 +557,38 @@ def run_contestant(name: str, seq_len: int, batch_size: int, device: torch.devic
     if reason:
         row["status"] = reason
         return row
+    state = {"phase": "model build and compilation", "fired": False}
+
+    def phase(text: str) -> None:
+        state["phase"] = text
+        save({**row, "status": unfinished(text)})
+
+    def exceeded(signum, frame):
+        state["fired"] = True
+        raise ShareExceeded(f"past its share of {share_s:.0f} s")
+
+    phase(state["phase"])
+    use_alarm = share_s is not None and share_s > 0
+    previous = signal.signal(signal.SIGALRM, exceeded) if use_alarm else None
+    if use_alarm:
+        signal.setitimer(signal.ITIMER_REAL, share_s)
     try:
-        row.update(measure(name, seq_len, batch_size, device, args))
-    except Exception as err:  # one contestant failing must not lose the others' numbers
+        row.update(measure(name, seq_len, batch_size, device, args, phase))
+    except (Exception, ShareExceeded) as err:  # one contestant failing must not lose the others' numbers
         row["status"] = failure_status(err)
-        if row["status"] != "oom":
+        if row["status"] != "oom" and not state["fired"]:
             traceback.print_exc()
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    if state["fired"]:  # (compilers may wrap the exception: the flag, not the message, decides)
+        row["status"] = f"timeout: {state['phase']} exceeded this row's share of {share_s:.0f} s"
     free_memory(device)
-    if row["status"] == "ok":
+    if row["status"] == "ok" and requires_fused(name, device, args) and row.get("attention_fused") is not True:
+        row["status"] = (f"invalid: the fused attention kernel did not run ({row.get('attention_plan') or 'unknown'})"
+                         "; this speed is the reference path's")
+    if row["status"] == "ok" or row["status"].startswith("invalid"):
         row["tokens_per_s"] = batch_size * seq_len * args.steps / row["elapsed_s"]
         row["step_time_ms"] = 1e3 * row["elapsed_s"] / args.steps
         row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / ceiling_flops
@@ -535,15 +597,15 @@ def run_contestant(name: str, seq_len: int, batch_size: int, device: torch.devic
     return row
 
 
-def measure(name: str, seq_len: int, batch_size: int, device: torch.device, args: argparse.Namespace
-            ) -> dict[str, Any]:
+def measure(name: str, seq_len: int, batch_size: int, device: torch.device, args: argparse.Namespace,
+            phase: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Build, warm up and time one contestant; everything it allocates lives in this frame and dies with it."""
     config, overrides = model_config(args.tiny, seq_len)
     batch = synthetic_batch(batch_size, seq_len, config.vocab_size, device, args.seed)
     torch.manual_seed(args.seed)
     workload = build_workload(name, config, batch, seq_len, device, args)
     optimizer, fused = make_optimizer(workload.module, device)
-    timing = time_steps(workload, optimizer, device, args.warmup, args.steps)
+    timing = time_steps(workload, optimizer, device, args.warmup, args.steps, args.amp_dtype, phase)
     return {**timing, **workload.info, "fused_adamw": fused, "config_overrides": overrides,
             "parameters": sum(p.numel() for p in workload.module.parameters()),
             "flops_per_token": workload.flops_per_token, "flops_formula": workload.flops_formula}
@@ -717,6 +779,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", default="auto",
                         help="attention backend of ours; falls back to 'reference' (with a warning) if not registered")
     parser.add_argument("--no-compile", action="store_true", help="run every contestant eagerly")
+    parser.add_argument("--time-budget", type=float, default=0,
+                        help="seconds for all rows (0 = no limit): each row may use what is left minus "
+                             "--row-reserve per row after it; a row past its share says so and the next runs")
+    parser.add_argument("--row-reserve", type=float, default=ROW_RESERVE_S,
+                        help="with --time-budget: seconds kept for each row still to come")
+    parser.add_argument("--allow-fallback", action="store_true",
+                        help="keep our rows valid when the fused kernel did not run (by default, on CUDA or with "
+                             "--interpret-kernel, such a row is 'invalid' and the exit code is 1)")
+    parser.add_argument("--interpret-kernel", action="store_true",
+                        help="dry run on CPU: Triton's interpreter (TRITON_INTERPRET=1) stands in for CUDA, so our "
+                             "rows run the fused kernel, under float16 autocast (the interpreter has no bf16 dot)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_step_bench.json",
                         help="JSON results (written atomically, after every row)")
     parser.add_argument("--matmul-size", type=int, default=None,
@@ -730,6 +803,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check.add_argument("--check-batch-size", type=int, default=None, help="default: the first of --batch-sizes")
     check.add_argument("--check-lr", type=float, default=5e-4, help="peak learning rate (10%% linear warm-up)")
     args = parser.parse_args(argv)
+    if args.interpret_kernel and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--interpret-kernel needs TRITON_INTERPRET=1 in the environment")
+    args.amp_dtype = torch.float16 if args.interpret_kernel else torch.bfloat16
     default_seqs, default_batches = TINY_SHAPE if args.tiny else BASE_SHAPE
     args.seq_lens = args.seq_lens or default_seqs
     args.batch_sizes = args.batch_sizes or (default_batches if args.seq_lens == default_seqs else None)
@@ -748,6 +824,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     args.backend_used = resolve_backend(args.backend)
+    inject_if_requested()  # GPU_CHECK_INJECT_FAULT=1 only: the GPU check's own test
+    if args.interpret_kernel:
+        from pretrain.model import attention
+
+        attention.KERNEL_DEVICE_TYPES = (*attention.KERNEL_DEVICE_TYPES, "cpu")
+    started = time.perf_counter()
     env = environment(device)
     log(f"device: {env['device_name']}; torch {env['torch']}, transformers {env['transformers']}")
     ceiling = matmul_ceiling(device, args.matmul_size or (8192 if device.type == "cuda" else 1024))
@@ -758,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **env,
         "matmul_ceiling_tflops": ceiling["tflops"], "matmul_ceiling": ceiling,
         "datasheet_peak_tflops": datasheet / 1e12 if datasheet else None,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {k: str(v) if isinstance(v, (Path, torch.dtype)) else v for k, v in vars(args).items()},
         "attention_backend_requested": args.backend, "attention_backend_used": args.backend_used,
         "notes": {"flops": FLOPS_NOTE,
                   "mfu": "tokens/s x flops_per_token / matmul_ceiling (mfu_datasheet_peak: / datasheet bf16 peak)",
@@ -769,14 +851,23 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = report["rows"]
-    for seq_len, batch_size in zip(args.seq_lens, args.batch_sizes):
-        for name in args.contestants:
-            log(f"{name}: seq {seq_len}, batch {batch_size} ...")
-            row = run_contestant(name, seq_len, batch_size, device, args, ceiling["tflops"] * 1e12, datasheet)
-            log(f"  {row['status']}" + (f", {row['tokens_per_s']:,.0f} tokens/s" if row["tokens_per_s"] else ""))
-            rows.append(row)
-            add_ratios(rows)
-            write_json_atomic(args.out, report)  # partial results survive a crash of a later contestant
+
+    def save_with(row: dict[str, Any]) -> None:  # the finished rows and this one as it stands
+        write_json_atomic(args.out, {**report, "rows": [*rows, row]})
+
+    planned = [(s, b, n) for s, b in zip(args.seq_lens, args.batch_sizes) for n in args.contestants]
+    for index, (seq_len, batch_size, name) in enumerate(planned):
+        share = None
+        if args.time_budget:
+            left = args.time_budget - (time.perf_counter() - started)
+            share = max(left - args.row_reserve * (len(planned) - index - 1), 1.0)
+        log(f"{name}: seq {seq_len}, batch {batch_size} ..." + (f" (share {share:.0f} s)" if share else ""))
+        row = run_contestant(name, seq_len, batch_size, device, args, ceiling["tflops"] * 1e12, datasheet, share,
+                             save_with)
+        log(f"  {row['status']}" + (f", {row['tokens_per_s']:,.0f} tokens/s" if row["tokens_per_s"] else ""))
+        rows.append(row)
+        add_ratios(rows)
+        write_json_atomic(args.out, report)  # partial results survive a crash of a later contestant
     if args.check_steps:
         report["check"] = run_check(args, device)
         write_json_atomic(args.out, report)
@@ -791,7 +882,11 @@ def main(argv: list[str] | None = None) -> int:
               f"mean |diff| {fmt(check['mean_abs_diff'], '.4f')}, tail-mean ratio "
               f"{fmt(check['tail_mean_ratio'], '.4f')}" + (f" ({check['note']})" if "note" in check else ""))
     print(f"\nresults: {args.out}")
-    return 0
+    bad = [f"{r['contestant']} ({r['status']})" for r in rows
+           if r["status"] != "ok" and not r["status"].startswith("skipped")]
+    if bad:
+        print("rows not ok: " + "; ".join(bad), file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

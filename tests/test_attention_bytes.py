@@ -72,3 +72,21 @@ def test_bytes_grow_linearly_with_length():
         return sum(attention_bytes.count(**{**attention_bytes.V3_BASE, "batch": 2, "length": length}).values())
 
     assert total(2048) / total(512) < 4.1
+
+
+def test_load_requests_count_the_in_kernel_rereads_the_floor_leaves_out():
+    """Beside the DRAM floor, the load requests of the pinned sm_90 tiling: every score tile re-loads its relative
+    window and every block re-reads its head's K/V (Q/dO) once per block along L; the table says so per kernel."""
+    shape = attention_bytes.V3_BASE
+    requests = attention_bytes.load_requests(**shape)
+    forward = kernels.pinned_config("forward", 9, "bf16", shape["head_dim"])
+    assert requests["forward"]["streamed_rereads"] == shape["length"] // forward.block_m
+    e = 2
+    tiles = shape["batch"] * shape["heads"] * (shape["length"] // forward.block_m) * (shape["length"] // forward.block_n)
+    assert requests["forward"]["relative_window"] == tiles * 2 * forward.window * (shape["head_dim"] * e + 4)
+    floor = sum(attention_bytes.count(**shape).values())
+    requested = sum(r["total"] for r in requests.values())
+    assert requested > 3 * floor  # the figure the floor alone hides
+    table = attention_bytes.requests_table(shape, "bf16", 90, attention_bytes.count(**shape))
+    assert table.splitlines()[0].startswith("| kernel | tile (sm_90) | DRAM floor, MB | load requests, MB |")
+    assert all(f"| {kernel} |" in table for kernel in kernels.KERNELS)

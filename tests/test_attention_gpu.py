@@ -47,15 +47,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOL_VS_FP64 = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 2e-5}
 TOL_VS_SAME_DTYPE = {"bf16": 5e-2, "fp16": 1e-2, "fp32": 2e-5}
 
-# (dtype, batch, heads, length, head_dim): v3-base heads at 512 tokens, head size 128 at two partial 128-row tiles;
-# lengths are multiples of 16, so the tests share compiled kernel variants with the self-check and the benchmarks.
+# (dtype, batch, heads, length, head_dim): v3-base heads at 512 tokens (multiples of 16 share compiled variants with
+# the self-check and the benchmarks); L=200, a multiple of no pinned tile (16 to 64), for every pinned configuration
+# (each dtype at head size 64 and 128), so every kernel meets partial tiles; one case at L=2048.
 GPU_CASES = {
     "bf16_d64_L512": ("bf16", 4, 12, 512, 64),
     "bf16_d128_L144": ("bf16", 2, 8, 144, 128),
     "fp16_d64_L512": ("fp16", 4, 12, 512, 64),
     "fp32_d64_L512": ("fp32", 2, 12, 512, 64),
+    **{f"{dtype}_d{d}_L200": (dtype, 3, 4, 200, d) for dtype in ("bf16", "fp16", "fp32") for d in (64, 128)},
+    "bf16_d64_L2048": ("bf16", 1, 4, 2048, 64),
 }
-DRY_RUN_CASES = {"fp32_d16_L40": ("fp32", 2, 2, 40, 16), "fp16_d16_L40": ("fp16", 2, 2, 40, 16)}
+DRY_RUN_CASES = {"fp32_d16_L40": ("fp32", 3, 2, 40, 16), "fp16_d16_L40": ("fp16", 3, 2, 40, 16)}
 CASES = GPU_CASES if CUDA else DRY_RUN_CASES
 SPAN, BUCKETS, MAX_POSITION = 256, 256, 512  # v3-base: 512 table rows, log buckets beyond distance 128
 if not CUDA:
@@ -71,7 +74,11 @@ def make_inputs(batch, heads, length, head_dim, seed=0):
 
     mask = torch.ones(batch, length, dtype=torch.bool)
     mask[-1, length // 2:] = False  # half padding
-    mask[0, length - 5:] = False  # a few padded positions at the end
+    mask[0, length - 5:] = False  # a few padded positions at the end,
+    mask[0, :3] = False  # at the start
+    mask[0, length // 3:length // 3 + 2] = False  # and inside
+    if batch >= 3:
+        mask[1] = False  # a sequence of padding only: every row fully masked
     return {"q": draw(batch, heads, length, head_dim), "k": draw(batch, heads, length, head_dim),
             "v": draw(batch, heads, length, head_dim), "pos_key": draw(heads, 2 * SPAN, head_dim),
             "pos_query": draw(heads, 2 * SPAN, head_dim), "grad_out": draw(batch, heads, length, head_dim),
@@ -125,3 +132,23 @@ def test_auto_self_check_passes(dtype_name, monkeypatch):
     print(plan["check"]["summary"])
     assert plan["fused"] is True, plan["check"]["summary"]
     attention.clear_fused_attention_checks()
+
+
+DROPOUT_CASES = ({f"{dtype}_d{d}_L200": (dtype, d, 200) for dtype in ("bf16", "fp16", "fp32") for d in (64, 128)}
+                 if CUDA else {"fp32_d16_L24": ("fp32", 16, 24)})
+
+
+@pytest.mark.parametrize("case", sorted(DROPOUT_CASES))
+def test_dropout_variants_match_the_reference_given_the_kernels_mask(case):
+    """Training runs with attention dropout (its own compiled variants): forward and backward regenerate the same
+    Philox mask, and with that mask applied the reference agrees, within the self-check's tolerances (max_rel and
+    elementwise), with partial tiles and every kind of padding."""
+    from pretrain.model.attention_check import CheckKey, Dropout, run_check
+
+    name, head_dim, length = DROPOUT_CASES[case]
+    key = CheckKey(DEVICE, DTYPES[name], head_dim, True, True)
+    result = run_check(key, attention._fused_attention, attention.reference_attention, length=length,
+                       dropout=Dropout(attention._fused_dropout_mask, attention._reference_given_mask))
+    print(result.describe())
+    assert result.passed, result.describe()
+    assert any("(dropout" in tensor for tensor in result.errors)

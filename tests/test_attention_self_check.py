@@ -19,7 +19,15 @@ import torch
 pytest.importorskip("triton", reason="the `triton` package is not installed (pip install -e '.[test]')")
 
 from pretrain.model import attention  # noqa: E402
-from pretrain.model.attention_check import TOLERANCE, CheckKey, FusedAttentionCheckError, check_inputs  # noqa: E402
+from pretrain.model.attention_check import (  # noqa: E402
+    ELEMENT_FLOOR,
+    ELEMENT_TOLERANCE,
+    TOLERANCE,
+    CheckKey,
+    FusedAttentionCheckError,
+    check_inputs,
+    run_check,
+)
 
 HEAD_DIM = 16
 REAL_KERNEL = attention._fused_attention
@@ -66,8 +74,11 @@ def test_healthy_kernel_passes_and_auto_runs_it(kernel_on_cpu, dtype, caplog):
     assert plan["fused"] is True and plan["reason"] == "auto: self-check passed"
     check = plan["check"]
     assert check["passed"] and check["tolerance_max_rel"] == TOLERANCE[dtype]
-    assert set(check["errors"]) == {"out", "grad_q", "grad_k", "grad_v", "grad_pos_key", "grad_pos_query"}
+    tensors = ["out", "grad_q", "grad_k", "grad_v", "grad_pos_key", "grad_pos_query"]
+    # without and with dropout (the kernel's Philox mask applied to the reference), as training runs
+    assert set(check["errors"]) == {*tensors, *(f"{t} (dropout 0.1)" for t in tensors)}
     assert all(0 < e["max_rel"] < TOLERANCE[dtype] / 5 for e in check["errors"].values())  # real numbers, margin
+    assert all(0 < e["elem_rel"] < ELEMENT_TOLERANCE[dtype] / 5 for e in check["errors"].values())
     assert not check_warnings(caplog)
     args = core_args(dtype)
     assert torch.equal(attention.auto_attention(*args), REAL_KERNEL(*args))  # the kernel, not the reference
@@ -82,7 +93,7 @@ def test_mismatch_warns_once_with_numbers_and_auto_falls_back(kernel_on_cpu, mon
         second = attention.auto_attention(*args)
         plan = attention.plan_attention("auto", "cpu", torch.float32, HEAD_DIM, True, True)
     (warning,) = check_warnings(caplog)  # one warning, however often the configuration is used
-    assert "fused attention self-check (cpu float32 head_dim 16 c2p+p2c, B=2 N=2 L=40) FAILED" in warning
+    assert "fused attention self-check (cpu float32 head_dim 16 c2p+p2c, B=2 N=2 L=24) FAILED" in warning
     assert "tolerance max_rel <= 0.0001" in warning
     assert "out max_abs=" in warning and "grad_pos_query max_abs=" in warning
     assert "uses the reference attention path for the rest of this run" in warning
@@ -91,8 +102,8 @@ def test_mismatch_warns_once_with_numbers_and_auto_falls_back(kernel_on_cpu, mon
     assert plan["fused"] is False and plan["reason"] == "auto: self-check failed, reference path"
     assert all(0.09 < e["max_rel"] < 0.11 for e in plan["check"]["errors"].values())  # the injected 10%
 
-    with pytest.raises(FusedAttentionCheckError, match=r"FAILED: tolerance max_rel <= 0.0001; out max_abs=\S+ "
-                                                       r"max_rel=0.1"):
+    with pytest.raises(FusedAttentionCheckError, match=r"FAILED: tolerance max_rel <= 0.0001, elem_rel <= 0.0001; "
+                                                       r"out max_abs=\S+ max_rel=0.1"):
         attention.triton_attention(*args)
     with pytest.raises(FusedAttentionCheckError, match="does not fall back"):
         attention.plan_attention("triton", "cpu", torch.float32, HEAD_DIM, True, True)
@@ -104,7 +115,7 @@ def test_kernel_exception_is_a_failed_check(kernel_on_cpu, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="pretrain.model.attention"):
         out = attention.auto_attention(*args)
     (warning,) = check_warnings(caplog)
-    assert "(cpu float16 head_dim 16 c2p+p2c, B=2 N=2 L=40): the kernel raised RuntimeError: PTX assembly aborted" \
+    assert "(cpu float16 head_dim 16 c2p+p2c, B=2 N=2 L=24): the kernel raised RuntimeError: PTX assembly aborted" \
         in warning
     assert torch.equal(out, attention.reference_attention(*args))
     with pytest.raises(FusedAttentionCheckError, match="the kernel raised RuntimeError: PTX assembly aborted"):
@@ -201,3 +212,45 @@ def test_training_run_records_the_fallback(shards, tmp_path, kernel_on_cpu, monk
     with open(run / "metrics.csv", newline="") as f:
         logged = [float(r["perf/attention_fused"]) for r in csv.DictReader(f) if r.get("perf/attention_fused")]
     assert logged and set(logged) == {0.0}
+
+
+def test_elementwise_tolerance_catches_an_error_at_one_small_entry():
+    """One output entry of small magnitude is off by half the relative-to-max tolerance: invisible to max_rel
+    (errors are divided by the tensor's largest entry), caught by elem_rel (divided by the entry's own magnitude
+    plus the floor). The fault sits where the reference is closest to zero among the real tokens' outputs."""
+    key = CheckKey("cpu", torch.float32, HEAD_DIM, True, True)
+    length = 20
+    inputs = check_inputs(key, length)
+    with torch.enable_grad():
+        expected = attention.reference_attention(
+            *(inputs[n].double() for n in ("q", "k", "v", "pos_key", "pos_query")), inputs["rel_index"],
+            inputs["mask"], inputs["scale"], 0.0).detach()
+    real = inputs["mask"][:, None, :, None].expand_as(expected)
+    smallest = torch.where(real, expected.abs(), torch.inf).flatten().argmin()
+    shift = 0.5 * TOLERANCE[torch.float32] * float(expected.abs().max())
+
+    def one_wrong_entry(*args):
+        out = REAL_KERNEL(*args)
+        fault = torch.zeros(out.shape, dtype=out.dtype)
+        fault.view(-1)[smallest] = shift
+        return out + fault
+
+    result = run_check(key, one_wrong_entry, attention.reference_attention, length=length)
+    out = result.errors["out"]
+    assert out["max_rel"] < TOLERANCE[torch.float32]  # the relative-to-max measure alone would pass this kernel
+    assert out["elem_rel"] > ELEMENT_TOLERANCE[torch.float32]
+    assert out["elem_rel"] > 0.5 * TOLERANCE[torch.float32] / (ELEMENT_FLOOR + 0.01)  # the shift, at its entry
+    assert not result.passed
+    assert all(e["elem_rel"] < ELEMENT_TOLERANCE[torch.float32] / 5 for n, e in result.errors.items() if n != "out")
+
+
+def test_fp32_kernel_warns_that_it_is_a_test_mode(kernel_on_cpu, monkeypatch, caplog):
+    """fp32 kernels use the smallest tiles and spill at head size 128: a run that would train with them is told."""
+    # the check's outcome is not the subject here (the tests above run it): a passed one, without the interpreter
+    monkeypatch.setattr(attention, "run_check", lambda key, *a, **k: attention.CheckResult(key, True, 1e-4))
+    with caplog.at_level(logging.WARNING):
+        plan = attention.plan_attention("auto", "cpu", torch.float32, HEAD_DIM, True, True)
+        attention.plan_attention("auto", "cpu", torch.float16, HEAD_DIM, True, True)
+    assert plan["fused"] is True
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [attention.FP32_KERNEL_WARNING]

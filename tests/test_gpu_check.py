@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["environment", "self_check", "kernel_tests", "attention_bench", "step_512", "step_2048"]
+STAGES = ["environment", "self_check", "step_512", "kernel_tests", "attention_bench", "step_2048"]
+STEP_512_ROWS = ["ours_rtd", "ours_mlm", "hf_rtd_compiled", "hf_mlm_compiled", "hf_mlm_eager"]  # in order of value
 # What the GPU image lacks (or, for Lightning, what pretrain.model and the benchmarks must not need).
 MISSING_ON_GPU_IMAGE = ["hydra", "omegaconf", "lightning", "pytorch_lightning", "deepspeed", "datasets", "jieba",
                         "wandb"]
@@ -54,14 +55,19 @@ def test_model_objectives_and_benchmarks_import_without_the_training_stack():
     assert done.stderr.strip().endswith("No module named 'omegaconf' (blocked: not on the GPU image)"), done.stderr
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="bench/gpu_check.sh uses GNU timeout")
-def test_dry_run_runs_every_stage_and_writes_json_and_markdown(tmp_path):
+def dry_run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
     pytest.importorskip("triton", reason="the `triton` package is not installed (pip install -e '.[test]')")
     out = tmp_path / "results"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "GPU_CHECK_CACHE": str(tmp_path / "cache"),
-           "WANDB_MODE": "disabled"}
+           "WANDB_MODE": "disabled", **env}
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
+    return done, out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bench/gpu_check.sh uses GNU timeout")
+def test_dry_run_runs_every_stage_and_writes_json_and_markdown(tmp_path):
+    done, out = dry_run(tmp_path)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
     report = json.loads((out / "gpu_check.json").read_text())
@@ -76,9 +82,13 @@ def test_dry_run_runs_every_stage_and_writes_json_and_markdown(tmp_path):
     assert all(check["passed"] for check in figures["self_check"].values())
     assert figures["kernel_tests"]["passed"] >= 4 and figures["kernel_tests"]["failures"] == 0
     assert figures["attention_bench"]["max_rel_deviation"] < 1e-5
-    assert set(figures["step_512"]) == {"ours_mlm", "hf_mlm_compiled", "hf_mlm_eager", "ours_rtd", "hf_rtd_compiled"}
+    assert list(figures["step_512"]) == STEP_512_ROWS
     assert all(row["tokens_per_s"] > 0 for row in figures["step_512"].values())
+    # our rows ran the fused kernel (the interpreter standing in for CUDA), as on the GPU
+    assert figures["step_512"]["ours_rtd"]["attention_fused"] is True
+    assert figures["step_512"]["ours_mlm"]["attention_fused"] is True
     assert figures["step_2048"]["ours_mlm"]["status"] == "ok"
+    assert figures["step_2048"]["ours_mlm"]["attention_fused"] is True
     assert not list(out.glob("*.tmp"))
 
     table = (out / "gpu_check.md").read_text().splitlines()
@@ -107,3 +117,68 @@ def test_report_marks_failed_timed_out_and_missing_stages(tmp_path):
     assert stages["kernel_tests"]["status"].startswith("timeout after 150 s")
     assert stages["attention_bench"]["status"] == "missing: the stage did not run"
     assert stages["step_2048"]["status"] == "skipped: only 50s of the 480s budget left"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bench/gpu_check.sh uses GNU timeout")
+def test_dry_run_under_the_triton_of_gpu_images(tmp_path):
+    """The GPU image's Triton (3.6) with today's NumPy (>= 2.4): its interpreter needs the fix in
+    pretrain/model/triton_interpreter.py, or every interpreted launch fails. The stages that launch the kernel in
+    different ways (self-check, training steps, the kernel tests) run under it; the rest are Triton-independent."""
+    from gpu_image_triton import GPU_IMAGE_TRITON, triton_for_gpu_images
+
+    site = triton_for_gpu_images()
+    done, out = dry_run(tmp_path, PYTHONPATH=os.pathsep.join([str(site), str(REPO)]),
+                        GPU_CHECK_STAGES="self_check step_512 kernel_tests")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    stages = {s["stage"]: s for s in json.loads((out / "gpu_check.json").read_text())["stages"]}
+    assert stages["environment"]["figures"]["triton"] == GPU_IMAGE_TRITON
+    for name in ("environment", "self_check", "step_512", "kernel_tests"):
+        assert stages[name]["status"] == "ok", (name, stages[name]["status"], (out / f"{name}.log").read_text()[-2000:])
+    assert all(check["passed"] for check in stages["self_check"]["figures"].values())
+    assert stages["step_512"]["figures"]["ours_rtd"]["attention_fused"] is True
+    assert stages["kernel_tests"]["figures"]["passed"] >= 4
+    for name in ("attention_bench", "step_2048"):
+        assert stages[name]["status"] == "skipped: not in GPU_CHECK_STAGES"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bench/gpu_check.sh uses GNU timeout")
+def test_a_kernel_that_fails_its_self_check_makes_our_step_rows_invalid(tmp_path):
+    """A broken kernel must not publish the reference path's speed under our name: with a fault injected into the
+    kernel's output, the self-check fails, auto falls back, and our step rows are INVALID in the JSON and the
+    table, the stage fails and the check exits non-zero. The baselines' rows stay valid."""
+    done, out = dry_run(tmp_path, GPU_CHECK_INJECT_FAULT="1", GPU_CHECK_STAGES="step_512")
+    assert done.returncode == 1, done.stdout[-4000:] + done.stderr[-2000:]
+    stages = {s["stage"]: s for s in json.loads((out / "gpu_check.json").read_text())["stages"]}
+    step = stages["step_512"]
+    assert step["status"] == "failed (exit 1): INVALID (the fused kernel did not run): ours_rtd, ours_mlm"
+    rows = step["figures"]
+    assert list(rows) == STEP_512_ROWS
+    for name in ("ours_rtd", "ours_mlm"):
+        assert rows[name]["status"].startswith("invalid: the fused attention kernel did not run")
+        assert rows[name]["attention_fused"] is False
+    log = (out / "step_512.log").read_text()
+    assert "fused attention self-check (cpu float16 head_dim 16 c2p+p2c" in log and " FAILED: " in log
+    assert all(rows[name]["status"] == "ok" for name in STEP_512_ROWS[2:])
+    table = (out / "gpu_check.md").read_text()
+    assert "| step_512 | failed (exit 1): INVALID (the fused kernel did not run): ours_rtd, ours_mlm |" in table
+    assert "ours_rtd: status=invalid" in table
+
+
+def test_a_row_past_its_share_of_the_stage_says_so_and_the_next_row_runs(tmp_path):
+    """A cold compile can take a stage's whole time: the row that overran says where it was, and the rows after
+    it still run. Here the first row's share is 1 s (61 s less 60 s kept for the row after it), which the fused
+    kernel's first use, its self-check in the interpreter, always exceeds."""
+    pytest.importorskip("triton", reason="the `triton` package is not installed (pip install -e '.[test]')")
+    out = tmp_path / "step.json"
+    command = [sys.executable, str(REPO / "bench" / "gpu_step_bench.py"), "--device", "cpu", "--tiny", "--no-compile",
+               "--steps", "1", "--warmup", "0", "--seq-lens", "32", "--batch-sizes", "1", "--interpret-kernel",
+               "--time-budget", "61", "--row-reserve", "60", "--contestants", "ours_mlm", "hf_mlm_eager", "--out",
+               str(out)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "disabled", "TRITON_INTERPRET": "1"})
+    assert done.returncode == 1, done.stderr[-3000:]
+    rows = {r["contestant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["ours_mlm"]["status"] == "timeout: model build and compilation exceeded this row's share of 1 s"
+    assert rows["ours_mlm"]["tokens_per_s"] is None
+    assert rows["hf_mlm_eager"]["status"] == "ok" and rows["hf_mlm_eager"]["tokens_per_s"] > 0
+    assert "rows not ok: ours_mlm (timeout:" in done.stderr

@@ -23,12 +23,12 @@ try:
 except ImportError:  # pragma: no cover - a Triton build without the NVIDIA backend
     pytest.skip("this Triton has no NVIDIA backend to compile for", allow_module_level=True)
 
+from gpu_image_triton import GPU_IMAGE_TRITON, triton_for_gpu_images  # noqa: E402
 from pretrain.model.triton_aot import DTYPES, HEAD_DIMS  # noqa: E402
 from pretrain.model.triton_attention import KERNELS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = (90, 80)
-GPU_IMAGE_TRITON = "3.6.0"
 
 
 
@@ -102,22 +102,9 @@ def test_aot_resource_check_flags_a_spilling_configuration():
     assert any("spills" in problem for problem in row["problems"])
 
 
-def _triton_for_gpu_images() -> Path:
-    """Triton 3.6 installed once into a cache directory beside (not into) the project's environment."""
-    target = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deberta-pretrain" / \
-        f"triton-{GPU_IMAGE_TRITON}"
-    if not (target / "triton" / "__init__.py").exists():
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-                               str(target), f"triton=={GPU_IMAGE_TRITON}"], capture_output=True, text=True,
-                              timeout=600)
-        if done.returncode != 0:
-            pytest.skip(f"could not install triton=={GPU_IMAGE_TRITON} into {target}: {done.stderr[-300:]}")
-    return target
-
-
 def test_aot_compiles_with_the_triton_of_gpu_images():
     report = _compile_in_subprocess(["--arch", "90", "--dtypes", "bf16", "fp16", "--head-dims", "64"],
-                                    extra_path=[str(_triton_for_gpu_images())])
+                                    extra_path=[str(triton_for_gpu_images())])
     assert report["triton"] == GPU_IMAGE_TRITON
     rows = report["rows"]
     assert len(rows) == len(KERNELS) * 2 * 2 + 2  # kernels x dtypes x dropout, plus the delta pre-pass

@@ -293,3 +293,18 @@ def test_memory_kept_for_backward_grows_linearly_with_length():
     assert fast[1] / fast[0] < 4.5, fast
     assert slow[1] / slow[0] > 10, slow
     assert fast[1] < 2 * 2 * 256 * 256 * 4  # less than a single fp32 (B, N, L, L) tensor
+
+
+def test_launch_grid_keeps_large_batches_within_cuda_limits():
+    """Batch x heads beyond 65,535 (an evaluation batch of 6,000 sequences at 12 heads) must launch: CUDA caps grid
+    axes 1 and 2 at 65,535, axis 0 at 2^31 - 1. The tiles of L stay on axis 0 (the L2 reuse of one head's K/V)."""
+    from pretrain.model.triton_attention import MAX_GRID_YZ, launch_grid
+
+    batch, heads, length = 6000, 12, 512
+    assert batch * heads > MAX_GRID_YZ
+    grid = launch_grid(length, 128, batch, heads)
+    assert grid == (4, heads, batch)
+    assert grid[0] <= 2**31 - 1 and max(grid[1:]) <= MAX_GRID_YZ
+    assert grid[0] * grid[1] * grid[2] == 4 * batch * heads  # one program per (tile, head, sequence)
+    with pytest.raises(ValueError, match="at most 65535 sequences and heads per call"):
+        launch_grid(length, 128, MAX_GRID_YZ + 1, heads)

@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.model.attention_check import TOLERANCE, CheckKey, CheckResult, FusedAttentionCheckError, run_check
+from pretrain.model.attention_check import (
+    TOLERANCE,
+    CheckKey,
+    CheckResult,
+    Dropout,
+    FusedAttentionCheckError,
+    run_check,
+)
 from pretrain.model.config import DebertaConfig
 
 log = logging.getLogger(__name__)
@@ -114,6 +121,31 @@ def _fused_attention(*args):
     return disentangled_attention(*args)
 
 
+def _fused_dropout_mask(*args):
+    """The kernel's dropout mask for the self-check (:func:`pretrain.model.triton_attention.dropout_keep_mask`)."""
+    from pretrain.model.triton_attention import dropout_keep_mask
+
+    return dropout_keep_mask(*args)
+
+
+def _reference_given_mask(keep: torch.Tensor):
+    """The reference core with a given keep-mask instead of its own dropout (the self-check's dropout pass)."""
+
+    def core(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
+        probs = reference_probabilities(query, key, pos_key, pos_query, rel_index, key_padding_mask, scale)
+        return (probs * keep.to(probs.dtype) / (1.0 - dropout_p)).to(value.dtype) @ value
+
+    return core
+
+
+# fp32 is the kernel's test mode (IEEE dots, checked to 1e-4), not a training mode: its pinned tiles are the smallest
+# (16 x 16), it runs without tensor cores' 16-bit rates, and at head size 128 ptxas spills registers (over 1 KB per
+# thread, `python bench/kernel_resources.py --dtypes fp32`). Training runs bf16/fp16 autocast.
+FP32_KERNEL_WARNING = ("the fused attention kernel runs in float32: a test mode, several times slower than bf16 "
+                       "(smallest tiles, no 16-bit tensor cores, register spills at head size 128); train with "
+                       "precision bf16-mixed (or 16-mixed) for the fused kernel's speed")
+
+
 # Device types on which ``auto`` picks the fused kernel (after its self-check) and ``triton`` checks it before first
 # use. Tests add "cpu" to let Triton's interpreter stand in for CUDA, so the real check runs on a CPU machine.
 KERNEL_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
@@ -131,7 +163,8 @@ def fused_attention_check(key: CheckKey) -> CheckResult:
     """The kernel's self-check for ``key``: run (eagerly) on the first request, then cached for the process."""
     result = _CHECKS.get(key)
     if result is None:
-        result = run_check(key, _fused_attention, reference_attention)
+        result = run_check(key, _fused_attention, reference_attention,
+                           dropout=Dropout(_fused_dropout_mask, _reference_given_mask))
         _CHECKS[key] = result
         _PASSED[key] = result.passed
         log.info(result.describe())
@@ -246,6 +279,8 @@ def plan_attention(backend: str, device_type: str, dtype: torch.dtype, head_dim:
         record.update(fused=True, check=check.to_dict() if check else None, reason="attention_backend=triton")
     else:
         record["reason"] = f"custom backend {backend!r}"
+    if record["fused"] and dtype == torch.float32:
+        log.warning(FP32_KERNEL_WARNING)
     return record
 
 

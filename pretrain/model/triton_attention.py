@@ -49,6 +49,10 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRETING:  # Triton <= 3.6's interpreter fails under NumPy >= 2.4 without this (see the module)
+    from pretrain.model import triton_interpreter
+
+    triton_interpreter.apply()
 
 # A distance's table row lives in the low 24 bits of its lookup code; bits 24 and 25 flag where a run of one row
 # begins (its smallest distance) and ends (its largest). The kernels spell these numbers out (Triton constants).
@@ -59,9 +63,11 @@ _RUN_END_BIT = 25
 # ---------------------------------------------------------------------------------------------- device side
 @triton.jit
 def _batch_and_head(N_HEADS):
-    """The (batch x head) index of this program (grid axis 1, int64 for large offsets), its batch and its head."""
-    bh = tl.program_id(1).to(tl.int64)
-    return bh, bh // N_HEADS, bh % N_HEADS
+    """The (batch x head) index of this program (int64 for large offsets), its batch and its head: the head is grid
+    axis 1 and the batch axis 2 (see :func:`launch_grid`)."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    return b * N_HEADS + h, b, h
 
 
 @triton.jit
@@ -142,6 +148,18 @@ def _dropout_keep(seed, bh, offs_m, offs_n, L, dropout_p):
     """The same Bernoulli(1 - p) mask in the forward and both backward kernels: Philox on the (b, h, i, j) index."""
     offsets = (bh * L + offs_m[:, None].to(tl.int64)) * L + offs_n[None, :]
     return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _dropout_mask_kernel(KEEP, seed, L, dropout_p, N_HEADS, BLOCK: tl.constexpr):
+    """The kernels' keep-mask written out as int8 (B, N, L, L): what the self-check applies to the reference."""
+    bh, b, h = _batch_and_head(N_HEADS)
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK)
+    for j0 in range(0, L, BLOCK):
+        keep = _dropout_keep(seed, bh, offs_m, j0 + offs_n, L, dropout_p)
+        inside = (offs_m[:, None] < L) & ((j0 + offs_n)[None, :] < L)
+        tl.store(KEEP + (bh * L + offs_m[:, None]) * L + j0 + offs_n[None, :], keep.to(tl.int8), mask=inside)
 
 
 @triton.jit
@@ -448,12 +466,25 @@ _TUNED_KERNELS = {
 }
 
 
-def _launch(name: str, tiled_axis: str, L: int, programs_per_tile: int, dtype: torch.dtype, *args,
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 takes 2^31 - 1)
+
+
+def launch_grid(L: int, block: int, batch: int, heads: int) -> tuple[int, int, int]:
+    """(tiles of L, heads, batch): tiles on axis 0, so the tiles of one head run side by side and share its K/V and
+    relative window in L2; heads and batch on axes 1 and 2, each within CUDA's 65,535 (batch x heads on one axis
+    would stop at ~5,400 sequences of 12 heads)."""
+    if batch > MAX_GRID_YZ or heads > MAX_GRID_YZ:
+        raise ValueError(f"fused attention launches at most {MAX_GRID_YZ} sequences and heads per call "
+                         f"(got batch {batch}, heads {heads}): split the batch")
+    return triton.cdiv(L, block), heads, batch
+
+
+def _launch(name: str, tiled_axis: str, L: int, batch: int, heads: int, dtype: torch.dtype, *args,
             **constexprs) -> None:
-    """Launch kernel ``name`` on (L / tile, B * N) programs, ``tiled_axis`` naming the block size of grid axis 0:
-    the pinned configuration for this GPU, dtype and head size, or autotuned on request."""
+    """Launch kernel ``name`` on the :func:`launch_grid` of ``tiled_axis`` (the block size along L): the pinned
+    configuration for this GPU, dtype and head size, or autotuned on request."""
     if autotuning() and name in KERNELS:
-        grid = lambda meta: (triton.cdiv(L, meta[tiled_axis]), programs_per_tile)  # noqa: E731
+        grid = lambda meta: launch_grid(L, meta[tiled_axis], batch, heads)  # noqa: E731
         _TUNED_KERNELS[name][grid](*args, **constexprs)
         return
     if INTERPRETING:
@@ -464,7 +495,7 @@ def _launch(name: str, tiled_axis: str, L: int, programs_per_tile: int, dtype: t
         major = torch.cuda.get_device_capability()[0]
         config = pinned_config(name, major, dtype_name(dtype), constexprs["HEAD_DIM"])
     meta = config.meta() if name in KERNELS else dict(BLOCK_M=config.block_m)
-    _RAW_KERNELS[name][(triton.cdiv(L, meta[tiled_axis]), programs_per_tile)](
+    _RAW_KERNELS[name][launch_grid(L, meta[tiled_axis], batch, heads)](
         *args, **constexprs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -545,7 +576,7 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor
     pk, pq = _positions(pos_key, q), _positions(pos_query, q)
     out = _gradient_buffer(q)  # (B, N, L, d) view of (B, L, N, d): what the output projection reads
     lse = _new((B, N, L), (0, 1, 2), q, torch.float32)
-    _launch("forward", "BLOCK_M", L, B * N, q.dtype,
+    _launch("forward", "BLOCK_M", L, B, N, q.dtype,
             q, k, v, pk, pq, code, mask, out, lse, int(seed), scale, dropout_p,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), reached.shape[0] * d, d, N, L,
             HEAD_DIM=d, HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_DROPOUT=dropout_p > 0.0,
@@ -570,7 +601,7 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_k
     pk, pq = _positions(pos_key, q), _positions(pos_query, q)
     two_k = reached.shape[0]
     delta = _new((B, N, L), (0, 1, 2), q, torch.float32)
-    _launch("delta", "BLOCK_M", L, B * N, q.dtype, out, grad_out, delta, *_strides(out), *_strides(grad_out), N, L,
+    _launch("delta", "BLOCK_M", L, B, N, q.dtype, out, grad_out, delta, *_strides(out), *_strides(grad_out), N, L,
             HEAD_DIM=d)
     dq, dk, dv = _gradient_buffer(q), _gradient_buffer(q), _gradient_buffer(q)
     d_c2p = _table_buffer(q, two_k) if pos_key is not None else q.new_empty(1, 1, 1, 1)
@@ -580,9 +611,9 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_k
     inputs = (q, k, v, pk, pq, code, reached, mask, grad_out, lse, delta)
     scalars = (int(seed), scale, dropout_p, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
                two_k * d, d)
-    _launch("backward_query", "BLOCK_M", L, B * N, q.dtype, *inputs, dq, d_c2p, *scalars,
+    _launch("backward_query", "BLOCK_M", L, B, N, q.dtype, *inputs, dq, d_c2p, *scalars,
             *_strides(dq), *_strides(d_c2p), N, L, two_k, **common)
-    _launch("backward_key", "BLOCK_N", L, B * N, q.dtype, *inputs, dk, dv, d_p2c, *scalars,
+    _launch("backward_key", "BLOCK_N", L, B, N, q.dtype, *inputs, dk, dv, d_p2c, *scalars,
             *_strides(dk), *_strides(d_p2c), N, L, two_k, **common)
 
     # The relative terms' share of dq/dk and the gradients of the projected tables: batched matmuls per head over
@@ -624,6 +655,24 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd("deberta_pretrain::disentangled_attention", _backward, setup_context=_setup_context)
 
 
+def _dropout_seed(dropout_p: float) -> Tensor:
+    """The Philox seed of one call, drawn from torch's global generator on the host."""
+    if dropout_p > 0:
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    return torch.zeros((), dtype=torch.int64)
+
+
+def dropout_keep_mask(batch: int, heads: int, length: int, dropout_p: float, device) -> Tensor:
+    """(B, N, L, L) bool: the mask the next call of :func:`disentangled_attention` with ``dropout_p`` draws from the
+    same state of torch's generator (re-seed it in between). For checks of the dropout variants."""
+    seed = int(_dropout_seed(dropout_p))
+    keep = torch.empty(batch, heads, length, length, dtype=torch.int8, device=device)
+    block = 16
+    _dropout_mask_kernel[launch_grid(length, block, batch, heads)](keep, seed, length, float(dropout_p), heads,
+                                                                    BLOCK=block)
+    return keep.bool()
+
+
 def disentangled_attention(query, key, value, pos_key, pos_query, rel_index, key_padding_mask, scale, dropout_p):
     """The :class:`~pretrain.model.attention.AttentionCore` of the "triton" backend (self-attention, Lq == Lk).
 
@@ -632,7 +681,7 @@ def disentangled_attention(query, key, value, pos_key, pos_query, rel_index, key
     """
     two_k = next((t.shape[1] for t in (pos_key, pos_query) if t is not None), 1)
     code, reached = relative_lookup(rel_index, two_k)
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    seed = _dropout_seed(dropout_p)
     value = value.to(query.dtype)
     out, _ = torch.ops.deberta_pretrain.disentangled_attention(
         query, key.to(query.dtype), value, pos_key, pos_query, code, reached,
