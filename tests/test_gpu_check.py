@@ -122,23 +122,20 @@ def test_report_marks_failed_timed_out_and_missing_stages(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="bench/gpu_check.sh uses GNU timeout")
 def test_dry_run_under_the_triton_of_gpu_images(tmp_path):
     """The GPU image's Triton (3.6) with today's NumPy (>= 2.4): its interpreter needs the fix in
-    pretrain/model/triton_interpreter.py, or every interpreted launch fails. The stages that launch the kernel in
-    different ways (self-check, training steps, the kernel tests) run under it; the rest are Triton-independent."""
+    pretrain/model/triton_interpreter.py, or every interpreted launch fails. The whole dry run, every stage, runs
+    under it as it will on the GPU image."""
     from gpu_image_triton import GPU_IMAGE_TRITON, triton_for_gpu_images
 
     site = triton_for_gpu_images()
-    done, out = dry_run(tmp_path, PYTHONPATH=os.pathsep.join([str(site), str(REPO)]),
-                        GPU_CHECK_STAGES="self_check step_512 kernel_tests")
+    done, out = dry_run(tmp_path, PYTHONPATH=os.pathsep.join([str(site), str(REPO)]))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     stages = {s["stage"]: s for s in json.loads((out / "gpu_check.json").read_text())["stages"]}
     assert stages["environment"]["figures"]["triton"] == GPU_IMAGE_TRITON
-    for name in ("environment", "self_check", "step_512", "kernel_tests"):
+    for name in ("environment", "self_check", "step_512", "kernel_tests", "attention_bench", "step_2048"):
         assert stages[name]["status"] == "ok", (name, stages[name]["status"], (out / f"{name}.log").read_text()[-2000:])
     assert all(check["passed"] for check in stages["self_check"]["figures"].values())
     assert stages["step_512"]["figures"]["ours_rtd"]["attention_fused"] is True
     assert stages["kernel_tests"]["figures"]["passed"] >= 4
-    for name in ("attention_bench", "step_2048"):
-        assert stages[name]["status"] == "skipped: not in GPU_CHECK_STAGES"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bench/gpu_check.sh uses GNU timeout")
