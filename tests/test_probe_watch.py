@@ -6,6 +6,7 @@ and the run's lock is only looked at (a process holding it keeps the watch waiti
 from __future__ import annotations
 
 import collections
+import statistics
 import os
 import random
 import signal
@@ -13,7 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.probe import results, watch
+import pytest
+
+from pretrain import report
+from pretrain.console import RunSummary
+from pretrain.probe import panel, results, watch
 from pretrain.train import train
 from test_probe_cli import small_task
 from test_train import compose_config, tiny_run
@@ -21,15 +26,19 @@ from test_train import compose_config, tiny_run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _watch(run: Path, task: Path, out: Path) -> subprocess.Popen:
+def _watch(run: Path, task: Path) -> subprocess.Popen:
     command = [sys.executable, "-u", "-m", "pretrain.probe", "--watch", str(run), "--random-init", "--task", str(task),
-               "--out", str(out), "--seeds", "2", "--epochs", "1", "--max-length", "32", "--poll", "0.2",
+               "--seeds", "2", "--epochs", "1", "--max-length", "32", "--poll", "0.2",
                "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_watch_killed_at_seeded_points_ends_with_each_row_once(shards, tmp_path):
+@pytest.fixture(scope="module")
+def watched(shards, tmp_path_factory):
+    """A finished 4-step run (checkpoints at steps 2 and 4, plus a damaged and a rotated one) watched to the end
+    through five SIGKILLs; its probes land in the default RUN/probes/."""
+    tmp_path = tmp_path_factory.mktemp("watch")
     run = tmp_path / "run"
     train(compose_config(tiny_run(shards, run, "mlm", 4, "checkpoint_every_n_steps=2")))
     folder = run / "checkpoints"
@@ -43,7 +52,7 @@ def test_watch_killed_at_seeded_points_ends_with_each_row_once(shards, tmp_path)
     rotated.symlink_to(folder / "gone.ckpt")
     (folder / "step-00000001.ckpt.sha256").write_text("0" * 64 + "  step-00000001.ckpt\n")
     task = small_task(tmp_path / "task")
-    out = tmp_path / "probes"
+    out = run / "probes"
 
     # a process holding the run's lock keeps the watch waiting (the watch looks with F_GETLK and takes nothing)
     # a process holding the run's lock keeps the watch waiting (the watch looks with F_GETLK and takes nothing)
@@ -63,7 +72,7 @@ def test_watch_killed_at_seeded_points_ends_with_each_row_once(shards, tmp_path)
     rng = random.Random(seed)
     kills, stderr = 0, ""
     while kills < 5:
-        process = _watch(run, task, out)
+        process = _watch(run, task)
         lines = rng.randint(1, 3)  # killed once this many lines are out (a cell's row written, or a cell begun)
         for _ in range(lines):
             if not process.stdout.readline():
@@ -71,10 +80,17 @@ def test_watch_killed_at_seeded_points_ends_with_each_row_once(shards, tmp_path)
         process.send_signal(signal.SIGKILL)
         stderr += process.communicate()[1]
         kills += 1
-    process = _watch(run, task, out)
+    process = _watch(run, task)
     printed, last = process.communicate(timeout=600)
     stderr += last
     assert process.returncode == 0, last
+    return run, seed, printed, stderr
+
+
+def test_watch_killed_at_seeded_points_ends_with_each_row_once(watched):
+    run, seed, printed, stderr = watched
+    folder, out = run / "checkpoints", run / "probes"
+    damaged, rotated = folder / "step-00000003.ckpt", folder / "step-00000001.ckpt"
     assert "run finished" in printed and "mean ± std" in printed
 
     rows = results.read_rows(out)
@@ -93,3 +109,57 @@ def _args(out: Path):
     from pretrain.probe.cli import parse_args
 
     return parse_args(["--watch", "x", "--task", "t", "--out", str(out)])
+
+
+def _stats(rows, model_prefix: str, step: str) -> tuple[float, float]:
+    values = [float(r["value"]) for r in rows if r["model"].startswith(model_prefix) and r["step"] == step
+              and r["split"] == "dev" and r["metric"] == "accuracy"]
+    assert len(values) == 2
+    return statistics.mean(values), statistics.stdev(values)
+
+
+def test_report_draws_the_downstream_panel_with_baselines_and_overlays_runs(watched, tmp_path):
+    run = watched[0]
+    rows = results.read_rows(run / "probes")
+    expected = {step: _stats(rows, str(run), step) for step in ("2", "4")}
+    random_init = _stats(rows, "random:", "0")
+    # a second run, continued from a released model: its probes.csv also holds that starting model (no step)
+    other = tmp_path / "continued"
+    (other / "probes").mkdir(parents=True)
+    (other / "metrics.csv").write_text((run / "metrics.csv").read_text())
+    (other / "probes" / "tasks.json").write_text((run / "probes" / "tasks.json").read_text())
+    start = [{**r, "model": "models/start", "step": "-1"} for r in rows if r["model"].startswith("random:")]
+    for r in start:
+        results.append_cell(other / "probes", r["model"], -1, r["task"], int(r["seed"]),
+                            {r["split"]: {r["metric"]: float(r["value"]) + 0.25}})
+    for r in rows:  # its checkpoints scored apart by seed, so that its band has a width
+        if not r["model"].startswith("random:"):
+            value = float(r["value"]) + 0.1 * int(r["seed"]) + 0.01 * int(r["step"])
+            results.append_cell(other / "probes", r["model"], r["step"], r["task"], int(r["seed"]),
+                                {r["split"]: {r["metric"]: value}})
+    continued = {step: _stats(results.read_rows(other / "probes"), str(run), step) for step in ("2", "4")}
+    assert all(std > 0.05 for _, std in continued.values())
+
+    fig = report.figure([report.load_run(run), report.load_run(other)])
+    axes = [ax for ax in fig.axes if ax.get_title() == "downstream: en_small (dev accuracy)"]
+    assert len(axes) == 1
+    ax = axes[0]
+    assert ax.get_xlabel() == "pretraining step"
+    curves = [line for line in ax.lines if list(line.get_xdata()) == [2, 4]]
+    assert [line.get_label() for line in curves] == [run.name, "continued"]  # one per run, in its own colour
+    assert curves[0].get_color() != curves[1].get_color()
+    for line, stats in zip(curves, (expected, continued)):
+        assert list(line.get_ydata()) == pytest.approx([stats["2"][0], stats["4"][0]])
+    bands = [collection.get_paths()[0].vertices for collection in ax.collections]
+    for band, stats in zip(bands, (expected, continued)):
+        assert band[:, 1].min() == pytest.approx(min(m - s for m, s in stats.values()))
+        assert band[:, 1].max() == pytest.approx(max(m + s for m, s in stats.values()))
+    flat = {line.get_label(): line.get_ydata()[0] for line in ax.lines if list(line.get_xdata()) == [0, 1]}
+    assert flat == pytest.approx({f"random init ({run.name})": random_init[0],
+                                  "start (continued)": random_init[0] + 0.25})
+
+    # the closing summary of a run shows its newest probed checkpoint and the baselines
+    lines = RunSummary(run, 4, 4, 0, 512, 10.0, {}, [], None, panel.latest_lines(run)).lines()
+    step4 = f"step 4 {expected['4'][0]:.4f} ± {expected['4'][1]:.4f}"
+    assert lines[-1] == (f"  downstream  en_small dev accuracy: {step4}, "
+                         f"random init {random_init[0]:.4f} ± {random_init[1]:.4f}")
