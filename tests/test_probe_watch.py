@@ -84,11 +84,11 @@ def watched(shards, tmp_path_factory):
     printed, last = process.communicate(timeout=600)
     stderr += last
     assert process.returncode == 0, last
-    return run, seed, printed, stderr
+    return run, seed, printed, stderr, task
 
 
 def test_watch_killed_at_seeded_points_ends_with_each_row_once(watched):
-    run, seed, printed, stderr = watched
+    run, seed, printed, stderr, _ = watched
     folder, out = run / "checkpoints", run / "probes"
     damaged, rotated = folder / "step-00000003.ckpt", folder / "step-00000001.ckpt"
     assert "run finished" in printed and "mean ± std" in printed
@@ -163,3 +163,20 @@ def test_report_draws_the_downstream_panel_with_baselines_and_overlays_runs(watc
     step4 = f"step 4 {expected['4'][0]:.4f} ± {expected['4'][1]:.4f}"
     assert lines[-1] == (f"  downstream  en_small dev accuracy: {step4}, "
                          f"random init {random_init[0]:.4f} ± {random_init[1]:.4f}")
+
+
+def test_probe_sbatch_runs_the_watch(watched):
+    """slurm/probe.sbatch forwards its arguments to the watch (run here without SLURM, as its last step runs): on the
+    finished, fully probed run it adds nothing and ends; without a run directory it says what to give."""
+    run, *_, task = watched
+    before = results.read_rows(run / "probes")
+    script = REPO / "slurm" / "probe.sbatch"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "SLURM_SUBMIT_DIR": str(REPO)}
+    done = subprocess.run(["bash", str(script), str(run), "--task", str(task), "--seeds", "2", "--epochs", "1",
+                           "--max-length", "32", "--poll", "0.2", "--device", "cpu"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "every cell already in" in done.stdout and "run finished" in done.stdout
+    assert results.read_rows(run / "probes") == before
+    refused = subprocess.run(["bash", str(script), "--task", str(task)], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: give the run directory first")
