@@ -1,15 +1,17 @@
-"""`python -m pretrain.probe --watch RUN` on a real (tiny) finished run, SIGKILLed at seeded points in its output
-and started again each time: it ends with exactly one row per (checkpoint, task, seed, split, metric), nothing lost
-or repeated; a damaged checkpoint is skipped and named, one deleted by the run's rotation is skipped with a note,
-and the run's lock is only looked at (a process holding it keeps the watch waiting)."""
+"""`python -m pretrain.probe --watch RUN` on a real (tiny) run: while a process holds the run's lock it probes each
+checkpoint once it is complete and keeps waiting, and ends when the lock is free; then, SIGKILLed at seeded points
+in its output and started again each time, it ends with exactly one row per (checkpoint, task, seed, split,
+metric), nothing lost or repeated. A damaged checkpoint is skipped and named, one deleted by the run's rotation is
+skipped with a note. The report draws the probes, and slurm/probe.sbatch runs the watch."""
 
 from __future__ import annotations
 
 import collections
-import statistics
 import os
 import random
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +28,23 @@ from test_train import compose_config, tiny_run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _watch(run: Path, task: Path) -> subprocess.Popen:
+def _watch(run: Path, task: Path, seeds: int = 2) -> subprocess.Popen:
     command = [sys.executable, "-u", "-m", "pretrain.probe", "--watch", str(run), "--random-init", "--task", str(task),
-               "--seeds", "2", "--epochs", "1", "--max-length", "32", "--poll", "0.2",
+               "--seeds", str(seeds), "--epochs", "1", "--max-length", "32", "--poll", "0.2",
                "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _until(process: subprocess.Popen, cells: int) -> str:
+    """The watch's output up to its ``cells``-th finished cell from now."""
+    printed = ""
+    while cells:
+        line = process.stdout.readline()
+        assert line, printed
+        printed += line
+        cells -= " | seed " in line
+    return printed
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +67,12 @@ def watched(shards, tmp_path_factory):
     task = small_task(tmp_path / "task")
     out = run / "probes"
 
-    # a process holding the run's lock keeps the watch waiting (the watch looks with F_GETLK and takes nothing)
-    # a process holding the run's lock keeps the watch waiting (the watch looks with F_GETLK and takes nothing)
+    # while a process holds the run's lock (training), the watch probes each checkpoint once it is complete and
+    # waits for more; it looks at the lock with F_GETLK, which takes nothing
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for name in (good.name, good.name + ".sha256"):  # step 4 not written yet
+        os.replace(folder / name, hidden / name)
     helper = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pretrain.run_lock import RunLock\n"
          f"with RunLock({str(run)!r}):\n    print('held', flush=True); sys.stdin.read()"],
@@ -63,14 +80,28 @@ def watched(shards, tmp_path_factory):
     assert helper.stdout.readline().strip() == "held"
     assert watch.lock_held(run) is True
     assert watch.Watch(run, [], _args(out)).state()[0] == "live"
-    helper.communicate("")  # released: the run is finished (a checkpoint at max_steps, hf/export_info.json)
+    live = _watch(run, task, seeds=1)
+    printed = _until(live, 2)  # step 2 and the random init
+    for name in (good.name, good.name + ".sha256"):  # the save of step 4: the file renamed into place, then its checksum
+        shutil.copy(hidden / name, folder / f".{name}.tmp-1")
+        os.replace(folder / f".{name}.tmp-1", folder / name)
+    printed += _until(live, 1)
+    assert live.poll() is None  # the run is still live: the watch goes on
+    helper.communicate("")  # training ends: the run is finished (a checkpoint at max_steps, hf/export_info.json)
     assert watch.lock_held(run) is False
     assert watch.Watch(run, [], _args(out)).state() == ("finished", "step 4 of max_steps 4 reached")
+    rest, stderr = live.communicate(timeout=300)
+    assert live.returncode == 0, stderr
+    printed += rest
+    assert "run finished" in printed
+    assert [line.split(" | ")[0] for line in printed.splitlines() if " | seed " in line] == \
+        [f"{run} @ step 2", f"random:{run}", f"{run} @ step 4"]
 
+    # then killed at seeded points while adding a second seed, and started again each time
     seed = random.randrange(1 << 16)
     print(f"kill seed {seed}")
     rng = random.Random(seed)
-    kills, stderr = 0, ""
+    kills = 0
     while kills < 5:
         process = _watch(run, task)
         lines = rng.randint(1, 3)  # killed once this many lines are out (a cell's row written, or a cell begun)

@@ -151,6 +151,10 @@ def print_table(args: argparse.Namespace, tasks: list[Task]) -> list[dict]:
 
 def probe(args: argparse.Namespace) -> list[dict]:
     tasks = load_tasks(args)
+    if args.watch:
+        from pretrain.probe.watch import check_run
+
+        check_run(args.watch)  # before any model is probed
     sources = [s for m in args.models for s in models.resolve(m)]
     for source in sources:
         skipped = probe_source(source, tasks, args)

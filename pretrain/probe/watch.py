@@ -198,5 +198,17 @@ class Watch:
             time.sleep(self.args.poll)
 
 
+def check_run(run: Path) -> None:
+    """A RUN that can never become a run directory is refused at once (one that does not exist yet is waited for:
+    the probe job may start before training has made it)."""
+    if run.exists() and not run.is_dir():
+        raise models.ModelError(f"{run}: --watch needs a run directory (training's output_dir), and this is a file; "
+                                "to probe one checkpoint, give it as MODEL instead of --watch")
+    if (run / "config.json").is_file() and not (run / "checkpoints").exists():
+        raise models.ModelError(f"{run}: a model directory, not a training run (no checkpoints/); probe it as MODEL "
+                                f"(`python -m pretrain.probe {run} --task ...`)")
+
+
 def watch(run: Path, tasks: list[Task], args: argparse.Namespace) -> None:
+    check_run(Path(run))
     Watch(Path(run), tasks, args).follow()
