@@ -211,3 +211,17 @@ def test_probe_sbatch_runs_the_watch(watched):
     assert results.read_rows(run / "probes") == before
     refused = subprocess.run(["bash", str(script), "--task", str(task)], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.startswith("error: give the run directory first")
+
+
+def test_a_run_stopped_before_its_end_is_waited_for_then_given_up(tmp_path, capsys):
+    """No process holds the lock and no checkpoint reached max_steps (a crash, or a job waiting to be requeued):
+    the watch waits, and gives up after --give-up-after minutes without a new checkpoint, saying how to go on."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("trainer:\n  max_steps: 8\n", encoding="utf-8")
+    args = _args(run / "probes")
+    args.give_up_after, args.poll = 0.0, 0.0
+    assert watch.Watch(run, [], args).state() == (
+        "stopped", f"no process holds {run / '.lock'}, at no checkpoint of max_steps 8")
+    watch.watch(run, [], args)
+    assert "stopped before its end" in capsys.readouterr().err
