@@ -221,6 +221,8 @@ def test_a_run_stopped_before_its_end_is_waited_for_then_given_up(tmp_path, caps
     (run / "config.yaml").write_text("trainer:\n  max_steps: 8\n", encoding="utf-8")
     args = _args(run / "probes")
     args.give_up_after, args.poll = 0.0, 0.0
+    assert watch.Watch(run, [], args).state() == ("stopped", f"not started yet (no {run / '.lock'})")
+    (run / ".lock").write_text("pid 1 on a node since ...: python -m pretrain\n")  # left by a run that stopped
     assert watch.Watch(run, [], args).state() == (
         "stopped", f"no process holds {run / '.lock'}, at no checkpoint of max_steps 8")
     watch.watch(run, [], args)

@@ -67,7 +67,7 @@ def max_steps(run: Path) -> int | None:
 
     try:
         value = OmegaConf.select(OmegaConf.load(run / "config.yaml"), "trainer.max_steps")
-    except (OSError, ValueError, Exception):  # absent, or caught half-way by a resume's rewrite: look again later
+    except Exception:  # absent, or unreadable for now (rewritten by a resume): looked at again at the next poll
         return None
     return int(value) if isinstance(value, int) and value > 0 else None
 
@@ -129,6 +129,8 @@ class Watch:
             return "finished", f"step {max(reached)} of max_steps {end} reached"
         if held is None:
             return "live", "the filesystem has no locks, and the run has not reached its end"
+        if not (self.run / LOCK_NAME).exists():
+            return "stopped", f"not started yet (no {self.run / LOCK_NAME})"
         at = f"step {max(reached)}" if reached else "no checkpoint"
         return "stopped", f"no process holds {self.run / LOCK_NAME}, at {at} of max_steps {end or '?'}"
 
