@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,7 @@ class RunSummary:
     metrics: dict[str, float]
     exported: list[Path]
     report: Path | None
+    probes: list[str] = field(default_factory=list)  # the newest probed checkpoint per task (pretrain.probe.panel)
 
     def lines(self) -> list[str]:
         trained = self.step - self.start_step
@@ -157,4 +158,6 @@ class RunSummary:
             out.append(f"  model       {path}")
         if self.report is not None:
             out.append(f"  report      {self.report}")
+        for i, line in enumerate(self.probes):
+            out.append(f"  {'downstream' if i == 0 else '':<10}  {line}")
         return out

@@ -4,8 +4,11 @@ Why: ``metrics.csv`` is always written (no logger service needed), but a table o
 run learns. The report draws the objective's parts (v2: MLM loss; v3: the generator's MLM loss, the RTD loss and
 their weighted total), the learning rate, throughput, MFU where it was measured, validation loss/perplexity when
 the run has a validation set, and for v3 how well the discriminator finds replaced tokens (AUC, precision,
-recall). Panels without data in any run are left out. Training calls :func:`write_report` at its end, so every
-finished run has ``RUN/report.png``; this command redraws it at any time, also while the run is still going.
+recall). Panels without data in any run are left out. When a run has downstream probes (``RUN/probes/probes.csv``,
+written by ``python -m pretrain.probe --watch RUN``), each task gets a panel of its headline metric against the
+pretraining step, with a mean ± std band over seeds and the random-init and starting-model baselines as lines.
+Training calls :func:`write_report` at its end, so every finished run has ``RUN/report.png``; this command redraws
+it at any time, also while the run is still going (or being probed).
 """
 
 from __future__ import annotations
@@ -131,18 +134,29 @@ def select_panels(runs: list[Run]) -> list[Panel]:
     return panels
 
 
-def render(runs: list[Run], title: str | None = None, image_format: str = "png") -> bytes:
-    """The report figure as bytes of ``image_format``."""
+def figure(runs: list[Run], title: str | None = None):
+    """The report as a matplotlib figure: the training panels, then one downstream panel per probed task
+    (:mod:`pretrain.probe.panel`) when a run has ``RUN/probes/probes.csv``."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed (clusters, CI)
     import matplotlib.pyplot as plt
 
+    from pretrain.probe import panel as downstream
+
     panels = select_panels(runs)
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
+    probes = [downstream.load(r.directory) for r in runs]
+    tasks = list(dict.fromkeys(p.task for found in probes for p in found))
+    ncols = min(3, len(panels) + len(tasks))
+    nrows = math.ceil((len(panels) + len(tasks)) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.1 * nrows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, task in zip(list(axes.flat)[len(panels):], tasks):
+        downstream.draw(ax, task, [(r.name, found, colors[i % len(colors)]) for i, (r, found) in
+                                   enumerate(zip(runs, probes))])
+        ax.set_xlabel("pretraining step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
     for ax, panel in zip(axes.flat, panels):
         labelled_parts = set()
         for i, run in enumerate(runs):
@@ -166,7 +180,7 @@ def render(runs: list[Run], title: str | None = None, image_format: str = "png")
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) + len(tasks):]:
         ax.set_visible(False)
     if len(runs) > 1:
         handles = [plt.Line2D([], [], color=colors[i % len(colors)], linewidth=2, label=r.name) for i, r in enumerate(runs)]
@@ -175,6 +189,14 @@ def render(runs: list[Run], title: str | None = None, image_format: str = "png")
     if heading:
         fig.suptitle(heading, fontsize=11, y=0.995 if len(runs) == 1 else 0.96)
     fig.tight_layout(rect=(0, 0, 1, 0.94 if len(runs) > 1 else 0.97))
+    return fig
+
+
+def render(runs: list[Run], title: str | None = None, image_format: str = "png") -> bytes:
+    """The report figure as bytes of ``image_format``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, title)
     buffer = io.BytesIO()
     fig.savefig(buffer, format=image_format, dpi=90)
     plt.close(fig)
@@ -203,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pretrain.report",
         description="Plot a training run's metrics.csv: loss parts, learning rate, tokens/s, MFU, validation "
-                    "loss/perplexity and, for v3, replaced-token AUC/precision/recall. Several runs are overlaid.",
+                    "loss/perplexity and, for v3, replaced-token AUC/precision/recall; and, when RUN/probes/probes.csv "
+                    "exists, each probed task's metric per checkpoint. Several runs are overlaid.",
         epilog="examples:\n  python -m pretrain.report outputs/quickstart/run            # -> outputs/quickstart/run/report.png\n"
                "  python -m pretrain.report runs/a runs/b --out compare.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)

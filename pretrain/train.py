@@ -71,6 +71,18 @@ def export(objective: PretrainingObjective, output_dir: Path, tokenizer_dir: Pat
     return written
 
 
+def probe_summary(output_dir: Path) -> list[str]:
+    """The newest downstream probe results of this run (``output_dir/probes``, written by ``python -m pretrain.probe
+    --watch``), for the closing summary; nothing when there are none or they cannot be read."""
+    from pretrain.probe.panel import latest_lines
+
+    try:
+        return latest_lines(output_dir)
+    except Exception as err:  # a convenience: never fail a finished run over it
+        log.warning("downstream probe table not shown (%s)", err)
+        return []
+
+
 def new_wandb_run_id() -> str:
     """A wandb run id (8 characters of [a-z0-9], wandb's own format; ``wandb.util.generate_id`` is gone in 0.31)."""
     alphabet = string.ascii_lowercase + string.digits
@@ -281,7 +293,7 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
         tokens_per_step = (data.seq_len * settings.data.batch_size * trainer.world_size
                            * trainer.accumulate_grad_batches)  # also when derived from data.global_batch_size
         summary = RunSummary(output_dir, trainer.global_step, trainer.max_steps, resume_step or 0, tokens_per_step,
-                             seconds, metrics, exported, report)
+                             seconds, metrics, exported, report, probe_summary(output_dir))
         log.info("\n".join(summary.lines()))
     return metrics, {"trainer": trainer, "module": module, "datamodule": data, "exported": exported,
                      "settings": settings}

@@ -272,8 +272,14 @@ def probe_model_without_tokenizer(tmp_path, shards):
     return Case(_probe(tmp_path, shards, _probe_task(tmp_path), tokenizer=False), "no tokenizer files")
 
 
+def probe_watch_a_file(tmp_path, shards):
+    (tmp_path / "run.ckpt").write_bytes(b"not a run directory")
+    return Case(["-m", "pretrain.probe", "--watch", str(tmp_path / "run.ckpt"), "--task", str(_probe_task(tmp_path)),
+                 "--out", str(tmp_path / "out")], "run.ckpt: --watch needs a run directory")
+
+
 PROBE_CASES: list = [probe_missing_column, probe_label_outside_list, probe_empty_file, probe_task_file_does_not_parse,
-                     probe_model_without_tokenizer]
+                     probe_model_without_tokenizer, probe_watch_a_file]
 
 ALL_CASES = CHECKPOINT_CASES + RUN_CASES + DATA_CASES + SIGNAL_CASES + PROBE_CASES
 

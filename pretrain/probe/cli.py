@@ -48,12 +48,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "DeepSpeed directory), a run directory (every checkpoint in it), or random:PATH (PATH's architecture "
                "with fresh weights).\nTASK: a task YAML (see pretrain/probe/tasks.py) or a bundled sample: "
                "en_sentiment, zh_sentiment, ko_sentiment, en_sentiment/regression.\n\nexample:\n"
-               "  python -m pretrain.probe outputs/quickstart/run random:outputs/quickstart/run/hf --task en_sentiment",
+               "  python -m pretrain.probe outputs/quickstart/run random:outputs/quickstart/run/hf --task en_sentiment\n"
+               "  python -m pretrain.probe --watch outputs/quickstart/run --random-init --task en_sentiment",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", metavar="MODEL")
+    parser.add_argument("models", nargs="*", metavar="MODEL")
     parser.add_argument("--task", action="append", required=True, metavar="TASK", help="repeat for several tasks")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per cell (default 3)")
-    parser.add_argument("--out", type=Path, default=Path("probes"), help="results directory (default ./probes)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default ./probes; RUN/probes with --watch RUN)")
+    parser.add_argument("--watch", type=Path, default=None, metavar="RUN",
+                        help="follow a training run: probe each checkpoint as it is written, until the run has "
+                             "finished (see pretrain/probe/watch.py); MODELs, if any, are probed first")
+    parser.add_argument("--random-init", action="store_true",
+                        help="with --watch: also probe the run's architecture with fresh weights (random:RUN)")
+    parser.add_argument("--poll", type=float, default=30.0, help="with --watch: seconds between looks (default 30)")
+    parser.add_argument("--give-up-after", type=float, default=120.0, metavar="MINUTES",
+                        help="with --watch: stop when the run has been stopped unfinished this long (default 120)")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",
                         help="also save each fine-tuned model as a transformers directory under DIR")
     parser.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
@@ -64,6 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if not args.models and args.watch is None:
+        parser.error("give at least one MODEL, or --watch RUN")
+    if args.out is None:
+        args.out = args.watch / "probes" if args.watch is not None else Path("probes")
     return args
 
 
@@ -76,54 +90,81 @@ def _warnings_to_console() -> None:
     logger.propagate = False
 
 
-def probe(args: argparse.Namespace) -> list[dict]:
-    tasks: list[Task] = [load_task(task_path(t)) for t in args.task]  # every file checked before any training
+def load_tasks(args: argparse.Namespace) -> list[Task]:
+    """Every task file checked before any training; each task's type, labels and metric recorded beside the rows."""
+    tasks: list[Task] = [load_task(task_path(t)) for t in args.task]
     if len({t.name for t in tasks}) != len(tasks):
         raise TaskError(f"two tasks share a name ({[t.name for t in tasks]}); give each task file its own 'name'")
-    sources = [s for m in args.models for s in models.resolve(m)]
     for task in tasks:
         results.record_task(args.out, task.name, {"type": task.spec.type, "labels": task.labels,
                                                   "metric": task.spec.metric, "source": str(task.spec.source)})
+    return tasks
+
+
+def probe_source(source: models.ModelSource, tasks: list[Task], args: argparse.Namespace) -> str | None:
+    """Fine-tune and score every missing (task, seed) cell of one model; each cell's rows are appended at once.
+    Returns why a checkpoint of a run was skipped (a damaged one), None otherwise; a model named on its own that
+    cannot be loaded raises."""
     done = results.done_cells(args.out)
-    for source in sources:
-        todo = [(t, s) for t in tasks for s in range(args.seeds)
-                if results.cell_key(source.name, source.step, t.name, s) not in done]
-        label = source.name + (f" @ step {source.step}" if source.step > 0 else "")
-        if not todo:
-            print(f"{label}: every cell already in {args.out / results.RESULTS}")
+    todo = [(t, s) for t in tasks for s in range(args.seeds)
+            if results.cell_key(source.name, source.step, t.name, s) not in done]
+    label = source.name + (f" @ step {source.step}" if source.step > 0 else "")
+    if not todo:
+        print(f"{label}: every cell already in {args.out / results.RESULTS}")
+        return None
+    try:
+        directory = models.materialise(source, args.out)
+    except models.ModelError as err:
+        if source.kind != "checkpoint" or source.path == Path(source.name):
+            raise  # a model named on its own must load; one checkpoint of a run is skipped, with the reason
+        return str(err)
+    tokenizer = batching.load_tokenizer(directory)
+    factory = models.encoder_factory(source, directory)
+    hidden = hf.load_config(directory).hidden_size
+    for task in tasks:
+        seeds = [s for t, s in todo if t is task]
+        if not seeds:
             continue
-        try:
-            directory = models.materialise(source, args.out)
-        except models.ModelError as err:
-            if source.kind != "checkpoint" or source.path == Path(source.name):
-                raise  # a model named on its own must load; one checkpoint of a run is skipped, with the reason
-            print(f"warning: skipping {source.path}: {err}", file=sys.stderr)
-            continue
-        tokenizer = batching.load_tokenizer(directory)
-        factory = models.encoder_factory(source, directory)
-        hidden = hf.load_config(directory).hidden_size
-        for task in tasks:
-            seeds = [s for t, s in todo if t is task]
-            if not seeds:
-                continue
-            settings = default_settings(len(task.rows["train"]), hidden, lr=args.lr, epochs=args.epochs,
-                                        batch_size=args.batch_size, max_length=args.max_length)
-            print(f"{label} | {task.name}: {settings.describe()}")
-            encoded = {split: batching.encode_split(task, split, tokenizer, settings.max_length) for split in task.rows}
-            for seed in seeds:
-                start = time.perf_counter()
-                model, scores = finetune(factory, task, encoded, tokenizer.pad_token_id, settings, seed, args.device)
-                results.append_cell(args.out, source.name, source.step, task.name, seed, scores)
-                shown = ", ".join(f"{split} {task.spec.metric} {m[task.spec.metric]:.4f}" for split, m in scores.items())
-                print(f"{label} | {task.name} | seed {seed}: {shown} ({time.perf_counter() - start:.0f} s)")
-                if args.export:
-                    target = args.export / _slug(source.name) / f"step-{source.step}" / task.name / f"seed-{seed}"
-                    save_task_model(model.cpu().float(), target, tokenizer=tokenizer)
+        settings = default_settings(len(task.rows["train"]), hidden, lr=args.lr, epochs=args.epochs,
+                                    batch_size=args.batch_size, max_length=args.max_length)
+        print(f"{label} | {task.name}: {settings.describe()}")
+        encoded = {split: batching.encode_split(task, split, tokenizer, settings.max_length) for split in task.rows}
+        for seed in seeds:
+            start = time.perf_counter()
+            model, scores = finetune(factory, task, encoded, tokenizer.pad_token_id, settings, seed, args.device)
+            results.append_cell(args.out, source.name, source.step, task.name, seed, scores)
+            shown = ", ".join(f"{split} {task.spec.metric} {m[task.spec.metric]:.4f}" for split, m in scores.items())
+            print(f"{label} | {task.name} | seed {seed}: {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
+            if args.export:
+                target = args.export / _slug(source.name) / f"step-{source.step}" / task.name / f"seed-{seed}"
+                save_task_model(model.cpu().float(), target, tokenizer=tokenizer)
+    return None
+
+
+def print_table(args: argparse.Namespace, tasks: list[Task]) -> list[dict]:
     metrics = {t.name: t.spec.metric for t in tasks}
     rows = [r for r in results.read_rows(args.out) if r["task"] in metrics]
     table = results.summary(rows, metrics)
     print(results.format_table(table))
     return table
+
+
+def probe(args: argparse.Namespace) -> list[dict]:
+    tasks = load_tasks(args)
+    if args.watch:
+        from pretrain.probe.watch import check_run
+
+        check_run(args.watch)  # before any model is probed
+    sources = [s for m in args.models for s in models.resolve(m)]
+    for source in sources:
+        skipped = probe_source(source, tasks, args)
+        if skipped:
+            print(f"warning: skipping {source.path}: {skipped}", file=sys.stderr)
+    if args.watch:
+        from pretrain.probe.watch import watch
+
+        watch(args.watch, tasks, args)
+    return print_table(args, tasks)
 
 
 def main(argv: list[str] | None = None) -> int:
