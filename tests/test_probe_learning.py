@@ -31,6 +31,16 @@ def texts(task: str, split: str = "train") -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the tiny model's matrices gain nothing from two, and two threads spin-waiting against
+    other work on a loaded 2-core machine made one of these tests 60x slower (400 s instead of 6 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     from shard_helpers import sample_documents, train_spm_tokenizer
