@@ -38,8 +38,8 @@ from pathlib import Path
 from pretrain.checkpoint_io import checksum_path
 from pretrain.probe import models
 from pretrain.probe.tasks import Task
+from pretrain.run_lock import LOCK_NAME  # only its name: the watch looks at the lock, never takes it
 
-LOCK_NAME = ".lock"  # pretrain.run_lock.LOCK_NAME (not imported: that module is the lock's owner, this one only looks)
 _FLOCK = "hhqqi4x"  # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid
 
 
