@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +45,13 @@ def task_config_dict(model: DebertaForSequenceClassification | DebertaForTokenCl
 def save_task_model(model: DebertaForSequenceClassification | DebertaForTokenClassification,
                     path: str | os.PathLike, tokenizer: Any = None) -> Path:
     """Write ``model`` (and the tokenizer files of a directory or tokenizer object) as a transformers directory."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    def fill(staging: Path) -> None:
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(staging / hf.SAFE_WEIGHTS), metadata={"format": "pt"})
         (staging / hf.CONFIG_NAME).write_text(json.dumps(task_config_dict(model), indent=2) + "\n", encoding="utf-8")
         hf._save_tokenizer(tokenizer, staging)
-        hf._replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return hf.write_directory(path, fill)  # assembled beside path, swapped in whole
 
 
 def head_config_from_hf(raw: dict[str, Any], source: str) -> HeadConfig:
