@@ -84,7 +84,7 @@ from pretrain.model.attention import ATTENTION_BACKENDS, DisentangledSelfAttenti
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens  # noqa: E402
 from pretrain.objectives.build import ObjectiveSettings, build_objective  # noqa: E402
 from pretrain.objectives.masking import MaskingConfig, mask_tokens, sample_replacements  # noqa: E402
-from pretrain.perf import device_peak_flops, training_flops_per_token  # noqa: E402
+from pretrain.run.perf import device_peak_flops, training_flops_per_token  # noqa: E402
 
 GIB = 1024**3
 CONTESTANTS = ("hf_mlm_eager", "hf_mlm_compiled", "hf_mlm_disentangled_flash", "hf_rtd_compiled", "ours_mlm",
@@ -111,7 +111,7 @@ CHECK_TAIL_TOLERANCE = 0.02  # |mean_fast - mean_ref| over the tail < 2% of mean
 CHECK_STEP_TOLERANCE = 0.10  # no single step differs by more than 10% of the reference loss
 
 FLOPS_NOTE = (
-    "model FLOPs per token from pretrain.perf.training_flops_per_token (matmuls only, backward = 2x forward) with "
+    "model FLOPs per token from pretrain.run.perf.training_flops_per_token (matmuls only, backward = 2x forward) with "
     "each contestant's own model: use_emd=True for ours (the EMD reruns the last layer twice), False for HF (no "
     "EMD); the vocabulary head is counted at the masked 15% only, also for HF, which computes it on every position: "
     "MFU counts useful work, so HF's extra head work lowers its MFU instead of raising it. RTD rows add the "

@@ -54,8 +54,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from data_prep import shard_format as sf
-    from pretrain import safe_load
-    from pretrain.checkpoint_io import checksum_path, checksum_problem, save_atomic
+    from pretrain.checkpointing import safe_load
+    from pretrain.checkpointing.files import checksum_path, checksum_problem, save_atomic
 
     n = int(args.gb * 1e9 / 4)
     state = {"state_dict": {f"w{i}": torch.randn(n // 8) for i in range(8)}, "global_step": 1}

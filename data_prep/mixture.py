@@ -251,7 +251,7 @@ class ShardCorpus:
         """What the data *is*, beyond its counts: per source (in order) its weight and its shard sets in order,
         each with its resolved path, the sha256 of its manifest's content and its tokenizer checksum. Two corpora
         with equal counts but other text, another tokenizer or another order of sets differ here (compared on
-        resume by ``pretrain.run_identity``)."""
+        resume by ``pretrain.checkpointing.identity``)."""
         sources = [{"weight": s.weight, "sets": []} for s in self.sources]
         for d, s in zip(self.sets, self.source_of_set):
             sources[s]["sets"].append({"path": str(d.path.resolve()), "manifest_sha256": manifest_sha256(d.manifest),

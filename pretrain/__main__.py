@@ -28,7 +28,7 @@ def _fail(message: str) -> None:
 def main(cfg: DictConfig) -> None:
     # matplotlib (imported by the training stack) announces building its font cache once per machine, at INFO
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    from pretrain.interrupt import TrainingInterrupted, resume_command
+    from pretrain.run.interrupt import TrainingInterrupted, resume_command
     from pretrain.train import train  # heavy imports after Hydra has parsed the command line
 
     try:
@@ -47,7 +47,7 @@ def _run(train, cfg: DictConfig) -> None:
     from data_prep.errors import DataPrepError
     from pretrain.hf import CheckpointError
     from pretrain.model import ConfigError
-    from pretrain.run_lock import RunLockedError
+    from pretrain.run.lock import RunLockedError
     from pretrain.settings import SettingsError  # (not at the top: the run lock is tried before torch is imported)
 
     if os.environ.get("HYDRA_FULL_ERROR") == "1":

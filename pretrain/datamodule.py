@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from data_prep.mixture import ShardCorpus, open_corpus, same_weights
 from data_prep.reader import ResumableDistributedSampler
 from data_prep.shard_hashes import LazyShardHasher, verify_used_together
-from pretrain.interrupt import SignalSafeDataLoader, worker_ignores_stop_signals
-from pretrain.run_identity import identity_changes
+from pretrain.run.interrupt import SignalSafeDataLoader, worker_ignores_stop_signals
+from pretrain.checkpointing.identity import identity_changes
 from pretrain.settings import DataSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class ShardDataModule(L.LightningDataModule):
             )
         changes = {k: v for k, v in identity_changes(state.get("identity"), self.identity).items()
                    if not any(k == a or k.startswith(a + ".") for a in self.allow_changes)}
-        if changes:  # the run record is compared first (pretrain.resume_check); this guards the position itself
+        if changes:  # the run record is compared first (pretrain.checkpointing.resume); this guards the position itself
             raise SettingsError(
                 "checkpoint data position was saved for other data: "
                 + "; ".join(f"{k}: {v}" for k, v in changes.items())

@@ -3,7 +3,7 @@
 Writes ``OUT/hf`` (the MLM model for v2; the GDES-merged discriminator for v3) and, for v3, ``OUT/hf_generator``,
 each with the tokenizer the shards were made with (checked against the checksum the checkpoint recorded) and
 ``export_info.json`` naming the checkpoint and its step. An existing, non-empty ``OUT/hf`` is replaced only with
-``--overwrite``, and then whole, in one step (never a mix of old and new files). Exports into one OUT take its lock (:mod:`pretrain.run_lock`, shared with training), so what a
+``--overwrite``, and then whole, in one step (never a mix of old and new files). Exports into one OUT take its lock (:mod:`pretrain.run.lock`, shared with training), so what a
 killed export left there is removed safely by the next one.
 
 Works on any checkpoint written by ``pretrain``: a Lightning ``.ckpt`` file, or a DeepSpeed ZeRO checkpoint
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoints import (DEEPSPEED_TAG, CheckpointError, is_deepspeed_checkpoint, read_metadata,
+from pretrain.checkpointing.find import (DEEPSPEED_TAG, CheckpointError, is_deepspeed_checkpoint, read_metadata,
                                   verify_checkpoint)
 from pretrain.model import DebertaConfig
-from pretrain.run_lock import RunLock, RunLockedError
+from pretrain.run.lock import RunLock, RunLockedError
 from pretrain.objectives.base import SpecialTokens
 from pretrain.settings import ObjectiveSettings
 from pretrain.train import build_objective, export

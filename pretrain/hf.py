@@ -351,7 +351,7 @@ def write_directory(path: str | os.PathLike, fill, info: dict[str, Any] | None =
 def remove_stale_staging(parent: Path, name: str) -> list[Path]:
     """Delete what killed exports left beside ``parent/name``: ``.<name>.tmp-*`` (a directory being assembled, or
     the previous export just swapped out) and ``.<name>.old-*`` (older versions). Only safe while the caller holds
-    the lock on ``parent`` (every export into an output directory does: :mod:`pretrain.run_lock`), so no live export
+    the lock on ``parent`` (every export into an output directory does: :mod:`pretrain.run.lock`), so no live export
     is writing there."""
     removed = []
     if parent.is_dir():

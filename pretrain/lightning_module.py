@@ -15,7 +15,7 @@ import torch
 from data_prep.atomic_io import write_json_atomic
 from pretrain.objectives.base import PretrainingObjective
 from pretrain.objectives.mlm import MaskedLMObjective
-from pretrain.perf import device_peak_flops
+from pretrain.run.perf import device_peak_flops
 from pretrain.settings import OptimSettings
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.atomic_io import write_bytes_atomic
-from pretrain.csv_log import read_rows
+from pretrain.run.loggers import read_rows
 
 METRICS_FILE = "metrics.csv"
 REPORT_FILE = "report.png"

@@ -284,7 +284,7 @@ def settings_from_config(cfg: DictConfig) -> Settings:
 
     if run.attention_backend not in ATTENTION_BACKENDS:
         problems.append(f"attention_backend={run.attention_backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
-    from pretrain.resume_check import unknown_allowances  # (here: it imports this module)
+    from pretrain.checkpointing.resume import unknown_allowances  # (here: it imports this module)
 
     if not isinstance(resume.allow_changes, (list, tuple)):
         problems.append(f"resume.allow_changes={resume.allow_changes!r}: give a list, e.g. "

@@ -39,14 +39,14 @@ class ZeroStrategy(DeepSpeedStrategy):
         """Lightning's DeepSpeed load with the tag named: the engine would otherwise open whichever directory the
         checkpoint's ``latest`` (or ``universal/latest_universal``) file names and unpickle its files without
         restrictions, so a crafted ``latest`` could point it past every file verified before the resume
-        (``pretrain.checkpoints.verify_checkpoint``, ``pretrain.reshard``). Our saves and conversions always use
+        (``pretrain.checkpointing.find.verify_checkpoint``, ``pretrain.reshard``). Our saves and conversions always use
         the one tag ``checkpoint``: only that directory is loaded, whatever those files say."""
         if self.load_full_weights and self.zero_stage_3:
             return super().load_checkpoint(checkpoint_path, weights_only)
         from lightning.pytorch.strategies.deepspeed import _validate_checkpoint_directory
         from lightning.pytorch.trainer.states import TrainerFn
 
-        from pretrain.checkpoints import DEEPSPEED_TAG
+        from pretrain.checkpointing.find import DEEPSPEED_TAG
 
         _validate_checkpoint_directory(checkpoint_path)
         module = self.lightning_module

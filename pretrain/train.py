@@ -1,7 +1,7 @@
 """``train(cfg)``: settings -> data -> objective -> Lightning Trainer -> fit -> HuggingFace export.
 
 No CLI parsing here (``__main__`` does that), so tests call ``train`` with a composed config. Re-running with the
-same ``output_dir`` resumes from its newest usable checkpoint (``pretrain.checkpoints``).
+same ``output_dir`` resumes from its newest usable checkpoint (``pretrain.checkpointing.find``).
 """
 
 from __future__ import annotations
@@ -22,22 +22,23 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep.atomic_io import write_text_atomic
-from pretrain import hf, init_from, reshard
-from pretrain.checkpoint_io import AtomicCheckpointIO, RunCheckpoint, remove_stale_temps
-from pretrain.console import RunSummary, StepProgressBar, quiet_console
-from pretrain.checkpoints import check_resumable, newest_checkpoint, read_metadata
-from pretrain.csv_log import ResumableCSVLogger
+from pretrain import hf, init_from
+from pretrain.checkpointing import reshard
+from pretrain.checkpointing.files import AtomicCheckpointIO, RunCheckpoint, remove_stale_temps
+from pretrain.run.console import RunSummary, StepProgressBar, quiet_console
+from pretrain.checkpointing.find import check_resumable, newest_checkpoint, read_metadata
+from pretrain.run.loggers import ResumableCSVLogger
 from pretrain.datamodule import ShardDataModule
-from pretrain.global_batch import AccumulationOnResume, accumulation_for
-from pretrain.interrupt import StopOnInterrupt, StoppedAtOnce, TrainingInterrupted
+from pretrain.run.global_batch import AccumulationOnResume, accumulation_for
+from pretrain.run.interrupt import StopOnInterrupt, StoppedAtOnce, TrainingInterrupted
 from pretrain.lightning_module import PretrainingModule
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
 from pretrain.objectives.build import build_objective  # noqa: F401 (export and tests import it from here too)
-from pretrain.perf import training_flops_per_token
+from pretrain.run.perf import training_flops_per_token
 from pretrain.report import write_report
-from pretrain.resume_check import check_changes, optimisation_settings, write_change_record
-from pretrain.run_lock import RunLock, checkpoint_folder_lock, launching_process
-from pretrain.sanity import sanity_warnings
+from pretrain.checkpointing.resume import check_changes, optimisation_settings, write_change_record
+from pretrain.run.lock import RunLock, checkpoint_folder_lock, launching_process
+from pretrain.run.sanity import sanity_warnings
 from pretrain.settings import Settings, SettingsError, settings_from_config
 from pretrain.strategies import build_strategy, expose_outputs_to_zero3, full_parameters, is_deepspeed, zero_stage
 
@@ -145,7 +146,7 @@ class RunRecordWriter(Callback):
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train under the output_dir's run lock (one run per output_dir, and per checkpoint folder when
-    ``checkpoints/`` is a link elsewhere; see ``pretrain.run_lock``)."""
+    ``checkpoints/`` is a link elsewhere; see ``pretrain.run.lock``)."""
     settings = settings_from_config(cfg)
     with RunLock(settings.run.output_dir), checkpoint_folder_lock(settings.run.output_dir):
         return _train(cfg, settings)

@@ -21,8 +21,8 @@ import pytest
 import torch
 from test_recovery import cli, copy_run, craft, four_steps  # noqa: F401 (four_steps: a fixture)
 
-from pretrain import safe_load
-from pretrain.checkpoints import CheckpointError, newest_checkpoint, verify_checkpoint
+from pretrain.checkpointing import safe_load
+from pretrain.checkpointing.find import CheckpointError, newest_checkpoint, verify_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.checkpoints import newest_checkpoint as _newest
+from pretrain.checkpointing.find import newest_checkpoint as _newest
 
 
 def newest_checkpoint(output_dir):

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import safe_load
-from pretrain.checkpoints import read_metadata
-from pretrain.reshard import UNIVERSAL
+from pretrain.checkpointing import safe_load
+from pretrain.checkpointing.find import read_metadata
+from pretrain.checkpointing.reshard import UNIVERSAL
 
 REPO = Path(__file__).resolve().parents[1]
 N = 3  # steps before the resume, and after it

@@ -28,7 +28,7 @@ from data_prep.errors import DataPrepError
 from data_prep.mixture import BlendedOrder, blending_table, open_corpus, quotas
 from hydra import compose, initialize_config_dir
 from position_runner import recording_step
-from pretrain.global_batch import accumulation_for
+from pretrain.run.global_batch import accumulation_for
 from pretrain.lightning_module import PretrainingModule
 from pretrain.train import train
 from pretrain.settings import SettingsError

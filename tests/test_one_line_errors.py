@@ -31,7 +31,7 @@ def _checkpoint_with_sidecar(tmp_path: Path, sidecar: bytes) -> Path:
     """A small checkpoint file written as training writes it, whose ``.sha256`` is then replaced by ``sidecar``."""
     import torch
 
-    from pretrain.checkpoint_io import checksum_path, save_atomic
+    from pretrain.checkpointing.files import checksum_path, save_atomic
 
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     save_atomic({"global_step": 4, "state_dict": {"w": torch.ones(3)}}, checkpoint)

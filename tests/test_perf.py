@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.model import DebertaConfig, DebertaModel
-from pretrain.perf import device_peak_flops, encoder_forward_flops_per_token
+from pretrain.run.perf import device_peak_flops, encoder_forward_flops_per_token
 
 
 @pytest.mark.parametrize("overrides", [{}, {"share_att_key": False, "pos_att_type": "c2p", "embedding_size": 48}])

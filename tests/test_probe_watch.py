@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pretrain import report
-from pretrain.console import RunSummary
+from pretrain.run.console import RunSummary
 from pretrain.probe import panel, results, watch
 from pretrain.train import train
 from test_probe_cli import small_task
@@ -74,7 +74,7 @@ def watched(shards, tmp_path_factory):
     for name in (good.name, good.name + ".sha256"):  # step 4 not written yet
         os.replace(folder / name, hidden / name)
     helper = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pretrain.run_lock import RunLock\n"
+        [sys.executable, "-c", "import sys; from pretrain.run.lock import RunLock\n"
          f"with RunLock({str(run)!r}):\n    print('held', flush=True); sys.stdin.read()"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert helper.stdout.readline().strip() == "held"

@@ -23,8 +23,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pretrain.checkpoints import CheckpointError, RefusedCheckpointError
-from pretrain.resume_check import ChangedSettingsError
+from pretrain.checkpointing.find import CheckpointError, RefusedCheckpointError
+from pretrain.checkpointing.resume import ChangedSettingsError
 from pretrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,7 +310,7 @@ def test_an_interrupted_first_deepspeed_save_starts_from_step_0_but_damage_stops
     checkpoint: nothing was ever saved completely, so the run starts from step 0 (saying so), like after an
     interrupted file save. Beside a complete checkpoint that is damaged, the same directory does not hide the
     damage: the run stops and lists both."""
-    from pretrain.checkpoints import newest_checkpoint
+    from pretrain.checkpointing.find import newest_checkpoint
 
     run = tmp_path / "run"
     interrupted = run / "checkpoints" / "step-00000002.ckpt" / "checkpoint"
@@ -347,7 +347,7 @@ def test_second_launch_on_a_live_output_dir_changes_nothing_and_fails(shards, tm
     assert first.returncode == 0, first.stderr[-3000:]
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "pretrain.log").is_file()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pretrain.run_lock import RunLock; "
+        [sys.executable, "-c", "import sys, time; from pretrain.run.lock import RunLock; "
          f"lock = RunLock({str(run)!r}).__enter__(); print('locked', flush=True); time.sleep(600)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

@@ -27,9 +27,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from data_prep.mixture import open_corpus
-from pretrain.checkpoints import read_metadata
+from pretrain.checkpointing.find import read_metadata
 from pretrain.datamodule import ShardDataModule
-from pretrain.resume_check import ChangedSettingsError
+from pretrain.checkpointing.resume import ChangedSettingsError
 from pretrain.settings import DataSettings, SettingsError
 from pretrain.train import train
 from shard_helpers import sample_documents, train_spm_tokenizer, write_jsonl

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from pretrain import report
-from pretrain.checkpoints import newest_checkpoint
-from pretrain.csv_log import read_rows
+from pretrain.checkpointing.find import newest_checkpoint
+from pretrain.run.loggers import read_rows
 from pretrain.train import train
 from test_train import REPO, compose_config, read_losses, tiny_run
 

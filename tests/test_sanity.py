@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pretrain.sanity import sanity_warnings
+from pretrain.run.sanity import sanity_warnings
 
 
 def test_scaled_down_cluster_settings_warn_once_each():

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from pretrain import hf
-from pretrain.run_lock import RunLockedError
+from pretrain.run.lock import RunLockedError
 from pretrain.train import train
 from test_recovery import REPO, cli, compose_config, metric_rows
 
@@ -190,8 +190,8 @@ def test_export_keeps_a_users_directory_and_replaces_it_whole_only_when_asked(re
 
 
 def holding(*locks: str) -> subprocess.Popen:
-    """Another process that holds the given locks (python expressions over pretrain.run_lock) until killed."""
-    code = ("import sys, time; from pretrain.run_lock import RunLock, checkpoint_folder_lock; "
+    """Another process that holds the given locks (python expressions over pretrain.run.lock) until killed."""
+    code = ("import sys, time; from pretrain.run.lock import RunLock, checkpoint_folder_lock; "
             + "; ".join(f"{lock}.__enter__()" for lock in locks) + "; print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

@@ -38,7 +38,7 @@ class ModelSource:
 
 
 def _checkpoint_step(path: Path) -> int:
-    from pretrain.checkpoints import CheckpointError, read_metadata
+    from pretrain.checkpointing.find import CheckpointError, read_metadata
 
     try:
         return int(read_metadata(path)["global_step"])

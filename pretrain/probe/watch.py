@@ -5,7 +5,7 @@ The watcher only reads the run: it never takes the run's lock (it asks the kerne
 own output goes to ``--out`` (default ``RUN/probes/``: ``probes.csv``, ``tasks.json`` and the ``.models/`` exports).
 
 Which checkpoints are read. A save is complete once it is renamed into place *and* its ``NAME.sha256`` is beside it
-(:mod:`pretrain.checkpoint_io` writes the checksum right after the rename); a DeepSpeed directory once its ``latest``
+(:mod:`pretrain.checkpointing.files` writes the checksum right after the rename); a DeepSpeed directory once its ``latest``
 file is there. While the run is live only ``step-N.ckpt`` and ``hpc_ckpt_N.ckpt`` are read: ``last.ckpt`` is
 rewritten in place at every save (it is a copy of the newest ``step-N``). Each checkpoint is verified against its
 checksum before it is loaded; one that fails is skipped with the reason, named once, and tried again only if it is
@@ -35,10 +35,10 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.checkpoint_io import checksum_path
+from pretrain.checkpointing.files import checksum_path
 from pretrain.probe import models
 from pretrain.probe.tasks import Task
-from pretrain.run_lock import LOCK_NAME  # only its name: the watch looks at the lock, never takes it
+from pretrain.run.lock import LOCK_NAME  # only its name: the watch looks at the lock, never takes it
 
 _FLOCK = "hhqqi4x"  # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid
 
@@ -136,7 +136,7 @@ class Watch:
 
     def look(self, live: bool) -> int:
         """Probe every complete checkpoint not looked at yet; returns how many were new."""
-        from pretrain.checkpoints import CheckpointError, read_metadata
+        from pretrain.checkpointing.find import CheckpointError, read_metadata
         from pretrain.probe.cli import probe_source
 
         new = 0

@@ -9,7 +9,7 @@ turns into a silent restart from step 0 over older good checkpoints. Under DeepS
 directory: Lightning's own metadata (global step, loops, callbacks, our ``deberta_pretrain`` run record) is
 DeepSpeed's *client state*, stored in rank 0's model-states file inside it.
 
-Every file is read with the restricted unpickler (:mod:`pretrain.safe_load`); a file that asks to run code stops
+Every file is read with the restricted unpickler (:mod:`pretrain.checkpointing.safe_load`); a file that asks to run code stops
 the run instead of being skipped, since it was put there on purpose.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain import safe_load
+from pretrain.checkpointing import safe_load
 from pretrain.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def verify_checkpoint(path: Path) -> None:
     file copied without its ``.sha256`` is checked against the CRC-32s stored in it instead. Only the tag directory
     ``checkpoint/`` is verified, and only it is loaded: DeepSpeed is told the tag (``pretrain.strategies``), it never
     follows the ``latest`` file, which merely marks a finished save."""
-    from pretrain.checkpoint_io import checksum_problem
+    from pretrain.checkpointing.files import checksum_problem
 
     path = Path(path)
     problem = checksum_problem(path)

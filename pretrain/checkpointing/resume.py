@@ -6,7 +6,7 @@ record stored in every checkpoint holds the settings that shape the optimisation
 with it and stops with the list of differences. ``resume.allow_changes=[optim.lr,model.hidden_dropout_prob]`` (a key,
 or a whole section such as ``optim``) accepts them on purpose; the change is then logged, kept in the run record
 of later checkpoints and appended to ``output_dir/config_changes.yaml``. The data and tokenizer identity
-(``data.corpus``, ``data.tokenizer``) and the effective global batch are compared too (``pretrain.run_identity``).
+(``data.corpus``, ``data.tokenizer``) and the effective global batch are compared too (``pretrain.checkpointing.identity``).
 
 Nothing is written for a resume that is refused: the check runs before training starts, and ``config.yaml`` and
 the change record are written only once the checkpoint has loaded (``train.RunRecordWriter``). An allowed change
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from pretrain.run_identity import GLOBAL_BATCH_KEY, identity_changes, saved_global_batch, unloadable_changes
+from pretrain.checkpointing.identity import GLOBAL_BATCH_KEY, identity_changes, saved_global_batch, unloadable_changes
 from pretrain.settings import Settings, SettingsError
 
 # trainer arguments that change what an optimizer step does (the accumulation enters the effective global batch)

@@ -11,7 +11,7 @@ rewrites the whole file in place when a new column appears (a kill then leaves a
 - on resume keeps the rows of the steps before the checkpoint's step (one per step, a half-written last line
   dropped) and drops the rows the interrupted run logged after its checkpoint (those steps are trained again).
 
-Together with :class:`pretrain.checkpoint_io.RunCheckpoint`, which logs a step's metrics before its checkpoint is
+Together with :class:`pretrain.checkpointing.files.RunCheckpoint`, which logs a step's metrics before its checkpoint is
 written, every step below a checkpoint's step has its row whenever that checkpoint exists.
 """
 

@@ -1,6 +1,6 @@
 """Hydra callbacks of the ``python -m pretrain`` command line.
 
-:class:`RunLockCallback` takes the run lock (:mod:`pretrain.run_lock`) when Hydra starts the run, before Hydra
+:class:`RunLockCallback` takes the run lock (:mod:`pretrain.run.lock`) when Hydra starts the run, before Hydra
 creates the run directory, opens its job log there and writes its config record (``.hydra/``): a second launch on a
 live ``output_dir`` then stops with one ``error:`` line (exit 2) naming the process that holds it, and has not
 touched a single file of the running run. The lock stays held until the process ends (or the run ends). When
@@ -16,7 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pretrain.run_lock import RunLock, RunLockedError, checkpoint_folder_lock
+from pretrain.run.lock import RunLock, RunLockedError, checkpoint_folder_lock
 
 
 class RunLockCallback(Callback):

@@ -7,7 +7,7 @@ few classes allow-listed here: the ones Lightning and DeepSpeed themselves put i
 ``torch.serialization.get_unsafe_globals_in_checkpoint`` on real ZeRO 1/2/3 checkpoints). Anything else is refused
 with one message naming the file and the global it asked for.
 
-DeepSpeed reads its own shard files with ``weights_only=False``, so ``pretrain.checkpoints.verify_checkpoint``
+DeepSpeed reads its own shard files with ``weights_only=False``, so ``pretrain.checkpointing.find.verify_checkpoint``
 first loads every file of a checkpoint through :func:`load` (memory-mapped: the pickle is checked, tensor data is
 not read); a crafted file is refused before anything unpickles it without restrictions. DeepSpeed is then told
 which tag directory to load, so it cannot be led by a ``latest`` file to files that were not checked.

@@ -226,7 +226,7 @@ def _log_step_to_csv(trainer, pl_module) -> None:
     """What Lightning's logger connector will log for this step, sent to the CSV logger now."""
     from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 
-    from pretrain.csv_log import ResumableCSVLogger
+    from pretrain.run.loggers import ResumableCSVLogger
 
     connector = trainer._logger_connector
     if trainer.fit_loop._should_accumulate() and pl_module.automatic_optimization:
@@ -279,7 +279,7 @@ class RunCheckpoint(ModelCheckpoint):
         checksum_deepspeed_saves(trainer.strategy)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """On Lightning's clean stop (SIGTERM, or Ctrl-C through ``pretrain.interrupt``; raised between steps, so the
+        """On Lightning's clean stop (SIGTERM, or Ctrl-C through ``pretrain.run.interrupt``; raised between steps, so the
         state is that of a finished step) save ``step-N`` and ``last``, as a periodic save would. Other exceptions
         save nothing: the state they leave may be half-updated or diverged."""
         from lightning.pytorch.utilities.exceptions import SIGTERMException

@@ -11,7 +11,7 @@ set's path, manifest sha256 and tokenizer checksum (``ShardCorpus.identity``), a
 - ``data.corpus``: other shard sets, or the same ones in another order (a set moved to another path with the same
   manifest is the same data and is accepted).
 
-Both are keys of ``resume.allow_changes`` like the settings in ``pretrain.resume_check``. The global batch is
+Both are keys of ``resume.allow_changes`` like the settings in ``pretrain.checkpointing.resume``. The global batch is
 compared as its effective value (``data.batch_size x ranks x accumulate_grad_batches``), whichever keys produced it.
 """
 

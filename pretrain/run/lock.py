@@ -12,7 +12,7 @@ told by the launcher's environment (``RANK`` from torchrun, ``SLURM_PROCID`` und
 Lightning for the processes it starts itself); the other ranks run under its lock.
 
 The command line takes the lock before Hydra writes its record (``.hydra/``, the job log) into ``output_dir``
-(:mod:`pretrain.hydra_callbacks`), so a second launch changes nothing in a live run directory; ``train()`` takes it
+(:mod:`pretrain.run.hydra_callbacks`), so a second launch changes nothing in a live run directory; ``train()`` takes it
 again, which within the holding process only counts a nesting level (POSIX locks belong to the process: a second
 ``lockf`` on another descriptor would succeed, and closing either descriptor would drop the lock; locks are
 therefore keyed by the lock file's real path, so a symlinked spelling of a held directory nests too).
