@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.model import DebertaConfig
 from pretrain.objectives.build import ObjectiveSettings  # noqa: F401 (part of the settings)
+from pretrain.overrides import did_you_mean
 
 
 class SettingsError(ValueError):
@@ -185,7 +186,8 @@ def _section(cls, raw: Any, key: str, problems: list[str]):
     values = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
     names = {f.name for f in dataclasses.fields(cls)}
     for unknown in sorted(set(values) - names):
-        problems.append(f"{key}.{unknown}: unknown key (valid: {', '.join(sorted(names))})")
+        hint = did_you_mean(unknown, names, f"{key}." if key != "config" else "")
+        problems.append(f"{key}.{unknown}: unknown key ({hint + ' ' if hint else ''}valid: {', '.join(sorted(names))})")
     values = {k: v for k, v in values.items() if k in names}
     try:
         obj = cls(**values)
@@ -198,12 +200,29 @@ def _section(cls, raw: Any, key: str, problems: list[str]):
     return obj
 
 
-def _validate_trainer(trainer: dict[str, Any], problems: list[str]) -> None:
+def trainer_arguments() -> set[str]:
+    """The keyword arguments of ``lightning.Trainer`` (the valid ``trainer.*`` keys)."""
     import lightning
 
-    accepted = set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
+    return set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
+
+
+def known_keys() -> dict[str, set[str]]:
+    """Each config section's keys that the settings accept (the top level's under ``""``; ``trainer`` is
+    :func:`trainer_arguments`): what the command line checks its overrides against (``pretrain.overrides``)."""
+    sections = {"model": DebertaConfig, "objective": ObjectiveSettings, "data": DataSettings, "optim": OptimSettings,
+                "logger": LoggerSettings, "strategy": StrategySettings, "resume": ResumeSettings}
+    keys = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections.items()}
+    keys["model"] |= {f.name for f in dataclasses.fields(InitSettings)}
+    keys[""] = {f.name for f in dataclasses.fields(RunSettings)} | set(sections) | {"trainer"}
+    return keys
+
+
+def _validate_trainer(trainer: dict[str, Any], problems: list[str]) -> None:
+    accepted = trainer_arguments()
     for key in sorted(set(trainer) - accepted):
-        problems.append(f"trainer.{key}: not an argument of lightning.Trainer")
+        hint = did_you_mean(key, accepted, "trainer.")
+        problems.append(f"trainer.{key}: not an argument of lightning.Trainer{' (' + hint + ')' if hint else ''}")
 
 
 def _validate_strategy(strategy: StrategySettings, trainer: dict[str, Any], problems: list[str]) -> None:

@@ -155,6 +155,7 @@ def test_config_errors_are_reported_before_building(shards, tmp_path):
     assert result.returncode == 2
     assert "error: invalid configuration" in result.stderr and "data.path=/nonexistent/shards" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "z").exists()  # checked before Hydra creates the run directory
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
