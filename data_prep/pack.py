@@ -472,11 +472,18 @@ def prepare_shards(
 
     out = Path(out_dir)
     _check_out_apart(out, input_patterns)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     # exclusive for the whole run: no training run reads the set meanwhile, no other writer shares the directory
-    with ShardSetLock(out, exclusive=True):
-        return _prepare_locked(out, inputs, tok, dtype, wanted, corpus_options, settings, workers, overwrite,
-                               progress, max_shards, split)
+    with ShardSetLock(out, exclusive=True) as lock:
+        try:
+            return _prepare_locked(out, inputs, tok, dtype, wanted, corpus_options, settings, workers, overwrite,
+                                   progress, max_shards, split)
+        except BaseException:
+            if created and {p.name for p in out.iterdir()} <= {lock.path.name}:  # failed before its first shard
+                lock.path.unlink(missing_ok=True)
+                out.rmdir()
+            raise
 
 
 def _prepare_locked(out: Path, inputs: list[Path], tok, dtype, wanted: dict, corpus_options, settings: PackSettings,
@@ -520,7 +527,8 @@ def _prepare_locked(out: Path, inputs: list[Path], tok, dtype, wanted: dict, cor
     for p in out.iterdir():
         if p.name.startswith("shard-") and p.name.endswith(".bin") and p.name not in {s["file"] for s in shards}:
             p.unlink()
-    _install_tokenizer(out, tok)
+    if shards:  # a fresh run copies the tokenizer with its first shard: one that fails before leaves no tokenizer/
+        _install_tokenizer(out, tok)
 
     start = dict(shards[-1]["next"]) if shards else {"doc": 0, "offset": 0}
     if shards:
@@ -532,6 +540,8 @@ def _prepare_locked(out: Path, inputs: list[Path], tok, dtype, wanted: dict, cor
 
     def on_shard(ids: np.ndarray, flags: np.ndarray, shard_start: dict, next_cursor: dict) -> None:
         index = len(shards)
+        if index == 0:
+            _install_tokenizer(out, tok)
         entry = sf.write_shard(out / sf.shard_name(index), index, ids, flags)
         entry["start"] = shard_start
         entry["next"] = next_cursor

@@ -435,6 +435,9 @@ def train_tokenizer(
     corpus.require_documents(stats, inputs, corpus_options)
     log(f"[tokenizer] sampled {len(sample)} of {seen} sentences ({stats.documents} documents, "
         f"{stats.bytes / 1e6:.1f} MB) in {time.monotonic() - t0:.1f}s")
+    skipped = corpus.describe_skipped(stats.skipped_invalid, stats.skipped_missing_text)
+    if skipped:
+        log(f"[tokenizer] {skipped}")
 
     t0 = time.monotonic()
     if base is None:
