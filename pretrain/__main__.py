@@ -69,7 +69,7 @@ def _check_before_hydra(arguments: list[str]) -> None:
     from pretrain.settings import SettingsError, settings_from_config
 
     try:
-        settings_from_config(checked.config)
+        settings_from_config(checked.config, warn=False)  # (its warnings come once, in the run's log)
     except (SettingsError, DataPrepError, CheckpointError, ConfigError) as err:
         _fail(str(err))
     except OmegaConfBaseException:

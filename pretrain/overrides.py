@@ -125,13 +125,20 @@ def check_overrides(arguments: list[str]) -> CheckedOverrides:
     choices = groups()
     problems: list[str] = []
     composing, values = [], []  # group choices (the defaults list), then the values set on top of it
+    # config directories of the user's own (hydra.searchpath=[...]) may hold more choices than conf/
+    searched = any(override.key_or_group == "hydra.searchpath" for override in parsed)
     for override, argument in zip(parsed, arguments):
         key = override.key_or_group
+        if key == "hydra.searchpath":
+            composing.append(argument)
+            continue
         if key.split(".")[0] == "hydra" or override.package is not None or "/" in key:
             continue  # Hydra's own settings, packages, nested groups: Hydra checks them
-        if key in choices:
+        if key in choices or (searched and "." not in key):  # (a search path may add groups too)
             value = override.value()
-            if not override.is_delete() and isinstance(value, str) and value not in choices[key]:
+            if searched:
+                composing.append(argument)  # an unknown choice fails the composition below: Hydra says why
+            elif not override.is_delete() and isinstance(value, str) and value not in choices[key]:
                 hint = did_you_mean(value, choices[key]) or f"choose {', '.join(choices[key])}"
                 problems.append(f"{argument}: no such {key} config in conf/{key}/ ({hint})")
             elif key == "experiment" and not (override.is_add() or override.is_force_add() or override.is_delete()):
