@@ -95,7 +95,8 @@ def _key_problem(cfg: DictConfig, key: str) -> str | None:
     if section not in known and section != "trainer":
         sections = sorted([s for s in known if s] + ["trainer"])
         close = nearest(section, sections)
-        hint = f"did you mean {' or '.join(f'{s}.{name}' for s in close)}?" if close else f"sections: {', '.join(sections)}"
+        hint = (f"did you mean {' or '.join(f'{s}.{name}' for s in close)}?" if close
+                else f"sections: {', '.join(sections)}")
         return f"{key}: no such section {section!r} ({hint})"
     if section == "trainer":
         valid = _trainer_arguments() | set(cfg.get("trainer") or {})

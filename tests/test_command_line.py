@@ -17,10 +17,11 @@ from pretrain.settings import VOCAB_PADDING, SettingsError, settings_from_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_valid_override_forms_pass(shards, tmp_path):
+def test_valid_override_forms_pass(shards):
     arguments = ["+experiment=quickstart", "model=tiny", "objective=rtd", "~trainer.gradient_clip_val",
                  "++trainer.log_every_n_steps=1", "trainer.enable_model_summary=false", "model.pad_token_id=0",
-                 f"data.path={shards}", "+optim.fused=false", "resume.allow_changes=[optim.lr]", "hydra.job.chdir=false"]
+                 f"data.path={shards}", "+optim.fused=false", "resume.allow_changes=[optim.lr]",
+                 "hydra.job.chdir=false"]
     checked = check_overrides(arguments)
     rewritten = {"trainer.enable_model_summary=false", "model.pad_token_id=0"}  # valid, not in the config
     assert checked.overrides == [f"++{a}" if a in rewritten else a for a in arguments]
@@ -40,8 +41,9 @@ def test_a_run_with_a_trainer_argument_the_config_lacks_and_the_tokenizers_vocab
     run = tmp_path / "run"
 
     def cli(steps: int) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pretrain", "+experiment=quickstart", "model=tiny", "objective=mlm",
-                               f"data.path={shards}", f"output_dir={run}", f"trainer.max_steps={steps}",
+        return subprocess.run([sys.executable, "-m", "pretrain", "+experiment=quickstart", "model=tiny",
+                               "objective=mlm", f"data.path={shards}", f"output_dir={run}",
+                               f"trainer.max_steps={steps}",
                                "data.num_workers=0", "model.max_position_embeddings=64", "export_hf=false",
                                "report=false", "~trainer.gradient_clip_val", "trainer.enable_model_summary=false",
                                "checkpoint_every_n_steps=1"], cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -107,8 +107,9 @@ def test_mlm_run_exports_a_fill_mask_model(shards, tmp_path):
 def test_small_experiments_run_a_few_steps_on_cpu(experiment, shards, tmp_path):
     """The paper-size configs (full 128k vocabulary) train on CPU: two steps, then export."""
     overrides = [f"+experiment={experiment}", f"data.path={shards}", f"output_dir={tmp_path / experiment}",
-                 "model.vocab_size=128100", "trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
-                 "data.global_batch_size=2", "data.batch_size=2", "data.num_workers=0", "export_hf=false"]
+                 "trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
+                 "data.global_batch_size=2", "data.batch_size=2", "data.num_workers=0", "export_hf=false",
+                 "model.vocab_size=128100"]
     metrics, objects = train(compose_config(overrides))
     assert objects["trainer"].global_step == 2
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
