@@ -26,7 +26,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from data_prep.atomic_io import STAGING_MARK, write_directory_atomic
-
 from pretrain.model import (
     ConfigError,
     DebertaConfig,
