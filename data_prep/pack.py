@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from data_prep import shard_format as sf
+from data_prep.atomic_io import write_directory_atomic
 from data_prep.errors import DataPrepError
 from data_prep.shard_lock import ShardSetLock
 
@@ -424,24 +425,16 @@ def _bad_entry(index: int, key: str, value, what: str) -> None:
 
 
 def _install_tokenizer(out: Path, tok) -> None:
-    """Copy the tokenizer files to ``out/tokenizer`` atomically (temp dir + rename) unless an equal copy exists."""
+    """Copy the tokenizer files to ``out/tokenizer`` atomically (assembled beside it, swapped in whole) unless an
+    equal copy exists."""
     from data_prep.text_tokenizer import tokenizer_checksum
 
     dest = out / sf.TOKENIZER_SUBDIR
     if dest.is_dir() and tokenizer_checksum(dest)[0] == tok.checksum:
         return
-    tmp = sf.temp_path(out / sf.TOKENIZER_SUBDIR)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tok.copy_files(tmp)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    sf.fsync_dir(out)
+    # both temp names end with TMP_SUFFIX, so a killed writer's leftovers go with the other temps (_remove_temps)
+    write_directory_atomic(dest, tok.copy_files, staging=sf.temp_path(dest),
+                           old=sf.temp_path(out / f"{sf.TOKENIZER_SUBDIR}.old"))
 
 
 def prepare_shards(

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from data_prep.atomic_io import write_text_atomic
+from data_prep.atomic_io import write_atomic, write_text_atomic
 from pretrain import hf, init_from
 from pretrain.checkpointing import reshard
 from pretrain.checkpointing.files import AtomicCheckpointIO, RunCheckpoint, remove_stale_temps
@@ -113,12 +113,7 @@ def build_loggers(settings: Settings, output_dir: Path, resume_step: int | None)
 
 def save_config(cfg: DictConfig, path: Path) -> None:
     """The resolved config, written atomically (a kill never leaves a half config.yaml)."""
-    from data_prep.atomic_io import fsync_dir
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    OmegaConf.save(cfg, tmp, resolve=True)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, OmegaConf.to_yaml(cfg, resolve=True), temp=path.with_name(f".{path.name}.tmp-{os.getpid()}"))
 
 
 class RunRecordWriter(Callback):

@@ -17,7 +17,8 @@ from data_prep import shard_format as sf
 from data_prep.__main__ import main
 from data_prep.corpus import CorpusOptions, iter_documents
 from data_prep.errors import DataPrepError
-from data_prep.text_tokenizer import load_tokenizer, is_punct_or_space
+from data_prep.text_tokenizer import load_tokenizer
+from data_prep.word_boundaries import is_punct_or_space
 from shard_helpers import (
     REPO, build_wordpiece_vocab, read_all, run_cli, sample_documents, train_spm_tokenizer, write_jsonl,
 )

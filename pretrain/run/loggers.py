@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from data_prep.atomic_io import fsync_dir
+from data_prep.atomic_io import write_atomic
 
 
 def _encode(rows: list[dict[str, Any]], header: list[str], with_header: bool = False) -> bytes:
@@ -81,16 +81,10 @@ class _OneRowPerStepWriter(ExperimentWriter):
         """Atomically replace the file with ``rows`` (+ the open row, whose offset is recorded)."""
         path = self.metrics_file_path
         body = _encode(rows, self.metrics_keys, with_header=True)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(body)
-            if self._open is not None:
-                self._open_offset = len(body)
-                f.write(_encode([self._open], self.metrics_keys))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path) or ".")
+        if self._open is not None:
+            self._open_offset = len(body)
+            body += _encode([self._open], self.metrics_keys)
+        write_atomic(path, body, temp=path + ".tmp")
 
     def log_metrics(self, metrics_dict: dict[str, Any], step: int | None = None) -> None:
         values = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics_dict.items()}
