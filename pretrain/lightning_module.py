@@ -5,6 +5,7 @@ The objective (an ``nn.Module``) computes the loss; this module only wires it to
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,12 @@ import torch
 from data_prep.atomic_io import write_json_atomic
 from pretrain.objectives.base import PretrainingObjective
 from pretrain.objectives.mlm import MaskedLMObjective
+from pretrain.lr_schedule import build_schedule, follow_max_steps, linear_warmup_decay  # noqa: F401 (re-export)
 from pretrain.run.perf import device_peak_flops
 from pretrain.settings import OptimSettings
 
+
+log = logging.getLogger(__name__)
 
 ATTENTION_RECORD = "attention_backend.json"  # in the run directory: what the attention backend resolved to, and why
 
@@ -42,15 +46,6 @@ def plan_objective_attention(objective: PretrainingObjective, device_type: str, 
     backends = sorted({p["backend"] for p in plans.values()})
     return {"backend": ",".join(backends), "device_type": device_type, "dtype": str(dtype).removeprefix("torch."),
             "fused": None if not fused or None in fused else float(all(fused)), "models": plans}
-
-
-def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: 0 -> 1 over ``warmup_steps``, then linearly to ``min_ratio`` at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    remaining = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / remaining)
-    return max(min_ratio, 1.0 - progress * (1.0 - min_ratio))
 
 
 class PretrainingModule(L.LightningModule):
@@ -229,8 +224,14 @@ class PretrainingModule(L.LightningModule):
         fused = self.optim.fused if self.optim.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
                                       fused=fused or None)
-        total = self.trainer.max_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: linear_warmup_decay(step, self.optim.warmup_steps, total, self.optim.min_lr_ratio)
-        )
+        schedule = build_schedule(optimizer, self.optim.warmup_steps, self.trainer.max_steps, self.optim.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """After a resume has restored the schedule: a changed ``trainer.max_steps`` rebases it (``optim.on_extend``,
+        see ``pretrain.lr_schedule``) and is said once."""
+        for config in self.trainer.lr_scheduler_configs:
+            note = follow_max_steps(config.scheduler, self.trainer.max_steps, self.optim.on_extend,
+                                    self.optim.min_lr_ratio)
+            if note and self.trainer.is_global_zero:
+                log.warning(note)
