@@ -66,6 +66,7 @@ class PretrainingModule(L.LightningModule):
         self._step_sums: torch.Tensor | None = None  # train/* values summed over this step's micro-batches
         self._step_micro_batches = 0
         self._val_sums: torch.Tensor | None = None  # MLM evaluation: (summed token loss, predicted tokens)
+        self._schedule_unrecorded = False  # resumed from a checkpoint whose LR schedule did not save its total
 
     def _consumed_samples(self) -> int:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -227,11 +228,17 @@ class PretrainingModule(L.LightningModule):
         schedule = build_schedule(optimizer, self.optim.warmup_steps, self.trainer.max_steps, self.optim.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints from before the schedule's total was saved with it hold no multiplier state
+        states = checkpoint.get("lr_schedulers") or []
+        self._schedule_unrecorded = bool(states) and all(
+            not any(state.get("lr_lambdas") or [None]) for state in states if isinstance(state, dict))
+
     def on_train_start(self) -> None:
         """After a resume has restored the schedule: a changed ``trainer.max_steps`` rebases it (``optim.on_extend``,
         see ``pretrain.lr_schedule``) and is said once."""
         for config in self.trainer.lr_scheduler_configs:
             note = follow_max_steps(config.scheduler, self.trainer.max_steps, self.optim.on_extend,
-                                    self.optim.min_lr_ratio)
+                                    self.optim.min_lr_ratio, recorded=not self._schedule_unrecorded)
             if note and self.trainer.is_global_zero:
                 log.warning(note)

@@ -72,9 +72,10 @@ def build_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_st
 
 
 def follow_max_steps(scheduler: torch.optim.lr_scheduler.LRScheduler, max_steps: int, on_extend: str,
-                     min_lr_ratio: float) -> str | None:
+                     min_lr_ratio: float, recorded: bool = True) -> str | None:
     """Once a resume has restored ``scheduler``: if its schedule decays to another total than ``max_steps``,
-    rebase it and set the optimizer's LR for the next step; return the warning to print (None: nothing changed)."""
+    rebase it and set the optimizer's LR for the next step; return the warning to print (None: nothing changed).
+    ``recorded``: False for a checkpoint written before the schedule's total was saved with it."""
     lambdas = getattr(scheduler, "lr_lambdas", None) or []
     schedules = list({id(f): f for f in lambdas if isinstance(f, WarmupDecay)}.values())
     completed = scheduler.last_epoch
@@ -84,7 +85,7 @@ def follow_max_steps(scheduler: torch.optim.lr_scheduler.LRScheduler, max_steps:
     old_total = schedules[0].total_steps
     expected = [base * f(completed) for base, f in zip(scheduler.base_lrs, lambdas)]
     if old_total == max_steps:
-        if all(group["lr"] == lr for group, lr in zip(optimizer.param_groups, expected)):
+        if recorded or all(group["lr"] == lr for group, lr in zip(optimizer.param_groups, expected)):
             return None
         # a checkpoint written before the schedule's state was saved: its total is unknown
         for group, lr in zip(optimizer.param_groups, expected):

@@ -66,3 +66,56 @@ def test_extension_continues_the_lr(shards, finished, tmp_path, caplog, on_exten
     else:  # one straight line from the last trained step's LR to 0 after the new last step
         step = before[-1] / (EXTENDED - FIRST + 1)
         assert resumed == pytest.approx([before[-1] - step * (i + 1) for i in range(len(resumed))], rel=1e-5)
+
+
+def test_unknown_on_extend_is_one_error_line(shards, tmp_path):
+    from pretrain.settings import SettingsError, settings_from_config
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=args(shards, tmp_path / "run", 4, "optim.on_extend=restart"))
+    with pytest.raises(SettingsError) as err:
+        settings_from_config(cfg)
+    assert str(err.value) == ("invalid configuration: optim.on_extend='restart': choose stretch or constant (what the "
+                              "LR does when a resumed run's trainer.max_steps changes)")
+    assert not (tmp_path / "run").exists()
+
+
+def _stepped(total: int, steps: int, state: dict | None = None):
+    import torch
+
+    from pretrain.lr_schedule import build_schedule
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=LR)
+    schedule = build_schedule(optimizer, 4, total, 0.0)
+    if state is not None:
+        optimizer.param_groups[0]["lr"] = state["_last_lr"][0]  # as the optimizer's own state restores it
+        schedule.load_state_dict(state)
+    for _ in range(steps):
+        optimizer.step()
+        schedule.step()
+    return schedule
+
+
+def test_schedule_rebase_in_warm_up_and_from_an_unrecorded_checkpoint():
+    from pretrain.lr_schedule import follow_max_steps
+
+    # stopped during warm-up: warm-up ends where planned, then `constant` holds the peak LR
+    schedule = _stepped(8, 2, None)
+    resumed = _stepped(12, 0, schedule.state_dict())
+    note = follow_max_steps(resumed, 12, "constant", 0.0)
+    assert note.startswith("trainer.max_steps grew from 8 to 12") and "warm-up ends at step 4" in note
+    lrs = [resumed.get_last_lr()[0]]
+    for _ in range(8):
+        resumed.optimizer.step()
+        resumed.step()
+        lrs.append(resumed.get_last_lr()[0])
+    assert lrs == pytest.approx([LR * 3 / 4] + [LR] * 8)
+
+    # a checkpoint whose schedule did not save its total (lr_lambdas None): no 0.0 step, one warning
+    state = _stepped(6, 6).state_dict()
+    state["lr_lambdas"] = [None]
+    resumed = _stepped(10, 0, state)
+    assert resumed.optimizer.param_groups[0]["lr"] == 0.0
+    note = follow_max_steps(resumed, 10, "stretch", 0.0, recorded=False)
+    assert "does not record the trainer.max_steps" in note and resumed.optimizer.param_groups[0]["lr"] > 0.0
+    assert follow_max_steps(_stepped(10, 0, _stepped(10, 6).state_dict()), 10, "stretch", 0.0) is None
