@@ -16,7 +16,7 @@ import torch
 from data_prep.atomic_io import write_json_atomic
 from pretrain.objectives.base import PretrainingObjective
 from pretrain.objectives.mlm import MaskedLMObjective
-from pretrain.lr_schedule import build_schedule, follow_max_steps, linear_warmup_decay  # noqa: F401 (re-export)
+from pretrain.lr_schedule import build_schedule, extension_note, follow_max_steps, linear_warmup_decay  # noqa: F401
 from pretrain.run.perf import device_peak_flops
 from pretrain.settings import OptimSettings
 
@@ -229,16 +229,17 @@ class PretrainingModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Say what a changed ``trainer.max_steps`` does to the LR schedule (once, before the progress bar is drawn);
+        ``on_train_start`` applies it once the schedule is restored."""
+        states = [s for s in checkpoint.get("lr_schedulers") or [] if isinstance(s, dict)]
         # checkpoints from before the schedule's total was saved with it hold no multiplier state
-        states = checkpoint.get("lr_schedulers") or []
-        self._schedule_unrecorded = bool(states) and all(
-            not any(state.get("lr_lambdas") or [None]) for state in states if isinstance(state, dict))
+        self._schedule_unrecorded = bool(states) and not any(states[0].get("lr_lambdas") or [None])
+        note = states and extension_note(states[0], self.optim.warmup_steps, self.trainer.max_steps,
+                                         self.optim.on_extend, self.optim.min_lr_ratio)
+        if note and self.trainer.is_global_zero:
+            log.warning(note)
 
     def on_train_start(self) -> None:
-        """After a resume has restored the schedule: a changed ``trainer.max_steps`` rebases it (``optim.on_extend``,
-        see ``pretrain.lr_schedule``) and is said once."""
         for config in self.trainer.lr_scheduler_configs:
-            note = follow_max_steps(config.scheduler, self.trainer.max_steps, self.optim.on_extend,
-                                    self.optim.min_lr_ratio, recorded=not self._schedule_unrecorded)
-            if note and self.trainer.is_global_zero:
-                log.warning(note)
+            follow_max_steps(config.scheduler, self.trainer.max_steps, self.optim.on_extend,
+                             recorded=not self._schedule_unrecorded)

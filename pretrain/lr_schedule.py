@@ -6,8 +6,9 @@ is a callable object, so torch's ``LambdaLR`` saves its state (the total it deca
 function would not be saved, and a resume with a larger ``max_steps`` used to run its first step at the LR the old
 schedule had left in the optimizer (0.0 once a run had finished) and then jump up onto the new total's curve.
 
-Now a resume compares the saved total with ``trainer.max_steps`` (:func:`follow_max_steps`) and, when they differ,
-says so once and continues from the LR of the last trained step, as ``optim.on_extend`` asks:
+Now a resume compares the saved total with ``trainer.max_steps`` and, when they differ, says so once
+(:func:`extension_note`) and continues (:func:`follow_max_steps`) from the LR of the last trained step, as
+``optim.on_extend`` asks:
 
 - ``stretch`` (default): the remaining decay is stretched to the new end, from that LR down to
   ``min_lr_ratio x lr`` at the new ``max_steps``;
@@ -72,39 +73,56 @@ def build_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_st
 
 
 def follow_max_steps(scheduler: torch.optim.lr_scheduler.LRScheduler, max_steps: int, on_extend: str,
-                     min_lr_ratio: float, recorded: bool = True) -> str | None:
-    """Once a resume has restored ``scheduler``: if its schedule decays to another total than ``max_steps``,
-    rebase it and set the optimizer's LR for the next step; return the warning to print (None: nothing changed).
-    ``recorded``: False for a checkpoint written before the schedule's total was saved with it."""
+                     recorded: bool = True) -> bool:
+    """Once a resume has restored ``scheduler``: if its schedule decays to another total than ``max_steps``, rebase
+    it and set the optimizer's LR for the next step. ``recorded``: False for a checkpoint written before the
+    schedule's total was saved with it (the LR then follows ``max_steps`` from the next step). True if anything
+    changed."""
     lambdas = getattr(scheduler, "lr_lambdas", None) or []
     schedules = list({id(f): f for f in lambdas if isinstance(f, WarmupDecay)}.values())
     completed = scheduler.last_epoch
-    optimizer = scheduler.optimizer
     if not schedules or completed <= 0:
-        return None
-    old_total = schedules[0].total_steps
-    expected = [base * f(completed) for base, f in zip(scheduler.base_lrs, lambdas)]
-    if old_total == max_steps:
-        if recorded or all(group["lr"] == lr for group, lr in zip(optimizer.param_groups, expected)):
-            return None
-        # a checkpoint written before the schedule's state was saved: its total is unknown
-        for group, lr in zip(optimizer.param_groups, expected):
-            group["lr"] = lr
-        scheduler._last_lr = expected
-        return (f"the checkpoint (step {completed}) does not record the trainer.max_steps its LR schedule was built "
-                f"for (it predates that record); the LR now follows the schedule to step {max_steps}: "
-                f"{expected[0]:.3g} at the next step")
-    before = scheduler.base_lrs[0] * schedules[0](completed - 1)
-    warming_up = completed < schedules[0].warmup_steps
-    for schedule in schedules:
-        schedule.rebase(completed, max_steps, on_extend)
+        return False
+    rebased = schedules[0].total_steps != max_steps
+    if rebased:
+        for schedule in schedules:
+            schedule.rebase(completed, max_steps, on_extend)
+    elif recorded:
+        return False
     lrs = [base * f(completed) for base, f in zip(scheduler.base_lrs, lambdas)]
-    for group, lr in zip(optimizer.param_groups, lrs):
+    if all(group["lr"] == lr for group, lr in zip(scheduler.optimizer.param_groups, lrs)):
+        return rebased
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
+    return True
+
+
+def extension_note(state: dict, warmup_steps: int, max_steps: int, on_extend: str, min_lr_ratio: float) -> str | None:
+    """The one warning for a resume whose ``trainer.max_steps`` differs from the one the saved schedule
+    (``state``: the scheduler's state in the checkpoint) was built for; None when nothing changes. Worked out from
+    the checkpoint alone, so it is said before the progress bar is drawn."""
+    completed, base = int(state.get("last_epoch", 0)), float((state.get("base_lrs") or [0.0])[0])
+    saved = next((d for d in state.get("lr_lambdas") or [] if isinstance(d, dict)), None)
+    if completed <= 0:
+        return None
+    if saved is None:  # a checkpoint from before the schedule saved its total
+        expected = base * linear_warmup_decay(completed, warmup_steps, max_steps, min_lr_ratio)
+        if (state.get("_last_lr") or [expected])[0] == expected:
+            return None
+        return (f"the checkpoint (step {completed}) does not record the trainer.max_steps its LR schedule was built "
+                f"for (it predates that record); the LR now follows the schedule to step {max_steps}: "
+                f"{expected:.3g} at the next step")
+    schedule = WarmupDecay.__new__(WarmupDecay)
+    schedule.__dict__.update(saved)
+    old_total = schedule.total_steps
+    if old_total == max_steps:
+        return None
+    before = base * schedule(completed - 1)
+    warming_up = completed < schedule.warmup_steps
     grew = "grew" if max_steps > old_total else "shrank"
-    peak, end = scheduler.base_lrs[0], scheduler.base_lrs[0] * min_lr_ratio
-    warmup = schedules[0].warmup_steps
+    peak, end = base, base * min_lr_ratio
+    warmup = schedule.warmup_steps
     if warming_up and on_extend == "constant":
         what = (f"warm-up ends at step {warmup} as planned, then the LR stays at {peak:.3g} (optim.on_extend=constant; "
                 f"optim.on_extend=stretch would decay it to {end:.3g} at step {max_steps})")

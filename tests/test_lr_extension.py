@@ -97,13 +97,14 @@ def _stepped(total: int, steps: int, state: dict | None = None):
 
 
 def test_schedule_rebase_in_warm_up_and_from_an_unrecorded_checkpoint():
-    from pretrain.lr_schedule import follow_max_steps
+    from pretrain.lr_schedule import extension_note, follow_max_steps
 
     # stopped during warm-up: warm-up ends where planned, then `constant` holds the peak LR
-    schedule = _stepped(8, 2, None)
-    resumed = _stepped(12, 0, schedule.state_dict())
-    note = follow_max_steps(resumed, 12, "constant", 0.0)
+    state = _stepped(8, 2).state_dict()
+    note = extension_note(state, 4, 12, "constant", 0.0)
     assert note.startswith("trainer.max_steps grew from 8 to 12") and "warm-up ends at step 4" in note
+    resumed = _stepped(12, 0, state)
+    assert follow_max_steps(resumed, 12, "constant")
     lrs = [resumed.get_last_lr()[0]]
     for _ in range(8):
         resumed.optimizer.step()
@@ -111,11 +112,14 @@ def test_schedule_rebase_in_warm_up_and_from_an_unrecorded_checkpoint():
         lrs.append(resumed.get_last_lr()[0])
     assert lrs == pytest.approx([LR * 3 / 4] + [LR] * 8)
 
-    # a checkpoint whose schedule did not save its total (lr_lambdas None): no 0.0 step, one warning
+    # a checkpoint whose schedule did not save its total (lr_lambdas None): one warning, no step at 0.0
     state = _stepped(6, 6).state_dict()
     state["lr_lambdas"] = [None]
+    assert "does not record the trainer.max_steps" in extension_note(state, 4, 10, "stretch", 0.0)
     resumed = _stepped(10, 0, state)
     assert resumed.optimizer.param_groups[0]["lr"] == 0.0
-    note = follow_max_steps(resumed, 10, "stretch", 0.0, recorded=False)
-    assert "does not record the trainer.max_steps" in note and resumed.optimizer.param_groups[0]["lr"] > 0.0
-    assert follow_max_steps(_stepped(10, 0, _stepped(10, 6).state_dict()), 10, "stretch", 0.0) is None
+    assert follow_max_steps(resumed, 10, "stretch", recorded=False)
+    assert resumed.optimizer.param_groups[0]["lr"] > 0.0
+    unchanged = _stepped(10, 6).state_dict()  # the same max_steps: nothing to say or do
+    assert extension_note(unchanged, 4, 10, "stretch", 0.0) is None
+    assert not follow_max_steps(_stepped(10, 0, unchanged), 10, "stretch")
