@@ -5,6 +5,7 @@ The objective (an ``nn.Module``) computes the loss; this module only wires it to
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,12 @@ import torch
 from data_prep.atomic_io import write_json_atomic
 from pretrain.objectives.base import PretrainingObjective
 from pretrain.objectives.mlm import MaskedLMObjective
+from pretrain.lr_schedule import build_schedule, extension_note, follow_max_steps, linear_warmup_decay  # noqa: F401
 from pretrain.run.perf import device_peak_flops
 from pretrain.settings import OptimSettings
 
+
+log = logging.getLogger(__name__)
 
 ATTENTION_RECORD = "attention_backend.json"  # in the run directory: what the attention backend resolved to, and why
 
@@ -44,15 +48,6 @@ def plan_objective_attention(objective: PretrainingObjective, device_type: str, 
             "fused": None if not fused or None in fused else float(all(fused)), "models": plans}
 
 
-def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: 0 -> 1 over ``warmup_steps``, then linearly to ``min_ratio`` at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    remaining = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / remaining)
-    return max(min_ratio, 1.0 - progress * (1.0 - min_ratio))
-
-
 class PretrainingModule(L.LightningModule):
     def __init__(self, objective: PretrainingObjective, optim: OptimSettings, seed: int, tokens_per_sequence: int,
                  run_record: dict | None = None, flops_per_token: float | None = None):
@@ -71,6 +66,7 @@ class PretrainingModule(L.LightningModule):
         self._step_sums: torch.Tensor | None = None  # train/* values summed over this step's micro-batches
         self._step_micro_batches = 0
         self._val_sums: torch.Tensor | None = None  # MLM evaluation: (summed token loss, predicted tokens)
+        self._schedule_unrecorded = False  # resumed from a checkpoint whose LR schedule did not save its total
 
     def _consumed_samples(self) -> int:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -229,8 +225,21 @@ class PretrainingModule(L.LightningModule):
         fused = self.optim.fused if self.optim.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
                                       fused=fused or None)
-        total = self.trainer.max_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: linear_warmup_decay(step, self.optim.warmup_steps, total, self.optim.min_lr_ratio)
-        )
+        schedule = build_schedule(optimizer, self.optim.warmup_steps, self.trainer.max_steps, self.optim.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Say what a changed ``trainer.max_steps`` does to the LR schedule (once, before the progress bar is drawn);
+        ``on_train_start`` applies it once the schedule is restored."""
+        states = [s for s in checkpoint.get("lr_schedulers") or [] if isinstance(s, dict)]
+        # checkpoints from before the schedule's total was saved with it hold no multiplier state
+        self._schedule_unrecorded = bool(states) and not any(states[0].get("lr_lambdas") or [None])
+        note = states and extension_note(states[0], self.optim.warmup_steps, self.trainer.max_steps,
+                                         self.optim.on_extend, self.optim.min_lr_ratio)
+        if note and self.trainer.is_global_zero:
+            log.warning(note)
+
+    def on_train_start(self) -> None:
+        for config in self.trainer.lr_scheduler_configs:
+            follow_max_steps(config.scheduler, self.trainer.max_steps, self.optim.on_extend,
+                             recorded=not self._schedule_unrecorded)

@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pretrain.lr_schedule import ON_EXTEND
 from pretrain.model import DebertaConfig
 from pretrain.objectives.build import ObjectiveSettings  # noqa: F401 (part of the settings)
 from pretrain.overrides import did_you_mean
@@ -58,6 +59,10 @@ class OptimSettings:
     warmup_steps: int = 10000
     """Linear warm-up from 0, then linear decay to `min_lr_ratio * lr` at `trainer.max_steps`."""
     min_lr_ratio: float = 0.0
+    on_extend: str = "stretch"
+    """When a resume finds another `trainer.max_steps` than the schedule was built for: `stretch` decays on from the
+    last step's LR to `min_lr_ratio * lr` at the new end; `constant` keeps the last step's LR (see
+    ``pretrain.lr_schedule``). Not compared on resume: it only acts when `max_steps` changes."""
     fused: bool | None = None
     """Fused AdamW; None = on when training on CUDA."""
 
@@ -361,6 +366,9 @@ def settings_from_config(cfg: DictConfig, warn: bool = True) -> Settings:
 
     if objective.name not in ("mlm", "rtd"):
         problems.append(f"objective.name={objective.name!r}: choose 'mlm' or 'rtd' (objective=mlm|rtd)")
+    if optim is not None and optim.on_extend not in ON_EXTEND:
+        problems.append(f"optim.on_extend={optim.on_extend!r}: choose {' or '.join(ON_EXTEND)} (what the LR does when "
+                        "a resumed run's trainer.max_steps changes)")
     if objective.embedding_sharing not in ("gdes", "es", "nes"):
         problems.append(f"objective.embedding_sharing={objective.embedding_sharing!r}: choose gdes, es or nes")
     shard_sets = _validate_corpus(data, problems)

@@ -43,8 +43,9 @@ def optimisation_settings(settings: Settings, global_batch: int | None = None) -
     flat: dict[str, Any] = {}
     data = {"seed": settings.data.seed, "global_batch_size": global_batch}
     trainer = {k: settings.trainer.get(k) for k in TRAINER_KEYS if k != "accumulate_grad_batches"}
+    optim = {k: v for k, v in dataclasses.asdict(settings.optim).items() if k != "on_extend"}  # acts on a change only
     sections = {"model": settings.model.to_dict(), "objective": dataclasses.asdict(settings.objective),
-                "optim": dataclasses.asdict(settings.optim), "data": data, "trainer": trainer}
+                "optim": optim, "data": data, "trainer": trainer}
     for section, values in sections.items():
         for key, value in values.items():
             flat[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value

@@ -10,8 +10,10 @@ counts optimizer steps against ``trainer.max_steps`` (also after a resume, where
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,9 @@ class _DropMessages(logging.Filter):
 
 
 _TIPS = _DropMessages("💡 Tip")  # Lightning advertising its cloud products (litlogger, litmodels)
+# Logged while the step bar is still open, so it lands glued to the bar's line and the bar's close draws the bar a
+# second time below it; the closing summary says the same ("steps N / N").
+_FIT_STOPPED = _DropMessages("`Trainer.fit` stopped: `max_steps=")
 
 
 def quiet_console() -> None:
@@ -41,14 +46,20 @@ def quiet_console() -> None:
             if type(handler) is logging.StreamHandler:
                 lightning.removeHandler(handler)
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _TIPS not in rank_zero.filters:
-        rank_zero.addFilter(_TIPS)
+    for noise in (_TIPS, _FIT_STOPPED):
+        if noise not in rank_zero.filters:
+            rank_zero.addFilter(noise)
     from lightning.fabric.utilities.warnings import PossibleUserWarning
 
     # The SLURM scripts (slurm/) launch ranks through srun; a run started by hand on a node where srun exists is
     # deliberate, and Lightning's hint would tell the user to wrap this very command in srun.
     warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used",
                             category=PossibleUserWarning)
+    # A resume finds its own checkpoints in checkpoints/: that is how it resumes, not a reason to warn.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty", category=UserWarning)
+    # torch's advice on data.num_workers above the cores, once per loader; the run's sanity check (pretrain.run.sanity)
+    # says it once, with the value to use.
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     # torch deprecated its LeafSpec class; Lightning's pytree helper still builds one (nothing to change here).
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
@@ -63,19 +74,78 @@ def _short(value: float) -> str:
     return f"{value:.3g}" if magnitude < 1 else f"{value:.4g}"
 
 
-# (label on the bar, logged metric): the objective's parts, then throughput
+# (label on the bar, logged metric): the objective's parts, the validation's, then throughput. v3 validation shows
+# its parts (the weighted total, mlm + rtd_weight x rtd, says little beside them); v2's val/loss is the MLM loss.
 BAR_METRICS = (("mlm", "train/mlm_loss"), ("rtd", "train/rtd_loss"), ("auc", "train/discriminator_auc"),
-               ("val", "val/loss"), ("tok/s", "perf/tokens_per_sec"))
+               ("val", "val/loss"), ("val_mlm", "val/mlm_loss"), ("val_rtd", "val/rtd_loss"),
+               ("val_auc", "val/discriminator_auc"), ("tok/s", "perf/tokens_per_sec"))
+V3_VALIDATION = "val/rtd_loss"  # logged by RTD validation only
+
+
+def bar_metrics(metrics: dict[str, Any]) -> dict[str, str]:
+    """The bar's ``label=value`` pairs from the logged metrics (v3 validation: its parts instead of the total)."""
+    shown = {}
+    for label, key in BAR_METRICS:
+        if key in metrics and not (key == "val/loss" and V3_VALIDATION in metrics):
+            shown[label] = _short(float(metrics[key]))
+    return shown
 
 
 class StepProgressBar(TQDMProgressBar):
     """Optimizer steps out of ``trainer.max_steps`` (ETA from this session's pace), with the loss parts."""
+
+    _console: contextlib.ExitStack | None = None  # console logging redirected around the bar (a terminal only)
 
     def init_train_tqdm(self) -> Tqdm:
         trainer = self.trainer
         return Tqdm(desc="train", total=trainer.max_steps if trainer.max_steps > 0 else None,
                     initial=trainer.global_step, position=2 * self.process_position, disable=self.is_disabled,
                     leave=True, dynamic_ncols=True, smoothing=0, unit="step")
+
+    def init_validation_tqdm(self) -> Tqdm:
+        has_main_bar = self.trainer.state.fn != "validate"
+        return self._side_bar(self.validation_description, has_main_bar, leave=not has_main_bar)
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return self._side_bar(self.sanity_check_description, 0, leave=False)
+
+    def _side_bar(self, description: str, offset: int, leave: bool) -> Tqdm:
+        """Lightning's validation bars, on a terminal only: they draw below the step bar with cursor-movement codes
+        and erase themselves when done, which in a log file (stdout not a terminal) leaves escape codes and
+        half-drawn lines. The step bar shows the validation results when it is over."""
+        return Tqdm(desc=description, position=2 * self.process_position + offset,
+                    disable=self.is_disabled or not sys.stdout.isatty(), leave=leave, dynamic_ncols=True,
+                    file=sys.stdout, bar_format=self.BAR_FORMAT)
+
+    def on_train_start(self, trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        self._redirect_console_logging()
+
+    def _redirect_console_logging(self) -> None:
+        """On a terminal, a message logged while the bar is drawn would land glued to the bar's line and the bar
+        would be drawn again below it; while the bar is open, console log lines go through ``tqdm.write``, which
+        clears the bar, prints the line and redraws the bar under it. Log files are not affected."""
+        if self._console is not None or self.is_disabled or not sys.stderr.isatty():
+            return
+        from tqdm.contrib.logging import _is_console_logging_handler, logging_redirect_tqdm
+
+        loggers = [logger for logger in (logging.getLogger(), logging.getLogger("lightning"))
+                   if any(_is_console_logging_handler(h) for h in logger.handlers)]
+        self._console = contextlib.ExitStack()
+        self._console.enter_context(logging_redirect_tqdm(loggers, tqdm_class=Tqdm))
+
+    def _restore_console_logging(self) -> None:
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+
+    def on_train_end(self, *args: Any) -> None:
+        super().on_train_end(*args)
+        self._restore_console_logging()
+
+    def teardown(self, *args: Any, **kwargs: Any) -> None:
+        self._restore_console_logging()
+        super().teardown(*args, **kwargs)
 
     def on_train_epoch_start(self, trainer, *_: Any) -> None:
         if self._train_progress_bar is None or self._train_progress_bar.disable:
@@ -104,14 +174,10 @@ class StepProgressBar(TQDMProgressBar):
         if bar is not None and not bar.disable:
             _update_n(bar, trainer.global_step)  # the step reached, also between refreshes
             bar.close()  # before the closing message, not redrawn after it
+        self._restore_console_logging()
 
     def get_metrics(self, trainer, pl_module) -> dict[str, str]:
-        metrics = trainer.callback_metrics
-        shown = {}
-        for label, key in BAR_METRICS:
-            if key in metrics:
-                shown[label] = _short(float(metrics[key]))
-        return shown
+        return bar_metrics(trainer.callback_metrics)
 
 
 @dataclass
@@ -152,6 +218,10 @@ class RunSummary:
             out.append(f"  final       {losses} (step {self.step:,})")
         validation = [(label, self.metrics.get(key)) for label, key in
                       (("loss", "val/loss"), ("perplexity", "val/perplexity"))]
+        if V3_VALIDATION in self.metrics:  # v3: the parts as in the final line (val/loss is the weighted total)
+            validation = [(label, self.metrics.get(key)) for label, key in
+                          (("mlm", "val/mlm_loss"), ("rtd", "val/rtd_loss"), ("total", "val/loss"),
+                           ("replaced-token AUC", "val/discriminator_auc"))]
         if any(v is not None for _, v in validation):
             out.append("  validation  " + ", ".join(f"{k} {v:.4f}" for k, v in validation if v is not None))
         for path in self.exported:
