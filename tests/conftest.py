@@ -1,15 +1,20 @@
-"""Test-wide settings: no network for wandb, deterministic torch, small thread count (CI has 2 cores)."""
+"""Test-wide settings: no network for wandb, deterministic torch, one intra-op thread.
+
+One thread, in this process and in every process a test starts (OMP_NUM_THREADS, unless a test sets it): the
+suite's models are tiny, and on a 2-core machine that is busy with anything else (a rank the test started, another
+job) torch's second intra-op thread spin-waits for a core and made single tests up to 60 times slower."""
 
 import os
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)
 if not torch.cuda.is_available():  # Triton kernels run in Triton's CPU interpreter (set before they are defined)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
