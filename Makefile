@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make quickstart   -> installs into .venv, then runs the small pretraining job on the bundled samples
 #   make test         -> installs into .venv (with test extras), then runs the test-suite
+#   make test-fast    -> the edit-loop tier: the suite without the tests marked slow in tests/conftest.py
 #
 # CPU-only machines get the CPU build of torch: when no NVIDIA driver is present we install `torch==2.13.0`
 # first (a local CPU wheel where PIP_FIND_LINKS provides one), so the project's own `torch>=2.5,<2.15`
@@ -13,7 +14,7 @@ CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?= -q
 export WANDB_MODE ?= disabled
 
-.PHONY: setup quickstart test clean
+.PHONY: setup quickstart test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,9 @@ quickstart: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not slow" --durations=10
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,15 +1,20 @@
-"""Test-wide settings: no network for wandb, deterministic torch, small thread count (CI has 2 cores)."""
+"""Test-wide settings: no network for wandb, deterministic torch, one intra-op thread.
+
+One thread, in this process and in every process a test starts (OMP_NUM_THREADS, unless a test sets it): the
+suite's models are tiny, and on a 2-core machine that is busy with anything else (a rank the test started, another
+job) torch's second intra-op thread spin-waits for a core and made single tests up to 60 times slower."""
 
 import os
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)
 if not torch.cuda.is_available():  # Triton kernels run in Triton's CPU interpreter (set before they are defined)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -54,3 +59,98 @@ def split_shards(shards, tmp_path_factory):
                     "--tokenizer", str(shards.parent / "tok"), "--out", str(out), "--seq-len", "64", "--workers", "1",
                     "--val-fraction", "0.1"], check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
     return out, out / "val"
+
+
+# --- the edit-loop tier: `make test-fast` runs `pytest -m "not slow"` ------------------------------------------------
+# The tests below are marked `slow` here, in one place (a file, or a test with all its parameters). Together they are
+# most of the suite's time; what is left still imports every module of pretrain/ and data_prep/ and exercises each
+# (a cheaper test of the same area stays in). `make test` (CI) runs everything. A new test that takes more than a
+# few seconds on the 2-core CI machine belongs in this list (`pytest --durations=25` shows the slowest).
+SLOW = {
+    "tests/test_slurm.py",
+    "tests/test_elastic_zero.py",
+    "tests/test_install.py",
+    "tests/test_rtd_learning.py",
+    "tests/test_probe_learning.py",
+    "tests/test_gpu_check.py::test_dry_run_runs_every_stage_and_writes_json_and_markdown",
+    "tests/test_gpu_check.py::test_dry_run_under_the_triton_of_gpu_images",
+    "tests/test_gpu_check.py::test_a_kernel_that_fails_its_self_check_makes_our_step_rows_invalid",
+    "tests/test_gpu_check.py::test_a_row_past_its_share_of_the_stage_says_so_and_the_next_row_runs",
+    "tests/test_recovery.py::test_random_kills_resume_exactly",
+    "tests/test_recovery.py::test_deepspeed_random_kills_resume_exactly_and_damaged_files_are_named",
+    "tests/test_recovery.py::test_crafted_pickles_are_refused_and_run_nothing",
+    "tests/test_recovery.py::test_second_launch_on_a_live_output_dir_changes_nothing_and_fails",
+    "tests/test_recovery.py::test_full_disk_during_a_save_keeps_the_previous_checkpoint",
+    "tests/test_deepspeed.py::test_zero_stage_matches_ddp_resumes_and_exports",
+    "tests/test_triton_attention.py::test_whole_model_with_emd_matches_reference",
+    "tests/test_triton_attention.py::test_compiled_dropout_follows_torch_seed",
+    "tests/test_triton_attention.py::test_compiles_without_graph_breaks",
+    "tests/test_triton_attention.py::test_memory_kept_for_backward_grows_linearly_with_length",
+    "tests/test_mixtures.py::test_weighted_mixture_resumes_on_three_ranks_without_repeating_or_skipping",
+    "tests/test_mixtures.py::test_global_batch_gives_the_same_losses_on_one_two_and_four_ranks",
+    "tests/test_train.py::test_small_experiments_run_a_few_steps_on_cpu",
+    "tests/test_train.py::test_rtd_loss_falls_and_exports_load_in_transformers",
+    "tests/test_train.py::test_interrupted_run_resumes_exactly",
+    "tests/test_probe_watch.py::test_watch_killed_at_seeded_points_ends_with_each_row_once",
+    "tests/test_probe_watch.py::test_report_draws_the_downstream_panel_with_baselines_and_overlays_runs",
+    "tests/test_probe_watch.py::test_probe_sbatch_runs_the_watch",
+    "tests/test_loggers.py::test_wandb_offline_run_resumes_the_same_run",
+    "tests/test_signals_and_export.py::test_sigterm_to_the_whole_group_saves_and_resumes_exactly",
+    "tests/test_signals_and_export.py::test_sigterm_during_validation_keeps_that_evaluation",
+    "tests/test_signals_and_export.py::test_export_keeps_a_users_directory_and_replaces_it_whole_only_when_asked",
+    "tests/test_run_visibility.py::test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command",
+    "tests/test_run_visibility.py::test_resumed_run_has_the_losses_of_an_uninterrupted_one",
+    "tests/test_run_visibility.py::test_terminal_prints_each_message_once_and_a_summary",
+    "tests/test_run_visibility.py::test_progress_bar_counts_to_max_steps_after_resume",
+    "tests/test_run_visibility.py::test_report_draws_mlm_and_rtd_runs",
+    "tests/test_checkpoint_trust.py",
+    "tests/test_gpu_bench.py",
+    "tests/test_loggers.py",
+    "tests/test_triton_aot.py::test_aot_every_launchable_variant_compiles",
+    "tests/test_triton_aot.py::test_aot_16bit_pinned_configs_do_not_spill_or_exceed_shared_memory",
+    "tests/test_triton_aot.py::test_aot_sm90_forward_uses_wgmma",
+    "tests/test_triton_aot.py::test_aot_every_position_term_combination_compiles_on_sm90",
+    "tests/test_triton_aot.py::test_aot_compiles_with_the_triton_of_gpu_images",
+    "tests/test_shards.py::test_killed_process_resumes_to_identical_output",
+    "tests/test_shards.py::test_records_without_text_and_nul_files_are_refused_or_skipped_and_counted",
+    "tests/test_attention_self_check.py::test_compiled_code_reads_the_planned_outcome",
+    "tests/test_attention_self_check.py::test_training_run_records_the_fallback",
+    "tests/test_attention_self_check.py::test_checks_are_per_configuration",
+    "tests/test_attention_self_check.py::test_healthy_kernel_passes_and_auto_runs_it",
+    "tests/test_attention_self_check.py::test_first_use_inside_compiled_code_runs_the_check_eagerly",
+    "tests/test_live_shards.py::test_overwrite_under_a_live_run_is_refused_and_the_run_trains_on_what_it_checked",
+    "tests/test_live_shards.py::test_a_manifest_entry_without_sha256_is_one_line_and_a_dead_hash_check_never_hangs",
+    "tests/test_live_shards.py::test_a_shard_truncated_under_a_live_run_stops_it_with_one_line",
+    "tests/test_run_identity.py::test_tokenizer_swap_with_equal_counts_is_refused_unless_allowed",
+    "tests/test_run_identity.py::test_reordered_sources_are_refused",
+    "tests/test_run_identity.py::test_global_batch_is_compared_as_its_effective_value_both_ways",
+    "tests/test_run_identity.py::test_export_refuses_a_tokenizer_the_checkpoint_was_not_trained_with",
+    "tests/test_train.py::test_mlm_run_exports_a_fill_mask_model",
+    "tests/test_signals_and_export.py::test_ctrl_c_twice_stops_at_once_with_the_projects_line",
+    "tests/test_continue.py::test_zh_max_steps_0_reproduces_and_exports_the_source",
+    "tests/test_continue.py::test_zh_loss_falls_and_fill_mask_matches_native",
+    "tests/test_continue.py::test_ko_derived_generator_starts_exactly_and_loss_falls",
+    "tests/test_continue.py::test_vocabulary_extension_keeps_old_tokens",
+    # single cases of the one-line-errors test (each a command-line launch); every area keeps cases in the tier
+    "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[resume_with_only_an_empty_sha256]",
+    "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[allow_changes_naming_nothing]",
+    "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[probe_watch_a_file]",
+    "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[export_into_a_non_empty_hf]",
+    "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[allow_changes_of_the_micro_batch]",
+    "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[export_with_a_binary_sha256]",
+    "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[probe_model_without_tokenizer]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    modules = {}
+    for item in items:
+        path, _, name = item.nodeid.partition("::")
+        modules.setdefault(path, item.module)
+        if path in SLOW or f"{path}::{name.split('[')[0]}" in SLOW or item.nodeid in SLOW:
+            item.add_marker(pytest.mark.slow)
+    # a renamed or removed test must not leave the list quietly (its replacement would land in the fast tier)
+    stale = [entry for entry in SLOW if "::" in entry and entry.split("::")[0] in modules
+             and not hasattr(modules[entry.split("::")[0]], entry.split("::")[1].split("[")[0])]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {', '.join(sorted(stale))}")

@@ -182,20 +182,35 @@ def kill_points(seed: int, kills: int, replaces_per_save: int) -> list[str]:
 
 def kill_and_relaunch(args: list[str], run: Path, points: list[str], tmpdirs: list[Path], env: dict) -> None:
     """Launch the run once per kill point (alternating $TMPDIR between ``tmpdirs``), each time SIGKILLed at that
-    point and its whole process group ended (the ranks it started), like a scheduler ending a job."""
-    for i, point in enumerate(points):
-        launch = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_runner.py"), point, *args], cwd=REPO,
-                                  start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True, env={**os.environ, "WANDB_MODE": "disabled", **env,
-                                                  "TMPDIR": str(tmpdirs[i % len(tmpdirs)])})
-        _, stderr = launch.communicate(timeout=600)
+    point and its whole process group ended (the ranks it started), like a scheduler ending a job. Each launch is a
+    new process forked by ``fault_runner.py --serve``, which imported the training stack once for all of them."""
+    import json
+    import select
+
+    log = run.parent / f"{run.name}.launches"
+    log.mkdir()
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_runner.py"), "--serve", *args], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log / "server.err", "w"),
+                              text=True, env={**os.environ, "WANDB_MODE": "disabled", **env})
+    try:
+        for i, point in enumerate(points):
+            stderr = log / f"{i}.err"
+            server.stdin.write(json.dumps({"point": point, "stderr": str(stderr),
+                                           "env": {"TMPDIR": str(tmpdirs[i % len(tmpdirs)])}}) + "\n")
+            server.stdin.flush()
+            assert select.select([server.stdout], [], [], 600)[0], f"launch {i} ({point}) still running after 600 s"
+            reply = server.stdout.readline()
+            assert reply, f"the launch server ended: {(log / 'server.err').read_text()[-3000:]}"
+            returncode = json.loads(reply)["returncode"]
+            assert returncode == -signal.SIGKILL, (
+                f"FAULT_SEED={FAULT_SEED}: launch {i} with kill point {point} ended with {returncode}, not "
+                f"killed:\n{stderr.read_text()[-3000:]}")
+    finally:
+        server.stdin.close()
         try:
-            os.killpg(launch.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        assert launch.returncode == -signal.SIGKILL, (
-            f"FAULT_SEED={FAULT_SEED}: launch {i} with kill point {point} ended with {launch.returncode}, not "
-            f"killed:\n{stderr[-3000:]}")
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a launch that hangs: the assertion above says which
+            server.kill()
 
 
 @pytest.fixture
