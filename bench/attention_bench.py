@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data_prep.atomic_io import write_atomic  # noqa: E402
 from pretrain.model.attention import reference_attention, triton_attention  # noqa: E402
 from pretrain.model.relative_position import relative_position_index  # noqa: E402
 
@@ -155,10 +156,9 @@ def main(argv=None) -> int:
               f"{cell('triton', 'peak_gib'):>10} | {max(r['deviation_vs_fp32_reference'].values()):.1e}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": device_name, "torch": torch.__version__,
-                               "args": vars(args), "rows": rows}, indent=2))
-    os.replace(tmp, out)
+    report = {"date": time.strftime("%Y-%m-%d"), "device": device_name, "torch": torch.__version__, "args": vars(args),
+              "rows": rows}
+    write_atomic(out, json.dumps(report, indent=2), temp=out.with_suffix(".tmp"))
     print(f"wrote {out}")
     return 0
 

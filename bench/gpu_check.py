@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -29,7 +28,7 @@ if str(REPO) not in sys.path:
 
 if str(REPO / "bench") not in sys.path:
     sys.path.insert(0, str(REPO / "bench"))
-from data_prep.atomic_io import write_json_atomic  # noqa: E402
+from data_prep.atomic_io import write_atomic, write_json_atomic  # noqa: E402
 
 # In order of value (the order gpu_check.sh runs them): our step rows right after the self-check that gates them.
 STAGE_ORDER = ("environment", "self_check", "step_512", "kernel_tests", "attention_bench", "step_2048")
@@ -235,9 +234,7 @@ def report(out: Path, dry_run: bool, total_seconds: int, budget: int) -> int:
         lines.append(f"| {s['stage']} | {s['status']} | {fmt(s['seconds'])} | {fmt(s['limit'])} | "
                      f"{summarize(s['figures'])} |")
     markdown = "\n".join(lines) + "\n"
-    tmp = out / "gpu_check.md.tmp"
-    tmp.write_text(markdown)
-    os.replace(tmp, out / "gpu_check.md")
+    write_atomic(out / "gpu_check.md", markdown, temp=out / "gpu_check.md.tmp")
     print(markdown)
     print(f"results: {out / 'gpu_check.json'}, {out / 'gpu_check.md'}")
     return 0 if all(s["status"] == "ok" or s["status"].startswith("skipped") for s in stages) else 1

@@ -141,6 +141,7 @@ def model_config(tiny: bool, seq_len: int, for_check: bool = False) -> tuple[Deb
     gets the same config, so both sides bucket identically.
     """
     raw = load_yaml("conf/model/v3_xsmall.yaml" if for_check and not tiny else "conf/model/v3_base.yaml")
+    raw["vocab_size"] = raw.get("vocab_size") or DebertaConfig.vocab_size  # null (follow the tokenizer): 128100
     if tiny:
         raw.update(TINY)
     elif for_check:  # v3-xsmall width at half depth: 200 steps twice stay cheap on a GPU

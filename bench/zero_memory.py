@@ -38,6 +38,7 @@ BYTES = {
 
 def objective_on_meta(model: str, objective: str):
     raw = yaml.safe_load((REPO / "conf" / "model" / f"{model}.yaml").read_text())
+    raw["vocab_size"] = raw.get("vocab_size") or DebertaConfig.vocab_size  # null (follow the tokenizer): 128100
     with torch.device("meta"):
         return build_objective(DebertaConfig(**raw), ObjectiveSettings(name=objective), SpecialTokens(0, 1, 2, 3, 4))
 

@@ -14,7 +14,8 @@ Inputs (``resolve_inputs`` expands them):
 - ``.arrow`` files of the ``datasets`` cache: ``datasets.Dataset.from_file`` (memory-mapped).
 - a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``: ``datasets.load_from_disk``;
   a ``DatasetDict`` is read split by split in the order its ``dataset_dict.json`` lists them.
-- any other directory stands for every file below it (hidden files skipped), in sorted path order.
+- any other directory stands for every file below it (hidden files and the project's own outputs skipped:
+  shard sets, tokenizers, runs; see ``project_output``), in sorted path order.
 
 A document is the text stripped of leading/trailing whitespace, then NFKC-normalised (unless ``normalization`` is
 ``"none"``) and optionally lower-cased; empty documents are dropped. An empty corpus is not an error here (a
@@ -30,6 +31,7 @@ import glob
 import gzip
 import lzma
 import os
+import sys
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,6 +79,19 @@ class CorpusStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def describe_skipped(invalid: int, missing_text: int) -> str:
+    """The documents ``--skip-invalid-utf8`` / ``--skip-missing-text`` dropped, for the terminal and ``inspect``;
+    ``""`` when none were."""
+    parts = []
+    if invalid:
+        parts.append(f"skipped {invalid} document{'s' * (invalid != 1)} with invalid UTF-8 or NUL bytes "
+                     "(--skip-invalid-utf8)")
+    if missing_text:
+        parts.append(f"skipped {missing_text} record{'s' * (missing_text != 1)} without the text field "
+                     "(--skip-missing-text)")
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------- CLI glue
@@ -127,11 +142,39 @@ def is_saved_dataset(path: Path) -> bool:
     )
 
 
+def project_output(directory: Path) -> str | None:
+    """What this project wrote in ``directory``, recognised by its markers, or None: a shard set (its lock file,
+    taken before anything is written, or its shard files; its ``tokenizer/`` copy and ``val/`` split lie inside), a
+    tokenizer made by ``data_prep tokenizer``, a training run or an exported model. Directory and glob inputs skip
+    these, so a corpus directory that also holds an earlier OUT is read as the text it is."""
+    from data_prep.shard_lock import LOCK_NAME
+    from data_prep.tokenizer import RECORD_FILE
+
+    if not directory.is_dir():
+        return None
+    if (directory / LOCK_NAME).exists() or next(directory.glob("shard-[0-9][0-9][0-9][0-9][0-9].bin"), None):
+        return "a shard set written by `data_prep shards`"
+    if (directory / RECORD_FILE).is_file():
+        return "a tokenizer written by `data_prep tokenizer`"
+    if (directory / ".hydra").is_dir() or ((directory / ".lock").is_file() and (directory / "checkpoints").is_dir()):
+        return "a training run's directory"  # (markers of pretrain.run: Hydra's record, the run lock)
+    if (directory / "export_info.json").is_file():
+        return "a model exported by training"
+    return None
+
+
+def _skip_note(origin: str, path: Path, what: str) -> None:
+    print(f"[inputs] --input {origin}: skipping {path} ({what}, not text)", file=sys.stderr)
+
+
 def _expand(path: Path, origin: str) -> list[Path]:
-    """A file or saved dataset stands for itself; another directory for everything below it (hidden entries and
-    the insides of saved datasets skipped)."""
+    """A file or saved dataset stands for itself; another directory for everything below it (hidden entries, the
+    insides of saved datasets and the project's own outputs skipped)."""
     if not path.is_dir() or is_saved_dataset(path):
         return [path]
+    what = project_output(path)
+    if what is not None:
+        raise DataPrepError(f"--input {origin}: {path} is {what}, not a corpus; give the text files it was made from")
     found = []
     for root, dirs, files in os.walk(path):
         here = Path(root)
@@ -140,10 +183,27 @@ def _expand(path: Path, origin: str) -> list[Path]:
             if is_saved_dataset(here / d):
                 found.append(here / d)
                 dirs.remove(d)
+            elif (what := project_output(here / d)) is not None:
+                _skip_note(origin, here / d, what)
+                dirs.remove(d)
         found.extend(here / f for f in files if not f.startswith("."))
     if not found:
         raise DataPrepError(f"--input {origin}: directory {path} contains no files")
     return found
+
+
+def _inside_project_output(path: Path, pattern: str) -> tuple[Path, str] | None:
+    """The project output (directory, what) that a glob match lies inside, below the glob's fixed leading part."""
+    fixed = Path(pattern.split("*")[0].split("?")[0].split("[")[0] or ".")
+    top = fixed if str(fixed).endswith(os.sep) or fixed.is_dir() else fixed.parent
+    top = top.resolve()
+    for parent in [path, *path.parents] if path.is_dir() else path.parents:
+        if parent.resolve() == top or top not in parent.resolve().parents:
+            return None
+        what = project_output(parent)
+        if what is not None:
+            return parent, what
+    return None
 
 
 def resolve_inputs(patterns: Sequence[str]) -> list[Path]:
@@ -162,7 +222,17 @@ def resolve_inputs(patterns: Sequence[str]) -> list[Path]:
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
                 raise DataPrepError(f"--input {pattern!r}: the glob matches no file; check the pattern and quoting")
-            candidates = [Path(m) for m in matches]
+            candidates, skipped = [], set()
+            for match in map(Path, matches):
+                inside = _inside_project_output(match, pattern)
+                if inside is None:
+                    candidates.append(match)
+                elif inside[0] not in skipped:
+                    skipped.add(inside[0])
+                    _skip_note(pattern, *inside)
+            if not candidates:
+                raise DataPrepError(f"--input {pattern!r}: the glob matches only the project's own outputs (shard "
+                                    "sets, tokenizers, runs), no text; check the pattern")
         else:
             candidates = [Path(pattern)]
             if not candidates[0].exists():

@@ -57,6 +57,8 @@ def render_sequence(tok, ids: np.ndarray, flags: np.ndarray) -> str:
 
 
 def _summary(directory: Path, manifest: dict) -> list[str]:
+    from data_prep.corpus import describe_skipped
+
     tok, st, tot = manifest["tokenizer"], manifest["settings"], manifest["totals"]
     corpus = ", ".join(f"{k}={v}" for k, v in (st.get("corpus") or {}).items())
     fill = tot["content_tokens"] / max(tot["tokens"], 1)
@@ -72,6 +74,7 @@ def _summary(directory: Path, manifest: dict) -> list[str]:
         f"inputs: {len(st['inputs'])} files, {tot.get('input_bytes', 0) / 1e6:.2f} MB",
         f"totals: {len(manifest['shards'])} shards, {tot['documents']} documents, {tot['sequences']} sequences, "
         f"{tot['tokens']} tokens ({tot['content_tokens']} from text, {fill:.1%} fill)",
+        describe_skipped(tot.get("skipped_invalid_text", 0), tot.get("skipped_missing_text", 0)) or "skipped: none",
     ]
 
 

@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from data_prep import shard_format as sf
+from data_prep.atomic_io import write_directory_atomic
 from data_prep.errors import DataPrepError
 from data_prep.shard_lock import ShardSetLock
 
@@ -424,24 +425,16 @@ def _bad_entry(index: int, key: str, value, what: str) -> None:
 
 
 def _install_tokenizer(out: Path, tok) -> None:
-    """Copy the tokenizer files to ``out/tokenizer`` atomically (temp dir + rename) unless an equal copy exists."""
+    """Copy the tokenizer files to ``out/tokenizer`` atomically (assembled beside it, swapped in whole) unless an
+    equal copy exists."""
     from data_prep.text_tokenizer import tokenizer_checksum
 
     dest = out / sf.TOKENIZER_SUBDIR
     if dest.is_dir() and tokenizer_checksum(dest)[0] == tok.checksum:
         return
-    tmp = sf.temp_path(out / sf.TOKENIZER_SUBDIR)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tok.copy_files(tmp)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    sf.fsync_dir(out)
+    # both temp names end with TMP_SUFFIX, so a killed writer's leftovers go with the other temps (_remove_temps)
+    write_directory_atomic(dest, tok.copy_files, staging=sf.temp_path(dest),
+                           old=sf.temp_path(out / f"{sf.TOKENIZER_SUBDIR}.old"))
 
 
 def prepare_shards(
@@ -472,11 +465,18 @@ def prepare_shards(
 
     out = Path(out_dir)
     _check_out_apart(out, input_patterns)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     # exclusive for the whole run: no training run reads the set meanwhile, no other writer shares the directory
-    with ShardSetLock(out, exclusive=True):
-        return _prepare_locked(out, inputs, tok, dtype, wanted, corpus_options, settings, workers, overwrite,
-                               progress, max_shards, split)
+    with ShardSetLock(out, exclusive=True) as lock:
+        try:
+            return _prepare_locked(out, inputs, tok, dtype, wanted, corpus_options, settings, workers, overwrite,
+                                   progress, max_shards, split)
+        except BaseException:
+            if created and {p.name for p in out.iterdir()} <= {lock.path.name}:  # failed before its first shard
+                lock.path.unlink(missing_ok=True)
+                out.rmdir()
+            raise
 
 
 def _prepare_locked(out: Path, inputs: list[Path], tok, dtype, wanted: dict, corpus_options, settings: PackSettings,
@@ -520,7 +520,8 @@ def _prepare_locked(out: Path, inputs: list[Path], tok, dtype, wanted: dict, cor
     for p in out.iterdir():
         if p.name.startswith("shard-") and p.name.endswith(".bin") and p.name not in {s["file"] for s in shards}:
             p.unlink()
-    _install_tokenizer(out, tok)
+    if shards:  # a fresh run copies the tokenizer with its first shard: one that fails before leaves no tokenizer/
+        _install_tokenizer(out, tok)
 
     start = dict(shards[-1]["next"]) if shards else {"doc": 0, "offset": 0}
     if shards:
@@ -532,6 +533,8 @@ def _prepare_locked(out: Path, inputs: list[Path], tok, dtype, wanted: dict, cor
 
     def on_shard(ids: np.ndarray, flags: np.ndarray, shard_start: dict, next_cursor: dict) -> None:
         index = len(shards)
+        if index == 0:
+            _install_tokenizer(out, tok)
         entry = sf.write_shard(out / sf.shard_name(index), index, ids, flags)
         entry["start"] = shard_start
         entry["next"] = next_cursor

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.atomic_io import TMP_SUFFIX, fsync_dir, write_json_atomic  # noqa: F401  (re-exported)
+from data_prep.atomic_io import TMP_SUFFIX, temp_path, write_atomic, write_json_atomic  # noqa: F401  (re-exported)
 from data_prep.errors import DataPrepError
 
 MAGIC = b"DEBSHARD"
@@ -168,30 +168,18 @@ def read_header(path: Path, fd: int | None = None) -> ShardHeader:
     return ShardHeader(version, itemsize, seq_len, n_seq, index)
 
 
-def temp_path(path: Path) -> Path:
-    """The temp name a writer of ``path`` uses: per process, so two writers never share one (it ends with
-    TMP_SUFFIX, which marks it as never trusted)."""
-    return path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
-
-
 def write_shard(path: Path, index: int, input_ids: np.ndarray, flags: np.ndarray) -> dict[str, Any]:
     """Write one shard atomically (temp file, fsync, rename, fsync dir); return its manifest entry."""
     n_seq, seq_len = input_ids.shape
     header = ShardHeader(FORMAT_VERSION, input_ids.dtype.itemsize, seq_len, n_seq, index)
     digest = hashlib.sha256()
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in (header.pack(), np.ascontiguousarray(input_ids).data, np.ascontiguousarray(flags).data):
-                digest.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:  # a full disk: the partial temp file goes (it holds the space), the error names the shard
-        tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror, str(path)) from None
-    fsync_dir(path.parent)
+
+    def write(f) -> None:
+        for chunk in (header.pack(), np.ascontiguousarray(input_ids).data, np.ascontiguousarray(flags).data):
+            digest.update(chunk)
+            f.write(chunk)
+
+    write_atomic(path, write)  # through NAME.<pid>.tmp; a full disk removes it and names the shard
     content = int(np.count_nonzero((flags & SPECIAL) == 0))
     return {
         "file": path.name,

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_prep.corpus import corpus_options_from_args
+    from data_prep.corpus import corpus_options_from_args, describe_skipped
 
     settings = pack.PackSettings(
         seq_len=args.seq_len,
@@ -73,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
         )
         t = manifest["totals"]
         role = f" ({split['part']} split)" if split else ""
+        skipped = describe_skipped(t.get("skipped_invalid_text", 0), t.get("skipped_missing_text", 0))
         print(
             f"{out}{role}: {len(manifest['shards'])} shards, {t['sequences']} sequences of {args.seq_len} tokens, "
-            f"{t['content_tokens']} text tokens from {t['documents']} documents",
+            f"{t['content_tokens']} text tokens from {t['documents']} documents" + (f"; {skipped}" if skipped else ""),
             file=sys.stderr,
         )
     return 0

@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.errors import DataPrepError
+from data_prep.word_boundaries import vocab_word_start_table
 
 # Files that define tokenization. Only these are hashed and copied: a checkpoint directory may also hold weights.
 TOKENIZER_FILES = (
@@ -86,8 +86,6 @@ class TextTokenizer:
 
     def word_start_table(self) -> np.ndarray:
         """Per-id word-start flag for the vocabulary (bool array of length vocab_size); see word_boundaries."""
-        from data_prep.word_boundaries import vocab_word_start_table
-
         return vocab_word_start_table(self)
 
     def copy_files(self, dest: Path) -> None:
@@ -207,14 +205,3 @@ def serialize(tok: TextTokenizer) -> dict:
         "files": tok.files,
         "source": tok.source,
     }
-
-
-def is_punct_or_space(ch: str) -> bool:
-    """BERT's notion of a punctuation/whitespace/control char, as the official ``part_of_whole_word`` uses."""
-    if ch.isspace():
-        return True
-    cat = unicodedata.category(ch)
-    if cat.startswith("C") or cat.startswith("P"):
-        return True
-    cp = ord(ch)
-    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126

@@ -41,14 +41,13 @@ import io
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from data_prep.atomic_io import fsync_dir
+from data_prep.atomic_io import write_directory_atomic
 from data_prep.errors import DataPrepError
 
 SPM_FILE = "spm.model"
@@ -331,18 +330,6 @@ def write_tokenizer_dir(tmp: Path, proto: bytes, do_lower_case: bool, record: di
     return record
 
 
-def install_dir(tmp: Path, out: Path) -> None:
-    """Atomically put the finished ``tmp`` in place of ``out`` (rename; an old ``out`` is moved aside first)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(out.parent)
-
-
 def check_existing(out: Path, wanted: dict, overwrite: bool) -> bool:
     """True when ``out`` already holds this exact tokenizer (nothing to do). Error if it holds something else."""
     if not out.exists():
@@ -435,6 +422,9 @@ def train_tokenizer(
     corpus.require_documents(stats, inputs, corpus_options)
     log(f"[tokenizer] sampled {len(sample)} of {seen} sentences ({stats.documents} documents, "
         f"{stats.bytes / 1e6:.1f} MB) in {time.monotonic() - t0:.1f}s")
+    skipped = corpus.describe_skipped(stats.skipped_invalid, stats.skipped_missing_text)
+    if skipped:
+        log(f"[tokenizer] {skipped}")
 
     t0 = time.monotonic()
     if base is None:
@@ -456,27 +446,22 @@ def train_tokenizer(
     log(f"[tokenizer] trained in {time.monotonic() - t0:.1f}s")
     del sample
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        record = {
-            "settings": wanted,
-            "corpus_stats": {"documents": stats.documents, "bytes": stats.bytes,
-                             "skipped_invalid_utf8": stats.skipped_invalid,
-                             "skipped_missing_text": stats.skipped_missing_text,
-                             "sentences_seen": seen, "sentences_sampled": min(seen, settings.max_sentences)},
-            "input_sizes": {str(p): _size(p) for p in inputs},
-            "added_pieces": added,
-        }
-        log(f"[tokenizer] writing {out}")
-        record = write_tokenizer_dir(tmp, proto, corpus_options.lowercase, record)
-        install_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    record = {
+        "settings": wanted,
+        "corpus_stats": {"documents": stats.documents, "bytes": stats.bytes,
+                         "skipped_invalid_utf8": stats.skipped_invalid,
+                         "skipped_missing_text": stats.skipped_missing_text,
+                         "sentences_seen": seen, "sentences_sampled": min(seen, settings.max_sentences)},
+        "input_sizes": {str(p): _size(p) for p in inputs},
+        "added_pieces": added,
+    }
+    log(f"[tokenizer] writing {out}")
+
+    def fill(tmp: Path) -> None:
+        record.update(write_tokenizer_dir(tmp, proto, corpus_options.lowercase, record))
+
+    # assembled in .OUT.tmp-PID beside --out, swapped in whole
+    write_directory_atomic(out, fill, staging=out.with_name(f".{out.name}.tmp-{os.getpid()}"))
     layout = record["layout"]
     log(f"[tokenizer] {out}: {layout['spm_pieces']} spm pieces, [MASK]={layout['specials'][MASK]}, "
         f"{layout['vocab_size']} ids")

@@ -19,17 +19,31 @@ Rules (``../shared/reference/deberta.md`` §7.2, §7.3):
 from __future__ import annotations
 
 import logging
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.errors import DataPrepError
-from data_prep.text_tokenizer import TextTokenizer, is_punct_or_space
 
 SPM_SPACE = "\u2581"
 
+# The tables below take a loaded ``data_prep.text_tokenizer.TextTokenizer`` (``tok``); this module does not import
+# it, since text_tokenizer imports this one (TextTokenizer.word_start_table).
 
-def vocab_word_start_table(tok: TextTokenizer) -> np.ndarray:
+
+def is_punct_or_space(ch: str) -> bool:
+    """BERT's notion of a punctuation/whitespace/control char, as the official ``part_of_whole_word`` uses."""
+    if ch.isspace():
+        return True
+    cat = unicodedata.category(ch)
+    if cat.startswith("C") or cat.startswith("P"):
+        return True
+    cp = ord(ch)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
+
+
+def vocab_word_start_table(tok) -> np.ndarray:
     """Bool array over ids: does this token begin a word by the ▁ / ## rule."""
     table = np.ones(tok.vocab_size, dtype=bool)
     specials = set(tok.special_ids.values())
@@ -47,7 +61,7 @@ def vocab_word_start_table(tok: TextTokenizer) -> np.ndarray:
     return table
 
 
-def continuation_table(tok: TextTokenizer) -> np.ndarray:
+def continuation_table(tok) -> np.ndarray:
     """Bool array over ids: a WordPiece ``##`` piece (never a word start, also for Chinese)."""
     table = np.zeros(tok.vocab_size, dtype=bool)
     if tok.kind == "wordpiece":
@@ -57,7 +71,7 @@ def continuation_table(tok: TextTokenizer) -> np.ndarray:
     return table
 
 
-def special_table(tok: TextTokenizer) -> np.ndarray:
+def special_table(tok) -> np.ndarray:
     table = np.zeros(tok.vocab_size, dtype=bool)
     table[list(tok.special_ids.values())] = True
     for i, t in tok.backend.get_added_tokens_decoder().items():

@@ -12,14 +12,12 @@ layouts; see ``to_native_key`` and ``to_hf_state_dict``.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from data_prep.atomic_io import STAGING_MARK, write_directory_atomic
 from pretrain.model import (
     ConfigError,
     DebertaConfig,
@@ -297,7 +296,6 @@ def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
 
 
 EXPORT_INFO = "export_info.json"  # what a directory was exported from (transformers does not read it)
-STAGING_MARK = ".tmp-"  # ".<name>.tmp-<pid>-<random>": a directory being assembled beside <name>
 
 
 def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, tokenizer: Any = None,
@@ -311,12 +309,20 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, tokenizer: 
     if not isinstance(model, (DebertaModel, DebertaForMaskedLM, DebertaForReplacedTokenDetection)):
         raise TypeError(f"cannot export {type(model).__name__}; expected a native DeBERTa model")
 
+    main, rtd = to_hf_state_dict(model)
+    weights = {SAFE_WEIGHTS: main, **({RTD_HEAD_WEIGHTS: rtd} if rtd else {})}
+    return write_model_directory(path, weights, hf_config_dict(model), tokenizer, info)
+
+
+def write_model_directory(path: str | os.PathLike, weights: dict[str, dict[str, torch.Tensor]],
+                          config: dict[str, Any], tokenizer: Any = None, info: dict[str, Any] | None = None) -> Path:
+    """Write a transformers model directory: each state dict of ``weights`` as the safetensors file it is keyed
+    by, ``config`` as config.json, the tokenizer files of a directory or tokenizer object, and ``info`` as
+    export_info.json; assembled beside ``path`` and swapped in whole (:func:`write_directory`)."""
     def fill(staging: Path) -> None:
-        main, rtd = to_hf_state_dict(model)
-        save_file(main, str(staging / SAFE_WEIGHTS), metadata={"format": "pt"})
-        if rtd:
-            save_file(rtd, str(staging / RTD_HEAD_WEIGHTS), metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(json.dumps(hf_config_dict(model), indent=2) + "\n", encoding="utf-8")
+        for name, state in weights.items():
+            save_file(state, str(staging / name), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         _save_tokenizer(tokenizer, staging)
 
     return write_directory(path, fill, info)
@@ -324,28 +330,22 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, tokenizer: 
 
 def write_directory(path: str | os.PathLike, fill, info: dict[str, Any] | None = None) -> Path:
     """Assemble a model directory with ``fill(staging)`` in ``.<name>.tmp-<pid>-*`` beside ``path`` and swap it in
-    whole. A failed write (a full disk) raises ``OSError`` naming ``path``, the destination (the copy of a tokenizer
-    file would otherwise name its source), and leaves ``path`` as it was."""
+    whole (:func:`data_prep.atomic_io.write_directory_atomic`: the user's modes, fsynced, one exchange). A failed
+    write (a full disk) raises ``OSError`` naming ``path``, the destination, and leaves ``path`` as it was."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}{os.getpid()}-", dir=target.parent))
-    try:
+
+    def fill_with_info(staging: Path) -> None:
         try:
             fill(staging)
-            if info is not None:
-                (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         except SafetensorError as err:  # a failed write (ENOSPC), reported as "... I/O error: ... (os error 28)"
             code = re.search(r"os error (\d+)", str(err))
             if code is None:
                 raise
             raise OSError(int(code[1]), os.strerror(int(code[1])), str(target)) from None
-        except OSError as err:
-            raise OSError(err.errno, err.strerror or str(err), str(target)) from None
-        _replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+        if info is not None:
+            (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    return write_directory_atomic(target, fill_with_info)
 
 
 def remove_stale_staging(parent: Path, name: str) -> list[Path]:
@@ -361,43 +361,3 @@ def remove_stale_staging(parent: Path, name: str) -> list[Path]:
                     shutil.rmtree(stale, ignore_errors=True)
                     removed.append(stale)
     return removed
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directory entries in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system or the
-    filesystem cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Swap the assembled ``staging`` directory in as ``target``, with the modes of anything the user creates
-    (``mkdtemp`` makes 0700, and copied tokenizer files keep their source's mode: colleagues could not read the
-    export). An existing ``target`` is exchanged with ``staging`` in one step, so ``target`` is at every moment
-    either the complete old directory or the complete new one; the old one, now under the staging name, is then
-    deleted (a kill before that leaves it to :func:`remove_stale_staging`)."""
-    umask = _current_umask()
-    os.chmod(staging, 0o777 & ~umask)
-    for file in staging.iterdir():
-        os.chmod(file, 0o666 & ~umask)
-        with open(file, "rb") as fh:
-            os.fsync(fh.fileno())
-    if target.exists() and _exchange(staging, target):
-        shutil.rmtree(staging, ignore_errors=True)
-    elif target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)

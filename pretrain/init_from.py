@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from pretrain import hf
 from pretrain.model import DebertaConfig, DebertaForMaskedLM
@@ -320,11 +319,5 @@ def save_like(model: Any, source: Path, target: Path, tokenizer_dir: Path, info:
     if "architectures" in source_config:
         config["architectures"] = source_config["architectures"]
 
-    def fill(staging: Path) -> None:
-        save_file(main, str(staging / hf.SAFE_WEIGHTS), metadata={"format": "pt"})
-        if rtd:
-            save_file(rtd, str(staging / hf.RTD_HEAD_WEIGHTS), metadata={"format": "pt"})
-        (staging / hf.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        hf._save_tokenizer(tokenizer_dir, staging)
-
-    return hf.write_directory(target, fill, info)
+    weights = {hf.SAFE_WEIGHTS: main, **({hf.RTD_HEAD_WEIGHTS: rtd} if rtd else {})}
+    return hf.write_model_directory(target, weights, config, tokenizer_dir, info)

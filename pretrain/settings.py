@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.model import DebertaConfig
 from pretrain.objectives.build import ObjectiveSettings  # noqa: F401 (part of the settings)
+from pretrain.overrides import did_you_mean
+
+log = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
@@ -185,7 +189,8 @@ def _section(cls, raw: Any, key: str, problems: list[str]):
     values = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
     names = {f.name for f in dataclasses.fields(cls)}
     for unknown in sorted(set(values) - names):
-        problems.append(f"{key}.{unknown}: unknown key (valid: {', '.join(sorted(names))})")
+        hint = did_you_mean(unknown, names, f"{key}." if key != "config" else "")
+        problems.append(f"{key}.{unknown}: unknown key ({hint + ' ' if hint else ''}valid: {', '.join(sorted(names))})")
     values = {k: v for k, v in values.items() if k in names}
     try:
         obj = cls(**values)
@@ -198,12 +203,29 @@ def _section(cls, raw: Any, key: str, problems: list[str]):
     return obj
 
 
-def _validate_trainer(trainer: dict[str, Any], problems: list[str]) -> None:
+def trainer_arguments() -> set[str]:
+    """The keyword arguments of ``lightning.Trainer`` (the valid ``trainer.*`` keys)."""
     import lightning
 
-    accepted = set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
+    return set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
+
+
+def known_keys() -> dict[str, set[str]]:
+    """Each config section's keys that the settings accept (the top level's under ``""``; ``trainer`` is
+    :func:`trainer_arguments`): what the command line checks its overrides against (``pretrain.overrides``)."""
+    sections = {"model": DebertaConfig, "objective": ObjectiveSettings, "data": DataSettings, "optim": OptimSettings,
+                "logger": LoggerSettings, "strategy": StrategySettings, "resume": ResumeSettings}
+    keys = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections.items()}
+    keys["model"] |= {f.name for f in dataclasses.fields(InitSettings)}
+    keys[""] = {f.name for f in dataclasses.fields(RunSettings)} | set(sections) | {"trainer"}
+    return keys
+
+
+def _validate_trainer(trainer: dict[str, Any], problems: list[str]) -> None:
+    accepted = trainer_arguments()
     for key in sorted(set(trainer) - accepted):
-        problems.append(f"trainer.{key}: not an argument of lightning.Trainer")
+        hint = did_you_mean(key, accepted, "trainer.")
+        problems.append(f"trainer.{key}: not an argument of lightning.Trainer{' (' + hint + ')' if hint else ''}")
 
 
 # trainer arguments that change what an optimizer step does (the accumulation enters the effective global batch)
@@ -244,8 +266,9 @@ def _validate_strategy(strategy: StrategySettings, trainer: dict[str, Any], prob
                             "use strategy=deepspeed_zero3_offload")
 
 
-def _validate_corpus(data: DataSettings, problems: list[str]) -> None:
-    """data.path / data.sources name existing shard directories (each one is verified when it is opened)."""
+def _validate_corpus(data: DataSettings, problems: list[str]) -> list[Path]:
+    """data.path / data.sources name existing shard directories (each one is verified when it is opened); returns
+    them when they all exist."""
     from data_prep.errors import DataPrepError
     from data_prep.mixture import parse_sources
 
@@ -253,13 +276,75 @@ def _validate_corpus(data: DataSettings, problems: list[str]) -> None:
         sources = parse_sources(data.path, data.sources)
     except DataPrepError as err:
         problems.append(str(err))
-        return
+        return []
+    found, missing = [], False
     for source in sources:
         for path in source.paths:
             if not (path / "manifest.json").is_file():
                 key = "data.sources" if data.sources else "data.path"
                 problems.append(f"{key}={path}: no shard directory there ({path / 'manifest.json'} missing); create "
                                 "one with `python -m data_prep shards --input ... --tokenizer ... --out DIR`")
+                missing = True
+            found.append(path)
+    return [] if missing else found
+
+
+VOCAB_PADDING = 64
+"""Rows by which model.vocab_size may exceed the shards' tokenizer without a warning (padding for alignment)."""
+
+
+def _recorded_vocab_size(output_dir: str) -> int | None:
+    """The vocab_size in the run record (``output_dir/config.yaml``) of a run that has checkpoints: a resumed run
+    keeps its model's embedding table when model.vocab_size is unset (its record holds the number it used)."""
+    run = Path(output_dir)
+    if not (run / "config.yaml").is_file() or not any((run / "checkpoints").glob("*")):
+        return None
+    try:
+        value = OmegaConf.select(OmegaConf.load(run / "config.yaml"), "model.vocab_size")
+    except Exception:  # an unreadable record: the resume itself reports what is wrong with the run
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _fit_to_shards(model: DebertaConfig, follow_tokenizer: bool, shard_sets: list[Path], output_dir: str,
+                   key: str, problems: list[str], warnings: list[str]) -> DebertaConfig:
+    """Check the model against the shards' manifests (read here, before anything is built or any run directory
+    exists): ``vocab_size`` unset (null) follows the tokenizer; one smaller than the tokenizer is an error, one
+    more than VOCAB_PADDING rows larger a warning (rows no token uses, and output probability on ids that do not
+    exist); sequences longer than the EMD's position table are an error."""
+    from data_prep import shard_format as sf
+    from data_prep.errors import DataPrepError
+    from pretrain.model import ConfigError
+
+    vocab = seq_len = 0
+    for path in shard_sets:
+        try:
+            manifest = sf.load_manifest(path)
+            vocab = max(vocab, int(manifest["tokenizer"]["vocab_size"]))
+            seq_len = max(seq_len, int(manifest["settings"]["seq_len"]))
+        except (DataPrepError, KeyError, TypeError, ValueError) as err:
+            problems.append(f"{key}={path}: {err}")
+            return model
+    if not vocab:
+        return model
+    if follow_tokenizer:
+        try:
+            model = dataclasses.replace(model, vocab_size=_recorded_vocab_size(output_dir) or vocab)
+        except ConfigError as err:
+            problems.append(f"model: {err}")
+            return model
+    elif model.vocab_size > vocab + VOCAB_PADDING:
+        warnings.append(f"model.vocab_size={model.vocab_size} is {model.vocab_size - vocab} rows larger than the "
+                        f"shards' tokenizer ({vocab} ids): those rows are never trained and take output probability; "
+                        "set model.vocab_size=null to follow the tokenizer")
+    if model.vocab_size < vocab:
+        problems.append(f"{key}: the shards' tokenizer has {vocab} ids but model.vocab_size={model.vocab_size}; set "
+                        f"model.vocab_size>={vocab}, or model.vocab_size=null to follow the tokenizer")
+    if seq_len > model.max_position_embeddings:
+        problems.append(f"{key}: the shards hold sequences of {seq_len} tokens but model.max_position_embeddings="
+                        f"{model.max_position_embeddings} (the EMD's absolute position table); raise it or re-pack the "
+                        "shards with a smaller --seq-len")
+    return model
 
 
 def _validate_global_batch(data: DataSettings, trainer: dict[str, Any], problems: list[str]) -> None:
@@ -274,10 +359,16 @@ def _validate_global_batch(data: DataSettings, trainer: dict[str, Any], problems
                         "data.global_batch_size=null to choose it by hand)")
 
 
-def settings_from_config(cfg: DictConfig) -> Settings:
-    """Convert and validate the composed Hydra config; raises one SettingsError listing every problem."""
+def settings_from_config(cfg: DictConfig, warn: bool = True) -> Settings:
+    """Convert and validate the composed Hydra config; raises one SettingsError listing every problem. Warnings
+    are logged when ``warn``. A ``model.vocab_size`` taken from the shards' tokenizer is written back into ``cfg``,
+    so the run record (config.yaml) holds the number used."""
     problems: list[str] = []
+    warnings: list[str] = []
     model_section, init = _split_init(cfg.get("model"), problems)
+    follow_tokenizer = model_section.get("vocab_size") is None  # unset (null): the shards' tokenizer decides
+    if follow_tokenizer:
+        model_section.pop("vocab_size", None)  # the default stands in until the shards are read below
     model = _section(DebertaConfig, model_section, "model", problems)  # DebertaV2Config names, v3 defaults
     objective = _section(ObjectiveSettings, cfg.get("objective"), "objective", problems)
     data = _section(DataSettings, cfg.get("data"), "data", problems)
@@ -295,7 +386,15 @@ def settings_from_config(cfg: DictConfig) -> Settings:
         problems.append(f"objective.name={objective.name!r}: choose 'mlm' or 'rtd' (objective=mlm|rtd)")
     if objective.embedding_sharing not in ("gdes", "es", "nes"):
         problems.append(f"objective.embedding_sharing={objective.embedding_sharing!r}: choose gdes, es or nes")
-    _validate_corpus(data, problems)
+    shard_sets = _validate_corpus(data, problems)
+    if model is not None and not init.init_from:  # (a continued model's size comes from its checkpoint)
+        model = _fit_to_shards(model, follow_tokenizer, shard_sets, run.output_dir,
+                               "data.sources" if data.sources else "data.path", problems, warnings)
+        if follow_tokenizer and shard_sets:
+            try:
+                OmegaConf.update(cfg, "model.vocab_size", model.vocab_size, force_add=True)
+            except Exception:  # a read-only config: the record then says null (the tokenizer's size)
+                pass
     _validate_global_batch(data, trainer, problems)
     if data.val_path and not (Path(data.val_path) / "manifest.json").is_file():
         problems.append(f"data.val_path={data.val_path}: no shard directory there (manifest.json missing)")
@@ -312,6 +411,9 @@ def settings_from_config(cfg: DictConfig) -> Settings:
                         f"resume.allow_changes=[{resume.allow_changes}]")
     else:
         problems += unknown_allowances(list(resume.allow_changes), model, objective, optim)
+    if warn:
+        for warning in warnings:
+            log.warning(warning)
     if problems:
         if len(problems) == 1:  # one problem, one line
             raise SettingsError(f"invalid configuration: {problems[0]}")

@@ -281,7 +281,32 @@ def probe_watch_a_file(tmp_path, shards):
 PROBE_CASES: list = [probe_missing_column, probe_label_outside_list, probe_empty_file, probe_task_file_does_not_parse,
                      probe_model_without_tokenizer, probe_watch_a_file]
 
-ALL_CASES = CHECKPOINT_CASES + RUN_CASES + DATA_CASES + SIGNAL_CASES + PROBE_CASES
+# --- a newcomer's command lines ---------------------------------------------------------------------------------
+def _pretrain(tmp_path, shards, *overrides):
+    return ["-m", "pretrain", "+experiment=quickstart", f"data.path={shards}", f"output_dir={tmp_path / 'run'}",
+            *overrides]
+
+
+def misspelt_keys_named_together(tmp_path, shards):
+    """Hydra named only the first and advised `+data.batchsize=8`, which adds the misspelling."""
+    return Case(_pretrain(tmp_path, shards, "data.batchsize=8", "optim.lr_rate=1"),
+                "data.batchsize: no such setting (did you mean data.batch_size?); "
+                "optim.lr_rate: no such setting (did you mean optim.lr")
+
+
+def misspelt_trainer_argument(tmp_path, shards):
+    return Case(_pretrain(tmp_path, shards, "+trainer.max_step=3"),
+                "trainer.max_step: neither a setting nor a lightning.Trainer argument (did you mean trainer.max_steps")
+
+
+def misspelt_config_choice(tmp_path, shards):
+    return Case(_pretrain(tmp_path, shards, "model=tinny"), "model=tinny: no such model config in conf/model/ "
+                                                            "(did you mean tiny?)")
+
+
+NEWCOMER_CASES: list = [misspelt_keys_named_together, misspelt_trainer_argument, misspelt_config_choice]
+
+ALL_CASES = CHECKPOINT_CASES + RUN_CASES + DATA_CASES + SIGNAL_CASES + PROBE_CASES + NEWCOMER_CASES
 
 
 def run_case(case: Case) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ model on the bundled English sample (the `shards` fixture), a few steps each.
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import random
 import shutil
@@ -402,6 +403,61 @@ def test_export_gets_the_users_umask(four_steps, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert stat.S_IMODE((out / "hf").stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in (out / "hf").iterdir()} == {0o644}
+
+
+# --- the one atomic file writer and directory swap behind every writer ------------------------------------------
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_names_the_destination(tmp_path, monkeypatch):
+    """A full disk halfway through the write, then a failing rename: the old file stays whole, no temp file stays
+    behind (it would hold the space), and the error names the destination, not a temp name the user never saw."""
+    from data_prep.atomic_io import write_atomic
+
+    target = tmp_path / "metrics.csv"
+    write_atomic(target, "step\n0\n")
+
+    def fills_the_disk(f):
+        f.write(b"step\n" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as failed:
+        write_atomic(target, fills_the_disk, temp=tmp_path / "metrics.csv.tmp")
+    assert (failed.value.errno, failed.value.filename) == (errno.ENOSPC, str(target))
+
+    def refused(src, dst):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(OSError) as failed:
+        write_atomic(target, b"step\n1\n")
+    monkeypatch.undo()
+    assert (failed.value.errno, failed.value.filename) == (errno.EIO, str(target))
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"] and target.read_text() == "step\n0\n"
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["default", "filesystem-without-exchange"])
+def test_a_directory_swap_is_whole_or_nothing(tmp_path, monkeypatch, exchange):
+    """An existing directory is replaced whole (one exchange, or through the old name where the filesystem cannot
+    exchange two names); a fill that fails (a full disk) leaves it as it was, removes the staging directory and
+    names the destination."""
+    from data_prep import atomic_io
+
+    if not exchange:
+        monkeypatch.setattr(atomic_io, "_exchange", lambda a, b: False)
+    target = tmp_path / "tokenizer"
+    atomic_io.write_directory_atomic(target, lambda d: (d / "old.txt").write_text("old"))
+
+    def fills_the_disk(staging):
+        (staging / "new.txt").write_text("new")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(staging / "new.txt"))
+
+    with pytest.raises(OSError) as failed:
+        atomic_io.write_directory_atomic(target, fills_the_disk, staging=tmp_path / ".tokenizer.tmp-1")
+    assert (failed.value.errno, failed.value.filename) == (errno.ENOSPC, str(target))
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"] and (target / "old.txt").read_text() == "old"
+
+    atomic_io.write_directory_atomic(target, lambda d: (d / "new.txt").write_text("new"), old=tmp_path / ".old-1")
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
 
 
 # --- shard corruption the default check catches before the first optimizer step --------------------------------

@@ -17,7 +17,8 @@ from data_prep import shard_format as sf
 from data_prep.__main__ import main
 from data_prep.corpus import CorpusOptions, iter_documents
 from data_prep.errors import DataPrepError
-from data_prep.text_tokenizer import load_tokenizer, is_punct_or_space
+from data_prep.text_tokenizer import load_tokenizer
+from data_prep.word_boundaries import is_punct_or_space
 from shard_helpers import (
     REPO, build_wordpiece_vocab, read_all, run_cli, sample_documents, train_spm_tokenizer, write_jsonl,
 )
@@ -341,3 +342,41 @@ def test_one_huge_document_is_tokenized_in_pieces_with_the_ids_of_the_whole(tmp_
     keep = (flags & sf.SPECIAL) == 0
     expected_starts = tok.word_start_table()[np.asarray(whole)]
     assert np.array_equal((flags[keep] & sf.WORD_START).astype(bool), expected_starts)
+
+
+def test_failed_run_leaves_no_out_and_inputs_skip_the_projects_outputs(tmp_path, spm_dir):
+    """A run stopped by invalid UTF-8 leaves no OUT (no tokenizer/ copy); with --skip-invalid-utf8 the skipped
+    document is counted on the terminal and in `inspect`; a later directory or glob input holding that OUT reads
+    only the text beside it."""
+    sample = (REPO / "data_prep" / "samples" / "en" / "udhr_eng.txt").read_bytes()
+    paragraphs = sample.split(b"\n\n")
+    paragraphs[3] = paragraphs[3] + b" \xff\xfe broken"
+    text = tmp_path / "data" / "text" / "udhr.txt"
+    text.parent.mkdir(parents=True)
+    text.write_bytes(b"\n\n".join(paragraphs))
+    out = tmp_path / "data" / "shards"
+    args = ["--tokenizer", spm_dir, "--workers", "1", "--seq-len", "64"]
+    res = run_cli("shards", "--input", text, "--out", out, *args)
+    assert res.returncode == 2 and "invalid UTF-8" in res.stderr, res.stderr
+    assert not out.exists()
+
+    res = run_cli("shards", "--input", text, "--out", out, *args, "--skip-invalid-utf8")
+    assert res.returncode == 0, res.stderr
+    assert "skipped 1 document with invalid UTF-8 or NUL bytes (--skip-invalid-utf8)" in res.stderr
+    manifest = json.loads((out / sf.MANIFEST_NAME).read_text())
+    assert manifest["totals"]["skipped_invalid_text"] == 1
+    res = run_cli("inspect", out, "--fast", "--num", "0")
+    assert res.returncode == 0 and "\nskipped 1 document with invalid UTF-8" in res.stdout, res.stdout
+
+    for pattern in (tmp_path / "data", f"{tmp_path / 'data'}/*", f"{tmp_path / 'data'}/**/*.json"):
+        again = tmp_path / f"again-{len(list(tmp_path.glob('again-*')))}"
+        res = run_cli("shards", "--input", pattern, "--out", again, *args, "--skip-invalid-utf8")
+        if str(pattern).endswith(".json"):  # only OUT's own files match: refused, nothing read as text
+            assert res.returncode == 2 and "the glob matches only the project's own outputs" in res.stderr
+            assert not again.exists()
+            continue
+        assert res.returncode == 0, res.stderr
+        assert f"skipping {out} (a shard set written by `data_prep shards`, not text)" in res.stderr
+        redone = json.loads((again / sf.MANIFEST_NAME).read_text())
+        assert [i["path"] for i in redone["settings"]["inputs"]] == [i["path"] for i in manifest["settings"]["inputs"]]
+        assert _file_bytes(again) == _file_bytes(out)

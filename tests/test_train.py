@@ -108,7 +108,8 @@ def test_small_experiments_run_a_few_steps_on_cpu(experiment, shards, tmp_path):
     """The paper-size configs (full 128k vocabulary) train on CPU: two steps, then export."""
     overrides = [f"+experiment={experiment}", f"data.path={shards}", f"output_dir={tmp_path / experiment}",
                  "trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
-                 "data.global_batch_size=2", "data.batch_size=2", "data.num_workers=0", "export_hf=false"]
+                 "data.global_batch_size=2", "data.batch_size=2", "data.num_workers=0", "export_hf=false",
+                 "model.vocab_size=128100"]
     metrics, objects = train(compose_config(overrides))
     assert objects["trainer"].global_step == 2
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -155,6 +156,7 @@ def test_config_errors_are_reported_before_building(shards, tmp_path):
     assert result.returncode == 2
     assert "error: invalid configuration" in result.stderr and "data.path=/nonexistent/shards" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "z").exists()  # checked before Hydra creates the run directory
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from data_prep.atomic_io import fsync_dir
+from data_prep.atomic_io import fsync_dir, write_atomic
 
 TEMP_MARK = ".tmp-"  # temp files are ".<name>.tmp-<pid>" beside their target; never a checkpoint candidate
 
@@ -71,27 +71,21 @@ def save_atomic(obj: Any, target: str | os.PathLike) -> None:
     A failed write raises ``OSError`` naming ``target``, and leaves neither a temp file nor a changed target."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(target)
     writer = None
+
+    def write(f) -> None:
+        nonlocal writer
+        writer = _RecordingWriter(f)
+        torch.save(obj, writer)
+
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            writer = _RecordingWriter(f)
-            torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_atomic(target, write, temp=temp_path(target))
     except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         cause = err if isinstance(err, OSError) else (writer.error if writer is not None else None)
         if cause is not None:
             raise OSError(cause.errno, f"saving a checkpoint failed: {cause.strerror}", str(target)) from None
         raise
     _write_text_atomic(checksum_path(target), f"{writer.sha256.hexdigest()}  {target.name}\n")
-    fsync_dir(target.parent)
 
 
 def checksum_path(checkpoint: Path) -> Path:
@@ -99,12 +93,7 @@ def checksum_path(checkpoint: Path) -> Path:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = temp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text, temp=temp_path(path))
 
 
 def _recorded_sha256(record: Path) -> tuple[str | None, str]:

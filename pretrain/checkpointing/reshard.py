@@ -37,7 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from data_prep.atomic_io import fsync_dir
+from data_prep.atomic_io import write_directory_atomic
 from pretrain.checkpointing import safe_load
 from pretrain.checkpointing.files import CHECKSUM_SUFFIX
 from pretrain.checkpointing.find import (DEEPSPEED_TAG, CheckpointError, is_deepspeed_checkpoint, read_metadata,
@@ -195,8 +195,9 @@ def convert(checkpoint: Path, workers: int | None = None, wait: bool = True) -> 
     """Write ``CHECKPOINT/universal`` (unless a complete one is there already) and return its path.
 
     Runs DeepSpeed's ``ds_to_universal`` into a temp directory beside the result, records the source and the
-    checksums, fsyncs and renames it into place, holding the checkpoint's conversion lock (``wait``: wait for
-    another holder, else refuse). Memory: DeepSpeed loads one rank's optimizer file at a time per worker process."""
+    checksums, and swaps it in whole (fsynced, :func:`data_prep.atomic_io.write_directory_atomic`), holding the
+    checkpoint's conversion lock (``wait``: wait for another holder, else refuse). Memory: DeepSpeed loads one
+    rank's optimizer file at a time per worker process."""
     checkpoint = Path(checkpoint).resolve()
     if not is_deepspeed_checkpoint(checkpoint):
         raise ReshardError(f"{checkpoint}: not a DeepSpeed (ZeRO) checkpoint directory; only ZeRO state needs "
@@ -221,19 +222,18 @@ def _convert_locked(checkpoint: Path, target: Path, workers: int | None) -> Path
         log.warning("replacing %s: %s", target, problem)
     from deepspeed.checkpoint import ds_to_universal
 
-    tmp = checkpoint / f"{TEMP_PREFIX}{os.getpid()}"
-    source = tmp / "source"  # DeepSpeed's files only: it takes any file named like a shard, NAME.pt.sha256 too
-    source.mkdir(parents=True)
-    for file in (checkpoint / DEEPSPEED_TAG).iterdir():
-        if not file.name.endswith(CHECKSUM_SUFFIX):
-            (source / file.name).symlink_to(file)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
-    args = SimpleNamespace(input_folder=str(source), output_folder=str(tmp / DEEPSPEED_TAG),
-                           num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
-                           keep_temp_folder=False, strict=True,
-                           inject_missing_state=True)  # Lightning records no Megatron layout info: none needed
-    started = time.monotonic()
-    try:
+
+    def fill(tmp: Path) -> None:
+        source = tmp / "source"  # DeepSpeed's files only: it takes any file named like a shard, NAME.pt.sha256 too
+        source.mkdir()
+        for file in (checkpoint / DEEPSPEED_TAG).iterdir():
+            if not file.name.endswith(CHECKSUM_SUFFIX):
+                (source / file.name).symlink_to(file)
+        args = SimpleNamespace(input_folder=str(source), output_folder=str(tmp / DEEPSPEED_TAG),
+                               num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
+                               keep_temp_folder=False, strict=True,
+                               inject_missing_state=True)  # Lightning records no Megatron layout info: none needed
         try:
             ds_to_universal.main(args)  # writes tmp/checkpoint/... and tmp/latest_universal
         except (AssertionError, KeyError, RuntimeError, NotImplementedError, FileNotFoundError) as err:
@@ -243,19 +243,11 @@ def _convert_locked(checkpoint: Path, target: Path, workers: int | None) -> Path
         shutil.rmtree(source)
         _write_sums(tmp)
         (tmp / RECORD).write_text(json.dumps(_record_for(checkpoint), indent=2) + "\n", encoding="utf-8")
-        for file in sorted(tmp.rglob("*")):
-            if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-        for directory in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, key=lambda p: -len(p.parts)):
-            fsync_dir(directory)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        fsync_dir(checkpoint)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    started = time.monotonic()
+    # assembled in .universal.tmp-PID (what remove_stale_temps removes after a kill), swapped in whole
+    write_directory_atomic(target, fill, staging=checkpoint / f"{TEMP_PREFIX}{os.getpid()}",
+                           old=checkpoint / f"{TEMP_PREFIX}{os.getpid()}-old")
     log.info("converted %s to a universal checkpoint in %.1f s", checkpoint, time.monotonic() - started)
     return target
 

@@ -3,7 +3,7 @@
 ``save_task_model`` writes what ``AutoModelForSequenceClassification`` / ``AutoModelForTokenClassification`` load
 with no missing or newly initialised weights (the native names already are transformers'); ``load_task_model``
 reads such a directory, from this project or from transformers, into the native task model. The directory is
-assembled beside its destination and swapped in whole, as :func:`pretrain.hf.save_pretrained` does.
+assembled beside its destination and swapped in whole (:func:`pretrain.hf.write_model_directory`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from pretrain import hf
 from pretrain.model import ConfigError, DebertaConfig
@@ -45,13 +44,8 @@ def task_config_dict(model: DebertaForSequenceClassification | DebertaForTokenCl
 def save_task_model(model: DebertaForSequenceClassification | DebertaForTokenClassification,
                     path: str | os.PathLike, tokenizer: Any = None) -> Path:
     """Write ``model`` (and the tokenizer files of a directory or tokenizer object) as a transformers directory."""
-    def fill(staging: Path) -> None:
-        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, str(staging / hf.SAFE_WEIGHTS), metadata={"format": "pt"})
-        (staging / hf.CONFIG_NAME).write_text(json.dumps(task_config_dict(model), indent=2) + "\n", encoding="utf-8")
-        hf._save_tokenizer(tokenizer, staging)
-
-    return hf.write_directory(path, fill)  # assembled beside path, swapped in whole
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    return hf.write_model_directory(path, {hf.SAFE_WEIGHTS: state}, task_config_dict(model), tokenizer)
 
 
 def head_config_from_hf(raw: dict[str, Any], source: str) -> HeadConfig:

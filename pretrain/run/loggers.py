@@ -36,7 +36,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from omegaconf import DictConfig, OmegaConf
 
-from data_prep.atomic_io import fsync_dir, write_text_atomic
+from data_prep.atomic_io import write_atomic, write_text_atomic
 from pretrain.checkpointing.resume import write_change_record
 from pretrain.settings import Settings
 
@@ -93,16 +93,10 @@ class _OneRowPerStepWriter(ExperimentWriter):
         """Atomically replace the file with ``rows`` (+ the open row, whose offset is recorded)."""
         path = self.metrics_file_path
         body = _encode(rows, self.metrics_keys, with_header=True)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(body)
-            if self._open is not None:
-                self._open_offset = len(body)
-                f.write(_encode([self._open], self.metrics_keys))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path) or ".")
+        if self._open is not None:
+            self._open_offset = len(body)
+            body += _encode([self._open], self.metrics_keys)
+        write_atomic(path, body, temp=path + ".tmp")
 
     def log_metrics(self, metrics_dict: dict[str, Any], step: int | None = None) -> None:
         values = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics_dict.items()}
@@ -204,12 +198,7 @@ def build_loggers(settings: Settings, output_dir: Path, resume_step: int | None)
 
 def save_config(cfg: DictConfig, path: Path) -> None:
     """The resolved config, written atomically (a kill never leaves a half config.yaml)."""
-    from data_prep.atomic_io import fsync_dir
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    OmegaConf.save(cfg, tmp, resolve=True)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, OmegaConf.to_yaml(cfg, resolve=True), temp=path.with_name(f".{path.name}.tmp-{os.getpid()}"))
 
 
 class RunRecordWriter(Callback):
