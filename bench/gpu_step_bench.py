@@ -21,10 +21,10 @@ loss, backward, optimiser step, zero_grad):
   masked positions), built by ``pretrain.objectives.build.build_objective`` as training builds it.
 - ``ours_rtd``: ``pretrain``'s v3 RTD objective (GDES, half-depth generator with the EMD).
 
-Ours run with ``--backend`` (default "auto") on every sub-model (``set_attention_backend``, as ``pretrain.train``
-does; a backend that is not registered falls back to "reference" with a warning) and with each encoder layer
-compiled (``compile_layers()`` where the model has it, else ``layer.compile()`` per layer). ``--no-compile``
-turns compilation off for every contestant.
+Ours run with ``--backend`` (default "auto") on every encoder model of the objective (``encoder_models()``, the
+models training configures: ``set_attention_backend``; a backend that is not registered falls back to "reference"
+with a warning) and with each encoder layer compiled (``compile_layers()`` where the model has it, else
+``layer.compile()`` per layer). ``--no-compile`` turns compilation off for every contestant.
 
 Measured per (contestant, sequence length): tokens/s over ``--steps`` timed steps after ``--warmup`` steps
 (compilation happens there), MFU = tokens/s x model FLOPs per token / measured bf16 matmul ceiling, peak GPU
@@ -363,17 +363,11 @@ def hf_rtd_workload(config: DebertaConfig, batch: dict[str, torch.Tensor], seq_l
                     {"compiled": compile_model, "generator_layers": generator_layers, "embedding_sharing": "es"})
 
 
-def encoder_models(objective: PretrainingObjective) -> list[nn.Module]:
-    """The sub-models that own an encoder (MLM model; RTD generator and discriminator), as pretrain.train finds
-    them."""
-    return [m for m in objective.modules() if hasattr(m, "set_attention_backend") and hasattr(m, "deberta")]
-
-
 def prepare_ours(objective: PretrainingObjective, backend: str, compile_model: bool,
                  device_type: str = "cpu", amp_dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """Select the attention backend on every sub-model, resolve it for the autocast dtype on this device as
     training does (the fused kernel's self-check on CUDA), then compile each encoder layer in place."""
-    models = encoder_models(objective)
+    models = list(objective.encoder_models().values())
     fused, reasons = [], []
     for model in models:
         model.set_attention_backend(backend)

@@ -1,6 +1,6 @@
 """Per-GPU memory for model states (weights + gradients + AdamW state) under DDP and DeepSpeed ZeRO-1/2/3.
 
-Parameter counts come from the native model as training builds it (``pretrain.train.build_objective``: for v3 the
+Parameter counts come from the native model as training builds it (``objectives.build.build_objective``: for v3 the
 discriminator, the half-depth generator and the GDES residual table; for v2 the MLM model with its EMD), created
 on the meta device, so nothing is allocated. ZeRO-2 and ZeRO-3 figures are DeepSpeed's own estimators
 (``estimate_zero2_model_states_mem_needs``, ``estimate_zero3_model_states_mem_needs``, no offload); ZeRO-1 and
@@ -21,7 +21,7 @@ import yaml
 from pretrain.model import DebertaConfig
 from pretrain.objectives.base import SpecialTokens
 from pretrain.settings import ObjectiveSettings
-from pretrain.train import build_objective
+from pretrain.objectives.build import build_objective
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3

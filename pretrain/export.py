@@ -13,22 +13,40 @@ directory (consolidated to fp32 first).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pretrain.checkpointing.find import (DEEPSPEED_TAG, CheckpointError, is_deepspeed_checkpoint, read_metadata,
                                   verify_checkpoint)
+from pretrain import hf
 from pretrain.model import DebertaConfig
+from pretrain.objectives.base import PretrainingObjective, SpecialTokens
+from pretrain.objectives.build import ObjectiveSettings, build_objective
 from pretrain.run.lock import RunLock, RunLockedError
-from pretrain.objectives.base import SpecialTokens
-from pretrain.settings import ObjectiveSettings
-from pretrain.train import build_objective, export
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
     pass
+
+
+def export_objective(objective: PretrainingObjective, output_dir: Path, tokenizer_dir: Path,
+                     info: dict[str, Any] | None = None) -> list[Path]:
+    """Write ``output_dir/hf`` (and ``hf_generator``), each replaced whole, with ``info`` (the step it came from) in
+    its ``export_info.json``: at the end of training, by this command and by the probes. The caller holds
+    ``output_dir``'s run lock, so what an export killed there before left behind (``.hf.tmp-*``: a full model copy)
+    is removed first."""
+    written = []
+    for name, model in objective.export_models().items():
+        for stale in hf.remove_stale_staging(output_dir, name):
+            log.warning("removed %s, left by an export that was interrupted", stale)
+        written.append(hf.save_pretrained(model, output_dir / name, tokenizer=tokenizer_dir, info=info))
+    return written
 
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         with RunLock(args.out):  # one export (or run) at a time into OUT
             check_destinations(args.out, names, args.overwrite)
             info = {"step": step, "checkpoint": str(args.checkpoint.resolve())}
-            for path in export(objective, args.out, tokenizer, info):
+            for path in export_objective(objective, args.out, tokenizer, info):
                 print(f"wrote {path}")
     except (ExportError, RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -140,7 +140,8 @@ class ContinuedStart:
         return state
 
     def initialise(self, objective: Any) -> None:
-        """Load the starting weights into an objective built by ``train.build_objective`` from these configs."""
+        """Load the starting weights into an objective built by ``objectives.build.build_objective`` from these
+        configs."""
         from pretrain.objectives.mlm import MaskedLMObjective
         from pretrain.objectives.rtd import ReplacedTokenDetectionObjective
 

@@ -109,16 +109,29 @@ class PretrainingModule(L.LightningModule):
 
     def _log_global_batch_means(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
         """Log each ``train/*`` value as its mean over the whole optimizer step: every micro-batch of the
-        accumulation window on every rank (one all-reduce per step, no host sync). A step's numbers then describe
-        the global batch it trained on, the same on any number of ranks and accumulation for one global batch."""
+        accumulation window on every rank (no host sync). A step's numbers then describe the global batch it trained
+        on, the same on any number of ranks and accumulation for one global batch. The all-reduce runs only on the
+        steps whose numbers someone reads (:meth:`_step_metrics_read`), as torchtitan reduces only when it logs."""
         values = torch.stack([v.detach().float() for v in metrics.values()])
         self._step_sums = values if self._step_sums is None else self._step_sums + values
         self._step_micro_batches += 1
         if self.trainer.fit_loop._should_accumulate():
             return
-        means = self.trainer.strategy.reduce(self._step_sums / self._step_micro_batches, reduce_op="mean")
+        sums, micro_batches = self._step_sums, self._step_micro_batches
         self._step_sums, self._step_micro_batches = None, 0
+        if not self._step_metrics_read():
+            return
+        means = self.trainer.strategy.reduce(sums / micro_batches, reduce_op="mean")
         self.log_dict(dict(zip(metrics, means)), prog_bar=False, batch_size=batch_size)
+
+    def _step_metrics_read(self) -> bool:
+        """Whether the step now ending is one whose ``train/*`` values are read: a logging step (the loggers and the
+        progress bar; Lightning's own rule too, which also writes a step at which a stop was asked for), or the
+        last step (the closing summary reads the final values)."""
+        trainer = self.trainer
+        completed = self.global_step + 1  # before the optimizer step, which global_step counts only after it
+        return (self._is_logging_step(completed) or trainer._logger_connector.should_update_logs
+                or completed >= trainer.max_steps or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
     def _is_logging_step(self, completed_steps: int) -> bool:
         """Whether the step that makes ``completed_steps`` optimizer steps is one the loggers write (before the

@@ -233,6 +233,29 @@ def _validate_trainer(trainer: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"trainer.{key}: not an argument of lightning.Trainer{' (' + hint + ')' if hint else ''}")
 
 
+# trainer arguments that change what an optimizer step does (the accumulation enters the effective global batch)
+TRAINER_KEYS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "precision")
+
+
+def unknown_allowances(allow: list[Any], model, objective, optim) -> list[str]:
+    """Problems with ``resume.allow_changes`` entries that name nothing the resume compares (a typo would otherwise
+    allow nothing and leave the user believing it did); checked with the other settings, before anything runs."""
+    keys = {f"data.{k}" for k in ("seed", "corpus", "tokenizer", "global_batch_size")} | {"seed"}
+    keys |= {f"trainer.{k}" for k in TRAINER_KEYS if k != "accumulate_grad_batches"}
+    for section, obj in (("model", model), ("objective", objective), ("optim", optim)):
+        if obj is not None:
+            keys |= {f"{section}.{f.name}" for f in dataclasses.fields(obj)}
+    sections = {k.split(".")[0] for k in keys}
+    bad = [a for a in allow if not isinstance(a, str) or (a not in keys and a not in sections)]
+    if not bad:
+        return []
+    hint = (" (the batch is compared as data.global_batch_size, the effective global batch)"
+            if {"data.batch_size", "trainer.accumulate_grad_batches"} & {str(b) for b in bad} else "")
+    return [f"resume.allow_changes: {', '.join(map(str, bad))} is not a setting the resume compares{hint}; name a key "
+            "such as optim.lr, data.global_batch_size, data.corpus or data.tokenizer, or a whole section (model, "
+            "objective, optim, data, trainer, seed)"]
+
+
 def _validate_strategy(strategy: StrategySettings, trainer: dict[str, Any], problems: list[str]) -> None:
     if "strategy" in trainer:
         problems.append(f"trainer.strategy={trainer['strategy']!r}: choose the strategy with the strategy group "
@@ -391,8 +414,6 @@ def settings_from_config(cfg: DictConfig, warn: bool = True) -> Settings:
 
     if run.attention_backend not in ATTENTION_BACKENDS:
         problems.append(f"attention_backend={run.attention_backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
-    from pretrain.checkpointing.resume import unknown_allowances  # (here: it imports this module)
-
     if not isinstance(resume.allow_changes, (list, tuple)):
         problems.append(f"resume.allow_changes={resume.allow_changes!r}: give a list, e.g. "
                         f"resume.allow_changes=[{resume.allow_changes}]")

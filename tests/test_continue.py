@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 from data_prep.reader import ShardedDataset
 from pretrain import hf, init_from
 from pretrain.model import DebertaForReplacedTokenDetection
+from pretrain.objectives.build import build_objective
 from pretrain.settings import SettingsError, settings_from_config
-from pretrain.train import build_objective, train
+from pretrain.train import train
 from shard_helpers import build_wordpiece_vocab, read_all, sample_documents, train_spm_tokenizer, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,6 +15,9 @@ link is made under a temp name and renamed over the old one, so ``last.ckpt`` ne
 go through DeepSpeed's checkpoint engine, which is given the same writer: every ``*.pt`` of a DeepSpeed checkpoint
 is written atomically and gets its own ``NAME.pt.sha256`` beside it, written by the rank that wrote the file (no
 rank re-reads another's files, and no collective is added to the save).
+
+Nothing here imports Lightning: the Lightning side (``AtomicCheckpointIO``, ``RunCheckpoint``) is
+:mod:`pretrain.checkpointing.callbacks`, so the checkpoint files can be written and checked without the training stack.
 """
 
 from __future__ import annotations
@@ -27,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data_prep.atomic_io import fsync_dir, write_atomic
 
@@ -197,43 +198,6 @@ def checksum_deepspeed_saves(strategy) -> None:
     engine.checkpoint_engine = ChecksummedEngineSave(checkpoint_engine)
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O: atomic writes in the destination directory, restricted-unpickler reads."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        save_atomic(checkpoint, path)
-
-    def remove_checkpoint(self, path) -> None:
-        super().remove_checkpoint(path)
-        checksum_path(Path(path)).unlink(missing_ok=True)
-
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None):
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-
-
-def _log_step_to_csv(trainer, pl_module) -> None:
-    """What Lightning's logger connector will log for this step, sent to the CSV logger now."""
-    from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
-
-    from pretrain.run.loggers import ResumableCSVLogger
-
-    connector = trainer._logger_connector
-    if trainer.fit_loop._should_accumulate() and pl_module.automatic_optimization:
-        return
-    if not connector.should_update_logs:
-        return
-    metrics = connector.metrics["log"]
-    if not metrics:
-        return
-    scalars = convert_tensors_to_scalars(metrics)
-    scalars.setdefault("epoch", trainer.current_epoch)
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped
-    for logger in trainer.loggers:
-        if isinstance(logger, ResumableCSVLogger):
-            logger.log_metrics(scalars, step=step)
-            logger.save()
-
-
 def replace_link(target: str, linkpath: str) -> None:
     """Point ``linkpath`` at ``target`` (relative), atomically: a new link under a temp name, renamed over."""
     link = Path(linkpath)
@@ -244,72 +208,3 @@ def replace_link(target: str, linkpath: str) -> None:
         shutil.rmtree(link)
     os.replace(tmp, link)
     fsync_dir(link.parent)
-
-
-class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` with an atomic ``last.ckpt`` link, checksummed DeepSpeed files, and the step's metrics row
-    written before its checkpoint.
-
-    Lightning saves checkpoints in ``on_train_batch_end`` and writes that step's metrics only afterwards; a kill
-    in between lost the step's ``metrics.csv`` row for good (a resume starts after it). At a checkpoint step the
-    row goes to the CSV logger first (the CSV writer merges Lightning's own call for the same step into that row;
-    other loggers are left to Lightning, so they see each step once), so every step below a checkpoint's step has
-    its row whenever that checkpoint exists.
-    """
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        saving = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
-        if saving:
-            _log_step_to_csv(trainer, pl_module)
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        super().on_fit_start(trainer, pl_module)
-        checksum_deepspeed_saves(trainer.strategy)
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """On Lightning's clean stop (SIGTERM, or Ctrl-C through ``pretrain.run.interrupt``; raised between steps, so the
-        state is that of a finished step) save ``step-N`` and ``last``, as a periodic save would. Other exceptions
-        save nothing: the state they leave may be half-updated or diverged."""
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.global_step == 0:
-            return
-        if self._last_global_step_saved != trainer.global_step:  # else a periodic save at this step already did
-            self._saving_after_validation = getattr(self, "_validated_at", None) == trainer.global_step
-            try:
-                candidates = self._monitor_candidates(trainer)
-                self._save_topk_checkpoint(trainer, candidates)
-                self.interrupt_checkpoint = self._last_checkpoint_saved  # step-N (last.ckpt is a copy or link of it)
-                self._save_last_checkpoint(trainer, candidates)
-            finally:
-                self._saving_after_validation = False
-        elif not getattr(self, "interrupt_checkpoint", None):
-            self.interrupt_checkpoint = self._last_checkpoint_saved
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not trainer.sanity_checking:
-            self._validated_at = trainer.global_step
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        """A stop at a step that ended with a validation is saved after that validation, and after Lightning has
-        counted the step in ``_batches_that_stepped`` (the step index of logged metrics). Lightning resumes such a
-        checkpoint as one saved by ``on_validation_end``, before that count, and counts the step again: every
-        metrics row after the resume would be one step late. The count is saved as Lightning expects it there."""
-        super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if getattr(self, "_saving_after_validation", False):
-            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # Lightning starts counting "already saved at this step" from 0, also on resume: with gradient accumulation
-        # the first micro-batch after resuming at a checkpoint step (still that step) wrote the checkpoint again,
-        # over the one resumed from, with a half-accumulated step in it.
-        super().on_train_start(trainer, pl_module)
-        self._last_global_step_saved = trainer.global_step
-
-    @staticmethod
-    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
-        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            replace_link(filepath, linkpath)
-        trainer.strategy.barrier()

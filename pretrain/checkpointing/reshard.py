@@ -37,9 +37,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-from lightning.pytorch.callbacks import Callback
-
 from data_prep.atomic_io import write_directory_atomic
 from pretrain.checkpointing import safe_load
 from pretrain.checkpointing.files import CHECKSUM_SUFFIX
@@ -285,41 +282,3 @@ def prepare(checkpoint: Path, world_size: int, launching: bool, timeout_s: float
 def enable_universal_load(config: dict) -> None:
     """Tell the DeepSpeed engine (configured from ``config`` when training starts) to load universal checkpoints."""
     config.setdefault("checkpoint", {})["load_universal"] = True
-
-
-class ElasticResume(Callback):
-    """Fix-ups after DeepSpeed has loaded a checkpoint into a run with another layout.
-
-    - ZeRO-3's universal loader (``deepspeed/runtime/zero/stage3.py``) gives every parameter group the
-      hyperparameters of the first one, which would apply weight decay to biases and LayerNorm weights: the saved
-      per-group values are put back. It also stores one and the same ``step`` tensor in the AdamW state of every
-      sub-group, which AdamW then increments once per sub-group and step (wrong bias correction): each gets its own.
-
-    (A changed accumulation, the same global batch on another number of ranks, is re-aligned for every strategy by
-    ``pretrain.run.global_batch.AccumulationOnResume``.)
-    """
-
-    def __init__(self, universal: Path) -> None:
-        self.universal = universal
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        self._restore_group_hyperparameters(trainer)
-
-    def _restore_group_hyperparameters(self, trainer) -> None:
-        engine = getattr(trainer.strategy, "deepspeed_engine", None)
-        if engine is None or engine.zero_optimization_stage() != 3:
-            return
-        saved = safe_load.load(self.universal / DEEPSPEED_TAG / "zero" / "optimizer_state.pt", mmap=False,
-                               deepspeed=True)
-        groups = saved.get("optimizer_state_dict", saved).get("param_groups") or saved.get("param_groups")
-        current = engine.optimizer.optimizer.param_groups
-        if groups is None or len(groups) != len(current):
-            raise ReshardError(f"{self.universal}: {len(groups or [])} saved parameter groups for "
-                               f"{len(current)} in this run")
-        for group, saved_group in zip(current, groups):
-            for key, value in saved_group.items():
-                if key != "params":
-                    group[key] = value
-        for state in engine.optimizer.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()

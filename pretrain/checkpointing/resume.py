@@ -1,4 +1,11 @@
-"""On resume, refuse settings that silently change the optimisation unless the user says so.
+"""Resuming a run: which checkpoint, whether its settings may continue, and in which form it loads.
+
+The order of the steps lives here, not in ``train``: :func:`find_resume` (before the trainer exists: stale temp
+files removed, the newest usable checkpoint, whose step the CSV logger needs) and :func:`plan_resume` (once the
+trainer knows its ranks: the settings check below, the change record, and the ZeRO re-partitioning when the
+checkpoint was saved on another number of ranks). ``trainer.fit`` then loads what the :class:`ResumePlan` names.
+
+On resume, refuse settings that silently change the optimisation unless the user says so.
 
 Re-running a command resumes it, so an edited command line (another ``optim.lr``, dropout, ``mask_prob``) used to
 continue the run with the new values without a word, and ``config.yaml`` then described neither half. The run
@@ -6,29 +13,34 @@ record stored in every checkpoint holds the settings that shape the optimisation
 with it and stops with the list of differences. ``resume.allow_changes=[optim.lr,model.hidden_dropout_prob]`` (a key,
 or a whole section such as ``optim``) accepts them on purpose; the change is then logged, kept in the run record
 of later checkpoints and appended to ``output_dir/config_changes.yaml``. The data and tokenizer identity
-(``data.corpus``, ``data.tokenizer``) and the effective global batch are compared too (``pretrain.checkpointing.identity``).
+(``data.corpus``, ``data.tokenizer``) and the effective global batch are compared too
+(``pretrain.checkpointing.identity``).
 
-Nothing is written for a resume that is refused: the check runs before training starts, and ``config.yaml`` and
-the change record are written only once the checkpoint has loaded (``train.RunRecordWriter``). An allowed change
-that the checkpoint's weights cannot be loaded into (``model.hidden_size``, ``objective.name``) is refused here,
-before anything is loaded or written.
+Nothing is written for a resume that is refused: the check runs before training starts, and ``config.yaml`` and the
+change record are written only once the checkpoint has loaded (``pretrain.run.loggers.RunRecordWriter``). An allowed
+change that the checkpoint's weights cannot be loaded into (``model.hidden_size``, ``objective.name``) is refused
+here, before anything is loaded or written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pretrain.checkpointing import reshard
+from pretrain.checkpointing.files import remove_stale_temps
+from pretrain.checkpointing.find import ResumePoint, check_resumable, newest_checkpoint, read_metadata
 from pretrain.checkpointing.identity import GLOBAL_BATCH_KEY, identity_changes, saved_global_batch, unloadable_changes
-from pretrain.settings import Settings, SettingsError
+from pretrain.run.lock import launching_process
+from pretrain.settings import TRAINER_KEYS, Settings, SettingsError
 
-# trainer arguments that change what an optimizer step does (the accumulation enters the effective global batch)
-TRAINER_KEYS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "precision")
-
+log = logging.getLogger(__name__)
 
 class ChangedSettingsError(SettingsError):
     """Settings differ from the checkpoint's run record and were not allowed."""
@@ -62,25 +74,6 @@ def differences(saved: dict[str, Any], current: dict[str, Any], world_size: int 
     if old is not None and new is not None and old != new:
         changed[GLOBAL_BATCH_KEY] = (old, new)
     return dict(sorted(changed.items()))
-
-
-def unknown_allowances(allow: list[Any], model, objective, optim) -> list[str]:
-    """Problems with ``resume.allow_changes`` entries that name nothing the resume compares (a typo would otherwise
-    allow nothing and leave the user believing it did); checked with the other settings, before anything runs."""
-    keys = {f"data.{k}" for k in ("seed", "corpus", "tokenizer", "global_batch_size")} | {"seed"}
-    keys |= {f"trainer.{k}" for k in TRAINER_KEYS if k != "accumulate_grad_batches"}
-    for section, obj in (("model", model), ("objective", objective), ("optim", optim)):
-        if obj is not None:
-            keys |= {f"{section}.{f.name}" for f in dataclasses.fields(obj)}
-    sections = {k.split(".")[0] for k in keys}
-    bad = [a for a in allow if not isinstance(a, str) or (a not in keys and a not in sections)]
-    if not bad:
-        return []
-    hint = (" (the batch is compared as data.global_batch_size, the effective global batch)"
-            if {"data.batch_size", "trainer.accumulate_grad_batches"} & {str(b) for b in bad} else "")
-    return [f"resume.allow_changes: {', '.join(map(str, bad))} is not a setting the resume compares{hint}; name a key "
-            "such as optim.lr, data.global_batch_size, data.corpus or data.tokenizer, or a whole section (model, "
-            "objective, optim, data, trainer, seed)"]
 
 
 def _allowed(key: str, allow: list[str]) -> bool:
@@ -140,3 +133,59 @@ def write_change_record(output_dir: Path, checkpoint: Path, step: int, changed: 
               "changes": {k: {"from": old, "to": new} for k, (old, new) in changed.items()}}]
     with open(history, "a", encoding="utf-8") as f:
         yaml.safe_dump(entry, f, sort_keys=False)
+
+
+def find_resume(output_dir: Path) -> ResumePoint | None:
+    """The newest complete, readable checkpoint of ``output_dir`` (of ``last.ckpt``, ``hpc_ckpt_N``, ``step-N``), or
+    None for a fresh run; the launching process first removes the temp files that killed saves left behind. Newer
+    checkpoints that were skipped are logged with the reason."""
+    if launching_process():
+        for path in remove_stale_temps(output_dir / "checkpoints"):
+            log.warning("removed %s, left by a save that was interrupted", path)
+    newest = newest_checkpoint(output_dir)
+    if newest:
+        for path, why in newest.skipped:
+            log.warning("not resuming from %s: %s", path, why)
+        log.info("resuming from %s (step %d)", newest.path, newest.step)
+    return newest
+
+
+@dataclass
+class ResumePlan:
+    """What a run starts from: nothing (``checkpoint`` None), or a checkpoint whose settings passed the check."""
+
+    checkpoint: Path | None = None
+    step: int | None = None
+    ckpt_path: str | None = None
+    """What ``trainer.fit`` loads: the checkpoint, or its universal form."""
+    universal: Path | None = None
+    """ZeRO state re-partitioned for this number of ranks (``pretrain.checkpointing.reshard``), else None."""
+    allowed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    """Changed settings that ``resume.allow_changes`` accepts; recorded once the checkpoint has loaded."""
+
+
+def plan_resume(point: ResumePoint | None, run_record: dict[str, Any], settings: Settings, world_size: int,
+                objective=None, deepspeed_config: dict | None = None) -> ResumePlan:
+    """Check that ``point`` may continue with this run's settings, data and ranks, before anything is loaded or
+    written (:func:`check_changes`, then whether the strategy can load it), and add this resume's accepted changes
+    to ``run_record``. ``deepspeed_config``: the DeepSpeed strategy's config, or None for other strategies; when
+    the checkpoint's ZeRO state was saved on another number of ranks it is converted to its universal form (by the
+    launching process; the others wait) and the engine is told to load that."""
+    if point is None:
+        return ResumePlan()
+    saved = read_metadata(point.path).get("deberta_pretrain") or {}
+    allowed = check_changes(saved, run_record, settings, point.path, point.step, world_size, objective)
+    if allowed:
+        log.warning("resuming with changed settings (resume.allow_changes): %s",
+                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in allowed.items()))
+    run_record["changes"] = [*saved.get("changes", []),
+                             *([{"step": point.step, "changes": {k: list(v) for k, v in allowed.items()}}]
+                               if allowed else [])]
+    plan = ResumePlan(point.path, point.step, str(point.path), allowed=allowed)
+    if check_resumable(point.path, deepspeed_config is not None, world_size):
+        # ZeRO state saved on another number of ranks: resume from its universal form (rank 0 converts it)
+        plan.universal = reshard.prepare(point.path, world_size, launching_process(),
+                                         timeout_s=60.0 * settings.strategy.timeout_minutes)
+        reshard.enable_universal_load(deepspeed_config)
+        plan.ckpt_path = str(plan.universal)
+    return plan

@@ -93,8 +93,7 @@ def materialise(source: ModelSource, out: Path) -> Path:
     ``OUT/.models/`` first."""
     if source.kind != "checkpoint":
         return source.path
-    from pretrain.export import ExportError, load_objective
-    from pretrain.train import export
+    from pretrain.export import ExportError, export_objective, load_objective
 
     digest = hashlib.sha256(str(source.path.resolve()).encode()).hexdigest()[:12]
     target = out / MODEL_CACHE / f"step-{source.step}-{digest}"
@@ -107,7 +106,7 @@ def materialise(source: ModelSource, out: Path) -> Path:
     if not tokenizer_dir.is_dir():
         raise ModelError(f"{source.path}: the tokenizer recorded in the checkpoint ({tokenizer_dir}) is gone; export "
                          "the checkpoint with `python -m pretrain.export CKPT OUT --tokenizer DIR` and probe OUT/hf")
-    export(objective, target, tokenizer_dir)  # each directory is written atomically
+    export_objective(objective, target, tokenizer_dir)  # each directory is written atomically
     return target / "hf"
 
 

@@ -137,7 +137,7 @@ class Watch:
     def look(self, live: bool) -> int:
         """Probe every complete checkpoint not looked at yet; returns how many were new."""
         from pretrain.checkpointing.find import CheckpointError, read_metadata
-        from pretrain.probe.cli import probe_source
+        from pretrain.probe.cells import probe_source
 
         new = 0
         for path in ready_checkpoints(self.run, live):

@@ -4,12 +4,11 @@ Why: the global batch (sequences per optimizer step) is what the learning-rate s
 are stated in. Written as ``data.batch_size x ranks x trainer.accumulate_grad_batches`` it silently changes when a
 job moves from 8 to 16 GPUs or a requeued job lands on fewer nodes. With ``data.global_batch_size`` the accumulation
 is derived at start-up from the ranks the job actually has; a global batch the ranks cannot divide is an error that
-lists the choices that work.
+lists the choices that work. A resume with another accumulation is re-aligned by
+``pretrain.checkpointing.callbacks.RunCheckpoint``.
 """
 
 from __future__ import annotations
-
-from lightning.pytorch.callbacks import Callback
 
 from pretrain.settings import SettingsError
 
@@ -39,27 +38,3 @@ def accumulation_for(global_batch: int, micro_batch: int, ranks: int) -> int:
                      f"{', '.join(map(str, counts))}.")
     lines.append("Or change data.global_batch_size (every run of one output_dir keeps the same global batch).")
     raise SettingsError(" ".join(lines))
-
-
-class AccumulationOnResume(Callback):
-    """Re-aligns Lightning's micro-batch counter with the optimizer steps when a resumed run accumulates
-    differently from the run that saved the checkpoint (another number of ranks under one global batch).
-
-    Lightning decides where an accumulation window ends from ``batch_progress.current.ready % accumulate``: a run
-    saved after 3 steps of 3 micro-batches (ready = 9) and resumed with 2 micro-batches per step would end its
-    first window after one micro-batch, so that step would see a third of the global batch. Checkpoints are written
-    at optimizer-step boundaries, and pretraining is one endless epoch, so the counter must be
-    ``global_step x accumulate``; this shifts every field of the counter by the same amount before the epoch loop
-    restarts (``on_train_start`` runs first).
-    """
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        progress = trainer.fit_loop.epoch_loop.batch_progress
-        if trainer.current_epoch != 0 or progress.current.ready == 0:
-            return
-        shift = trainer.global_step * trainer.accumulate_grad_batches - progress.current.ready
-        if shift == 0:
-            return
-        for counter in (progress.current, progress.total):
-            for name in ("ready", "started", "processed", "completed"):
-                setattr(counter, name, getattr(counter, name) + shift)

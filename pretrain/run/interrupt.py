@@ -6,7 +6,7 @@ raises ``KeyboardInterrupt`` wherever the main thread happens to be (mid optimiz
 without saving, so everything since the last periodic checkpoint was lost. :class:`StopOnInterrupt` makes the first
 Ctrl-C request the same clean stop as SIGTERM (a second Ctrl-C stops at once, without saving: it raises
 :class:`StoppedAtOnce`, which Lightning does not turn into its own message and exit status 1), and
-:class:`pretrain.checkpointing.files.RunCheckpoint` saves a checkpoint when the stop arrives. ``train`` then raises
+:class:`pretrain.checkpointing.callbacks.RunCheckpoint` saves a checkpoint when the stop arrives. ``train`` then raises
 :class:`TrainingInterrupted`, and the command line prints one line with the command that resumes the run.
 
 A signal that arrives during a validation is held until the evaluation has finished (:class:`StopOnInterrupt`),

@@ -12,15 +12,17 @@ told by the launcher's environment (``RANK`` from torchrun, ``SLURM_PROCID`` und
 Lightning for the processes it starts itself); the other ranks run under its lock.
 
 The command line takes the lock before Hydra writes its record (``.hydra/``, the job log) into ``output_dir``
-(:mod:`pretrain.run.hydra_callbacks`), so a second launch changes nothing in a live run directory; ``train()`` takes it
-again, which within the holding process only counts a nesting level (POSIX locks belong to the process: a second
-``lockf`` on another descriptor would succeed, and closing either descriptor would drop the lock; locks are
-therefore keyed by the lock file's real path, so a symlinked spelling of a held directory nests too).
+(:class:`RunLockCallback`, a Hydra callback), so a second launch changes nothing in a live run directory;
+``train()`` takes it again, which within the holding process only counts a nesting level (POSIX locks belong to the
+process: a second ``lockf`` on another descriptor would succeed, and closing either descriptor would drop the lock;
+locks are therefore keyed by the lock file's real path, so a symlinked spelling of a held directory nests too).
 
 A run writes its checkpoints into ``output_dir/checkpoints``; when that is a link to another folder (another run's
 ``checkpoints/``, a scratch area), the lock of ``output_dir`` alone would let two runs train into one folder.
 :func:`checkpoint_folder_lock` then also takes the lock of the directory that really holds the folder (another
 run's ``output_dir``, whose own run holds that same lock), so either run refuses while the other one is live.
+
+Nothing here imports torch: the lock is taken before the training stack is imported, so a refused launch is quick.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
@@ -128,3 +133,34 @@ class _LinkedFolderLock(RunLock):
         return (f"{self.folder} leads to {self.real}, a checkpoint folder in use by another run ({holder}); two runs "
                 "cannot train into one folder: give this run its own checkpoints folder (remove the link), or stop "
                 "the other run")
+
+
+class RunLockCallback(Callback):
+    """The Hydra callback of ``python -m pretrain`` (``hydra.callbacks.run_lock`` in ``conf/config.yaml``).
+
+    Takes the run lock when Hydra starts the run, before Hydra creates the run directory, opens its job log there
+    and writes its config record (``.hydra/``): a second launch on a live ``output_dir`` then stops with one
+    ``error:`` line (exit 2) naming the process that holds it, and has not touched a single file of the running run.
+    The lock stays held until the process ends (or the run ends). When ``output_dir/checkpoints`` is a link into
+    another run's folder, that folder's lock is taken too (refused the same way while the other run is live).
+    """
+
+    def __init__(self) -> None:
+        self._locks: list = []
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        output_dir = config.get("output_dir")
+        if not output_dir:
+            return
+        try:
+            for lock in (RunLock(output_dir), checkpoint_folder_lock(output_dir)):
+                lock.__enter__()
+                self._locks.append(lock)
+        except RunLockedError as err:
+            self.on_run_end(config)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_end(self, config: Any, **kwargs: Any) -> None:
+        while self._locks:
+            self._locks.pop().__exit__(None, None, None)

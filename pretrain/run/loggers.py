@@ -11,8 +11,12 @@ rewrites the whole file in place when a new column appears (a kill then leaves a
 - on resume keeps the rows of the steps before the checkpoint's step (one per step, a half-written last line
   dropped) and drops the rows the interrupted run logged after its checkpoint (those steps are trained again).
 
-Together with :class:`pretrain.checkpointing.files.RunCheckpoint`, which logs a step's metrics before its checkpoint is
-written, every step below a checkpoint's step has its row whenever that checkpoint exists.
+Together with :class:`pretrain.checkpointing.callbacks.RunCheckpoint`, which logs a step's metrics before its
+checkpoint is written, every step below a checkpoint's step has its row whenever that checkpoint exists.
+
+The run's other records live here too: :func:`build_loggers` (this CSV file, TensorBoard, wandb with a run id kept
+in ``output_dir/wandb_run_id`` so a resumed run continues the same wandb run) and :class:`RunRecordWriter`
+(``config.yaml`` and ``config_changes.yaml``).
 """
 
 from __future__ import annotations
@@ -20,13 +24,21 @@ from __future__ import annotations
 import csv
 import io
 import os
+import secrets
+import string
+from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from data_prep.atomic_io import write_atomic
+from omegaconf import DictConfig, OmegaConf
+
+from data_prep.atomic_io import write_atomic, write_text_atomic
+from pretrain.checkpointing.resume import write_change_record
+from pretrain.settings import Settings
 
 
 def _encode(rows: list[dict[str, Any]], header: list[str], with_header: bool = False) -> bytes:
@@ -155,3 +167,58 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _OneRowPerStepWriter(self.log_dir, self.resume_step)
         return self._experiment
+
+
+def new_wandb_run_id() -> str:
+    """A wandb run id (8 characters of [a-z0-9], wandb's own format; ``wandb.util.generate_id`` is gone in 0.31)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def build_loggers(settings: Settings, output_dir: Path, resume_step: int | None) -> list:
+    loggers: list = [ResumableCSVLogger(str(output_dir), resume_step=resume_step)]
+    if settings.logger.tensorboard:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(output_dir), name="tensorboard", version=""))
+    if settings.logger.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        id_file = output_dir / "wandb_run_id"  # a resumed run continues the same wandb run
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = new_wandb_run_id()
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(id_file, run_id + "\n")
+        loggers.append(WandbLogger(project=settings.logger.wandb_project, entity=settings.logger.wandb_entity,
+                                   save_dir=str(output_dir), id=run_id, resume="allow"))
+    return loggers
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """The resolved config, written atomically (a kill never leaves a half config.yaml)."""
+    write_atomic(path, OmegaConf.to_yaml(cfg, resolve=True), temp=path.with_name(f".{path.name}.tmp-{os.getpid()}"))
+
+
+class RunRecordWriter(Callback):
+    """Writes ``config.yaml`` and, on a resume with allowed changes, appends to ``config_changes.yaml``: on a
+    resume only once the checkpoint has loaded (``on_train_start`` runs after every restore), so a refused or
+    failed resume leaves the run record as it was. Rank 0 writes, once."""
+
+    def __init__(self, cfg: DictConfig, output_dir: Path):
+        self.cfg, self.output_dir = cfg, output_dir
+        self.changes: tuple[Path, int, dict] | None = None
+        self.written = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.write(trainer)
+
+    def write(self, trainer) -> None:
+        if self.written or not trainer.is_global_zero:
+            return
+        self.written = True
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.output_dir / "config.yaml")
+        if self.changes is not None:
+            write_change_record(self.output_dir, *self.changes)
