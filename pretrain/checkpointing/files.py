@@ -124,6 +124,15 @@ def embedded_checksum_problem(path: Path) -> str | None:
     return None
 
 
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file (followed through links), read in 16 MiB blocks: checkpoints are gigabytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def checksum_problem(checkpoint: Path, required: bool = False) -> str | None:
     """Why ``checkpoint`` (a file) does not match the sha256 recorded when it was written, or None.
 
@@ -141,23 +150,16 @@ def checksum_problem(checkpoint: Path, required: bool = False) -> str | None:
     expected, why = _recorded_sha256(record)
     if expected is None:
         return why
-    digest = hashlib.sha256()
-    with open(checkpoint, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        return (f"its sha256 {digest.hexdigest()[:16]}... differs from {expected[:16]}... recorded in {record.name} "
+    actual = sha256_of(checkpoint)
+    if actual != expected:
+        return (f"its sha256 {actual[:16]}... differs from {expected[:16]}... recorded in {record.name} "
                 "when it was written (damaged since, or a kill between the file and its checksum)")
     return None
 
 
 def write_checksum(path: Path) -> None:
     """Write ``NAME.sha256`` beside an existing file (files written by others, e.g. DeepSpeed's conversion)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    _write_text_atomic(checksum_path(path), f"{digest.hexdigest()}  {path.name}\n")
+    _write_text_atomic(checksum_path(path), f"{sha256_of(path)}  {path.name}\n")
 
 
 def remove_stale_temps(directory: Path) -> list[Path]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from typing import Any
 
 from data_prep.atomic_io import write_directory_atomic
 from pretrain.checkpointing import safe_load
-from pretrain.checkpointing.files import CHECKSUM_SUFFIX
+from pretrain.checkpointing.files import CHECKSUM_SUFFIX, sha256_of
 from pretrain.checkpointing.find import (DEEPSPEED_TAG, CheckpointError, is_deepspeed_checkpoint, read_metadata,
                                   verify_checkpoint)
 
@@ -88,21 +87,13 @@ def _problem(checkpoint: Path, target: Path) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _files(target: Path) -> list[Path]:
     """Every file DeepSpeed may read from a universal directory."""
     return sorted(p for p in (target / DEEPSPEED_TAG).rglob("*") if p.is_file())
 
 
 def _write_sums(target: Path) -> None:
-    lines = [f"{_sha256(f)}  {f.relative_to(target).as_posix()}\n" for f in _files(target)]
+    lines = [f"{sha256_of(f)}  {f.relative_to(target).as_posix()}\n" for f in _files(target)]
     (target / SUMS).write_text("".join(lines), encoding="utf-8")
 
 
@@ -125,7 +116,7 @@ def _check_sums(target: Path) -> None:
     for name, file in present.items():
         if name not in recorded:
             raise ReshardError(f"{file}: not written by the conversion (not in {SUMS}); {redo}")
-        actual = _sha256(file)
+        actual = sha256_of(file)
         if actual != recorded[name]:
             raise ReshardError(f"{file}: its sha256 {actual[:16]}... differs from {recorded[name][:16]}... recorded "
                                f"in {SUMS} at conversion (damaged since); {redo}")
