@@ -39,6 +39,10 @@ from typing import Iterable, Iterator, Sequence
 
 from data_prep.errors import DataPrepError
 
+# the record `data_prep tokenizer` writes into every tokenizer directory it makes (data_prep.tokenizer.RECORD_FILE);
+# named here, where inputs are read, so that reading can recognise a tokenizer directory without importing the trainer
+TOKENIZER_RECORD = "data_prep_tokenizer.json"
+
 NORMALIZATIONS = ("nfkc", "none")
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _GLOB_CHARS = set("*?[")
@@ -148,13 +152,12 @@ def project_output(directory: Path) -> str | None:
     tokenizer made by ``data_prep tokenizer``, a training run or an exported model. Directory and glob inputs skip
     these, so a corpus directory that also holds an earlier OUT is read as the text it is."""
     from data_prep.shard_lock import LOCK_NAME
-    from data_prep.tokenizer import RECORD_FILE
 
     if not directory.is_dir():
         return None
     if (directory / LOCK_NAME).exists() or next(directory.glob("shard-[0-9][0-9][0-9][0-9][0-9].bin"), None):
         return "a shard set written by `data_prep shards`"
-    if (directory / RECORD_FILE).is_file():
+    if (directory / TOKENIZER_RECORD).is_file():
         return "a tokenizer written by `data_prep tokenizer`"
     if (directory / ".hydra").is_dir() or ((directory / ".lock").is_file() and (directory / "checkpoints").is_dir()):
         return "a training run's directory"  # (markers of pretrain.run: Hydra's record, the run lock)

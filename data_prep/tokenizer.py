@@ -48,10 +48,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from data_prep.atomic_io import write_directory_atomic
+from data_prep.corpus import TOKENIZER_RECORD as RECORD_FILE  # the record that marks a directory this module wrote
 from data_prep.errors import DataPrepError
 
 SPM_FILE = "spm.model"
-RECORD_FILE = "data_prep_tokenizer.json"
 SPECIALS = {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "unk": "[UNK]"}  # ids 0..3 inside the spm model
 MASK = "[MASK]"
 FORMAT_VERSION = 1

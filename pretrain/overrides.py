@@ -14,12 +14,13 @@ run lock before anything heavy is loaded.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from data_prep.errors import did_you_mean, nearest
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 _ABSENT = object()
@@ -36,26 +37,6 @@ class CheckedOverrides:
     config: DictConfig | None
     """The config they compose to (without Hydra's own section), or None where it could not be composed here (Hydra
     then reports why)."""
-
-
-def nearest(name: str, candidates, n: int = 3) -> list[str]:
-    """Up to ``n`` candidates closest to ``name``: similar spelling, or sharing a word (``lr_rate`` -> ``lr``)."""
-    words = set(name.lower().split("_"))
-    scored = []
-    for candidate in set(candidates):
-        score = difflib.SequenceMatcher(None, name.lower(), candidate.lower()).ratio()
-        if candidate.lower() in words or set(candidate.lower().split("_")) <= words:
-            score += 0.3
-        if score >= 0.6:
-            scored.append((-score, candidate))
-    scored.sort()
-    return [candidate for score, candidate in scored[:n] if score <= scored[0][0] + 0.15]  # near the best only
-
-
-def did_you_mean(name: str, candidates, prefix: str = "") -> str:
-    """``"did you mean PREFIX.a or PREFIX.b?"``, or ``""`` when nothing is close."""
-    names = [f"{prefix}{c}" for c in nearest(name, candidates)]
-    return f"did you mean {' or '.join(names)}?" if names else ""
 
 
 def groups() -> dict[str, list[str]]:

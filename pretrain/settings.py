@@ -15,10 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from data_prep.errors import did_you_mean
+
 from pretrain.lr_schedule import ON_EXTEND
 from pretrain.model import DebertaConfig
 from pretrain.objectives.build import ObjectiveSettings  # noqa: F401 (part of the settings)
-from pretrain.overrides import did_you_mean
 
 log = logging.getLogger(__name__)
 
