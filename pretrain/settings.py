@@ -81,6 +81,9 @@ class RunSettings:
     report: bool = True
     """Draw `report.png` from metrics.csv at the end of training (`python -m pretrain.report` redraws it)."""
     checkpoint_every_n_steps: int = 1000
+    keep_checkpoints: int = 2
+    """Newest ``step-N`` checkpoints kept in ``checkpoints/`` (``last.ckpt`` besides); -1 keeps every one, e.g. to
+    probe each later with ``python -m pretrain.probe RUN``."""
     attention_backend: str = "auto"
     """auto (the fused Triton kernel on CUDA, the reference path elsewhere) | triton | reference."""
     compile: bool | None = None
@@ -415,6 +418,9 @@ def settings_from_config(cfg: DictConfig, warn: bool = True) -> Settings:
 
     if run.attention_backend not in ATTENTION_BACKENDS:
         problems.append(f"attention_backend={run.attention_backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if not isinstance(run.keep_checkpoints, int) or run.keep_checkpoints == 0 or run.keep_checkpoints < -1:
+        problems.append(f"keep_checkpoints={run.keep_checkpoints!r}: how many step checkpoints to keep, 1 or more, "
+                        "or -1 for all")
     if not isinstance(resume.allow_changes, (list, tuple)):
         problems.append(f"resume.allow_changes={resume.allow_changes!r}: give a list, e.g. "
                         f"resume.allow_changes=[{resume.allow_changes}]")

@@ -97,7 +97,13 @@ def allow_changes_of_the_micro_batch(tmp_path, shards):
                  "resume.allow_changes=[data.batch_size]"], "compared as data.global_batch_size")
 
 
-RUN_CASES: list = [allow_changes_naming_nothing, allow_changes_of_the_micro_batch]
+def keep_no_checkpoints(tmp_path, shards):
+    """keep_checkpoints=0 would delete every step checkpoint as it is written."""
+    return Case(["-m", "pretrain", "+experiment=quickstart", f"data.path={shards}", f"output_dir={tmp_path / 'run'}",
+                 "keep_checkpoints=0"], "keep_checkpoints=0: how many step checkpoints to keep")
+
+
+RUN_CASES: list = [allow_changes_naming_nothing, allow_changes_of_the_micro_batch, keep_no_checkpoints]
 
 # --- shard sets, manifests and data_prep -----------------------------------------------------------------------
 def _edited_manifest(tmp_path: Path, shards: Path, edit) -> Path:

@@ -118,8 +118,10 @@ def test_small_experiments_run_a_few_steps_on_cpu(experiment, shards, tmp_path):
 def test_interrupted_run_resumes_exactly(shards, tmp_path):
     """Kill a run after its step-4 checkpoint, re-run the same command: per-step losses equal an uninterrupted run."""
     straight = tmp_path / "straight"
-    train(compose_config(tiny_run(shards, straight, "rtd", 10, "checkpoint_every_n_steps=2",
+    train(compose_config(tiny_run(shards, straight, "rtd", 10, "checkpoint_every_n_steps=2", "keep_checkpoints=-1",
                                   "model.hidden_dropout_prob=0.1")))
+    kept = sorted(p.name for p in (straight / "checkpoints").glob("step-*.ckpt"))
+    assert kept == [f"step-{n:08d}.ckpt" for n in (2, 4, 6, 8, 10)]  # keep_checkpoints=-1: every one, for probing
     resumed = tmp_path / "resumed"
     args = tiny_run(shards, resumed, "rtd", 10, "checkpoint_every_n_steps=2", "model.hidden_dropout_prob=0.1")
     proc = subprocess.Popen([sys.executable, "-m", "pretrain", *args], cwd=REPO, stdout=subprocess.DEVNULL,
