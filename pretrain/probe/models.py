@@ -1,6 +1,12 @@
 """What a MODEL argument of ``python -m pretrain.probe`` names, and how it becomes an encoder to fine-tune.
 
-- a HuggingFace DebertaV2 directory (a run's ``hf/`` export, or a released model): its encoder weights;
+- a HuggingFace DebertaV2 directory (a run's ``hf/`` export, or a released model): its encoder weights. A released
+  fine-tune (``DebertaV2ForSequenceClassification``/``ForTokenClassification``, or a ``--export`` of a probe) is
+  probed the same way: its task head (pooler and classifier) is dropped, named in one note, and every task trains a
+  fresh head. Reusing the old head would be wrong: it was trained for another label set (another number of labels,
+  or the same number meaning other things), and even for the same labels it would carry that fine-tuning into
+  the score, which then would no longer measure the encoder the way every other model here is measured (random
+  init and checkpoints all start from a fresh head drawn from the probe seed);
 - a training checkpoint (a Lightning ``.ckpt`` file or a DeepSpeed directory): verified the way resume verifies
   it (restricted unpickling, recorded sha256), exported once to ``OUT/.models/`` and read from there;
 - a run directory (one with ``checkpoints/``): every checkpoint in it, one per pretraining step;
@@ -11,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -23,6 +30,7 @@ from pretrain import hf
 from pretrain.model import DebertaModel
 
 MODEL_CACHE = ".models"
+HEAD_PREFIXES = hf._IGNORED_PREFIXES  # the tensors of a fine-tune's task head, which the import leaves out
 
 
 class ModelError(ValueError):
@@ -67,6 +75,7 @@ def resolve(argument: str) -> list[ModelSource]:
     if not path.exists():
         raise ModelError(f"{path}: no such model directory, checkpoint or run directory")
     if path.is_dir() and (path / hf.CONFIG_NAME).is_file():
+        hf.load_config(path)  # a model this framework cannot build is refused before anything is probed
         return [ModelSource(argument, -1, "hf", path)]
     if path.is_dir() and (path / "checkpoints").is_dir():
         found = run_checkpoints(path)
@@ -86,6 +95,45 @@ def resolve(argument: str) -> list[ModelSource]:
         return [ModelSource(argument, _checkpoint_step(path), "checkpoint", path)]
     raise ModelError(f"{path}: not a model directory (no config.json), checkpoint or run directory (no "
                      "checkpoints/); pass an exported hf/ directory, a .ckpt file, a run directory or random:PATH")
+
+
+def dropped_head(directory: Path) -> str | None:
+    """The note for a fine-tuned model directory: which task-head tensors the probe leaves out (the import drops
+    them), or None when it has none. Only tensor names are read."""
+    names = [k for k in _tensor_names(directory) if k.startswith(HEAD_PREFIXES)]
+    if not names:
+        return None
+    try:
+        raw = json.loads((directory / hf.CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = {}
+    kind = "/".join(str(a) for a in raw.get("architectures") or []) or "model"
+    id2label = raw.get("id2label") if isinstance(raw.get("id2label"), dict) else {}
+    ordered = [str(id2label[k]) for k in sorted(id2label, key=lambda k: (len(str(k)), str(k)))]  # "2" before "10"
+    labels = f" (labels {', '.join(ordered)})" if ordered else ""
+    return (f"note: {directory} is a {kind} fine-tune{labels}: its task head ({', '.join(names)}) is dropped; each "
+            "task trains a fresh head on its encoder")
+
+
+def _tensor_names(directory: Path) -> list[str]:
+    """The tensor names of a model directory, from the safetensors header or the shard index (a ``.bin`` is read
+    whole, with ``weights_only``)."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in (hf.SAFE_WEIGHTS, hf.SAFE_INDEX, hf.TORCH_WEIGHTS, hf.TORCH_INDEX):
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            if name == hf.SAFE_WEIGHTS:
+                with safe_open(str(file), framework="pt") as weights:
+                    return list(weights.keys())
+            if name.endswith(".index.json"):
+                return list(json.loads(file.read_text(encoding="utf-8"))["weight_map"])
+            return list(hf.read_state_dict(directory)[0])
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # the load that follows says why
+            return []
+    return []
 
 
 def materialise(source: ModelSource, out: Path) -> Path:
