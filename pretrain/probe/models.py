@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import re
 import sys
@@ -136,6 +138,33 @@ def _tensor_names(directory: Path) -> list[str]:
     return []
 
 
+def unfinished_deepspeed_save(path: Path, metadata: dict, live: bool = False) -> str | None:
+    """What a DeepSpeed checkpoint directory still lacks of its ranks' files, or None (also for a checkpoint file).
+
+    DeepSpeed's rank 0 writes ``latest`` as soon as its own files are written, without waiting for the other
+    ranks, so a reader of a live multi-rank run can see ``latest`` before every rank's shard is there. Each rank
+    writes ``zero_pp_rank_R_mp_rank_MM_optim_states.pt`` (under ZeRO-3 also ``..._model_states.pt``), then its
+    ``.sha256``; ``metadata`` (rank 0's record) says how many ranks there were. With ``live`` a shard without its
+    ``.sha256`` is still being finished."""
+    from pretrain.checkpointing.files import checksum_path
+    from pretrain.checkpointing.find import DEEPSPEED_TAG, is_deepspeed_checkpoint
+
+    if not is_deepspeed_checkpoint(path):
+        return None
+    tag = path / DEEPSPEED_TAG
+    kinds = ["optim_states"] + (["model_states"] if (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+                                else [])
+    for rank in range(int(metadata.get("dp_world_size") or 1)):
+        for mp_rank in range(int(metadata.get("mp_world_size") or 1)):
+            for kind in kinds:
+                file = tag / f"zero_pp_rank_{rank}_mp_rank_{mp_rank:02d}_{kind}.pt"
+                if not file.is_file():
+                    return f"{file.relative_to(path)} (rank {rank}'s shard) is missing"
+                if live and not checksum_path(file).is_file():
+                    return f"{file.relative_to(path)} (rank {rank}'s shard) has no {checksum_path(file).name} yet"
+    return None
+
+
 def materialise(source: ModelSource, out: Path) -> Path:
     """The HuggingFace directory to read ``source`` from; a checkpoint is verified and exported (once) into
     ``OUT/.models/`` first."""
@@ -147,9 +176,15 @@ def materialise(source: ModelSource, out: Path) -> Path:
     target = out / MODEL_CACHE / f"step-{source.step}-{digest}"
     if (target / "hf" / hf.CONFIG_NAME).is_file():
         return target / "hf"
+    from pretrain.checkpointing.find import CheckpointError, read_metadata
+
     try:
-        objective, tokenizer_dir = load_objective(source.path)  # verifies before anything unpickles freely
-    except ExportError as err:
+        unfinished = unfinished_deepspeed_save(source.path, read_metadata(source.path))
+        if unfinished:  # DeepSpeed's consolidation would stop on it with a ValueError
+            raise ModelError(f"{source.path}: {unfinished}; the save did not finish on every rank")
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's consolidation prints its progress
+            objective, tokenizer_dir = load_objective(source.path)  # verifies before anything unpickles freely
+    except (ExportError, CheckpointError) as err:
         raise ModelError(str(err)) from None
     if not tokenizer_dir.is_dir():
         raise ModelError(f"{source.path}: the tokenizer recorded in the checkpoint ({tokenizer_dir}) is gone; export "
