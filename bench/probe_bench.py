@@ -20,9 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain import hf  # noqa: E402
 from pretrain.probe import batching, models  # noqa: E402
-from pretrain.probe.cli import task_path  # noqa: E402
 from pretrain.probe.finetune import default_settings, finetune  # noqa: E402
-from pretrain.probe.tasks import load_task  # noqa: E402
+from pretrain.probe.tasks import load_task, task_file  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = load_task(task_path(args.task))
+    task = load_task(task_file(args.task))
     tokenizer = batching.load_tokenizer(args.model)
     source = models.ModelSource(str(args.model), -1, "hf", args.model)
     factory = models.encoder_factory(source, args.model)

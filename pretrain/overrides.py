@@ -39,9 +39,14 @@ class CheckedOverrides:
     then reports why)."""
 
 
+# Groups in conf/ that other commands read; a run composes none of them.
+OTHER_GROUPS = {"probe": "the downstream tasks of `python -m pretrain.probe MODEL --task NAME`"}
+
+
 def groups() -> dict[str, list[str]]:
     """Config groups (``model=tiny``, ``+experiment=NAME``) and their choices, from the files in conf/."""
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONF_DIR.iterdir()) if d.is_dir()}
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONF_DIR.iterdir())
+            if d.is_dir() and d.name not in OTHER_GROUPS}
 
 
 @lru_cache(maxsize=1)
@@ -116,6 +121,10 @@ def check_overrides(arguments: list[str]) -> CheckedOverrides:
             continue
         if key.split(".")[0] == "hydra" or override.package is not None or "/" in key:
             continue  # Hydra's own settings, packages, nested groups: Hydra checks them
+        if key.split(".")[0] in OTHER_GROUPS:
+            problems.append(f"{argument}: conf/{key.split('.')[0]}/ holds {OTHER_GROUPS[key.split('.')[0]]}, not a "
+                            "training setting")
+            continue
         if key in choices or (searched and "." not in key):  # (a search path may add groups too)
             value = override.value()
             if searched:

@@ -94,6 +94,7 @@ SLOW = {
     "tests/test_probe_watch.py::test_watch_killed_at_seeded_points_ends_with_each_row_once",
     "tests/test_probe_watch.py::test_report_draws_the_downstream_panel_with_baselines_and_overlays_runs",
     "tests/test_probe_watch.py::test_probe_sbatch_runs_the_watch",
+    "tests/test_probe_watch.py::test_watch_a_deepspeed_run_reads_its_checkpoint_directories_and_nothing_else",
     "tests/test_loggers.py::test_wandb_offline_run_resumes_the_same_run",
     "tests/test_signals_and_export.py::test_sigterm_to_the_whole_group_saves_and_resumes_exactly",
     "tests/test_signals_and_export.py::test_sigterm_during_validation_keeps_that_evaluation",
@@ -143,6 +144,8 @@ SLOW = {
     "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[allow_changes_of_the_micro_batch]",
     "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[export_with_a_binary_sha256]",
     "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[probe_model_without_tokenizer]",
+    "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[probe_released_fine_tune_without_tokenizer]",
+    "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[probe_a_model_that_is_not_deberta_v2]",
 }
 
 

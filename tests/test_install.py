@@ -1,5 +1,6 @@
 """The installed package carries its configuration: built as a wheel, installed outside the checkout, the console
-script trains from another directory, and a user's own config directory joins through Hydra's search path."""
+script trains from another directory, a user's own config directory joins through Hydra's search path, and the
+probe/ group's bundled tasks read the installed package's own data."""
 
 from __future__ import annotations
 
@@ -45,3 +46,12 @@ def test_installed_console_script_trains_from_another_directory(shards, tmp_path
     probe = subprocess.run([sys.executable, "-c", "import pretrain; print(pretrain.__file__)"], cwd=workdir, env=env,
                            capture_output=True, text=True)
     assert probe.stdout.strip().startswith(str(site)), probe.stdout  # the installed copy ran, not the checkout
+    tasks = subprocess.run([sys.executable, "-c", "from pretrain.probe.tasks import load_task, task_file\n"
+                            "task = load_task(task_file('zh_sentiment'))\n"
+                            "print(task.spec.source, task.spec.files['train'], len(task.rows['train']))"],
+                           cwd=workdir, env=env, capture_output=True, text=True)
+    assert tasks.returncode == 0, tasks.stderr[-2000:]
+    source, train_file, count = tasks.stdout.split()
+    assert source == str(site / "pretrain" / "conf" / "probe" / "zh_sentiment.yaml")
+    assert train_file == str(site / "pretrain" / "probe" / "samples" / "zh_sentiment" / "train.jsonl")
+    assert count == "400"

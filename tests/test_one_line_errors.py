@@ -284,8 +284,42 @@ def probe_watch_a_file(tmp_path, shards):
                  "--out", str(tmp_path / "out")], "run.ckpt: --watch needs a run directory")
 
 
+def _released(directory, model, shards, tokenizer=True):
+    """``model`` saved as transformers releases a fine-tune (``save_pretrained``), with the shards' tokenizer."""
+    import transformers
+
+    model.save_pretrained(directory)
+    if tokenizer:
+        transformers.AutoTokenizer.from_pretrained(shards.parent / "tok").save_pretrained(directory)
+    return directory
+
+
+def probe_released_fine_tune_without_tokenizer(tmp_path, shards):
+    """A released DebertaV2 fine-tune passes the config check; the missing tokenizer is what is named."""
+    import transformers
+
+    config = transformers.DebertaV2Config(vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=128, relative_attention=True,
+                                          position_buckets=16, pos_att_type=["p2c", "c2p"], cls_dropout=0.1)
+    model = _released(tmp_path / "fine_tune", transformers.DebertaV2ForSequenceClassification(config), shards,
+                      tokenizer=False)
+    return Case(["-m", "pretrain.probe", str(model), "--task", str(_probe_task(tmp_path)), "--out",
+                 str(tmp_path / "out"), "--seeds", "1"], f"{model}: no tokenizer files")
+
+
+def probe_a_model_that_is_not_deberta_v2(tmp_path, shards):
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    model = _released(tmp_path / "bert", transformers.BertForSequenceClassification(config), shards)
+    return Case(["-m", "pretrain.probe", str(model), "--task", str(_probe_task(tmp_path)), "--out",
+                 str(tmp_path / "out"), "--seeds", "1"], "field 'model_type' = 'bert': only 'deberta-v2' checkpoints")
+
+
 PROBE_CASES: list = [probe_missing_column, probe_label_outside_list, probe_empty_file, probe_task_file_does_not_parse,
-                     probe_model_without_tokenizer, probe_watch_a_file]
+                     probe_model_without_tokenizer, probe_watch_a_file, probe_released_fine_tune_without_tokenizer,
+                     probe_a_model_that_is_not_deberta_v2]
 
 # --- a newcomer's command lines ---------------------------------------------------------------------------------
 def _pretrain(tmp_path, shards, *overrides):

@@ -20,7 +20,7 @@ from pretrain.model import DebertaConfig, DebertaModel
 from pretrain.probe import batching
 from pretrain.probe.finetune import default_settings, finetune
 from pretrain.probe.metrics import token_classification_metrics
-from pretrain.probe.tasks import load_task
+from pretrain.probe.tasks import load_task, task_file
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "pretrain" / "probe" / "samples"
@@ -68,7 +68,7 @@ def run(task, tokenizer, max_length=64, seed=0):
 
 @pytest.mark.parametrize("language", ["zh", "ko"])
 def test_sentiment_is_learned_and_shuffled_labels_are_not(language, tokenizer):
-    task = load_task(SAMPLES / f"{language}_sentiment" / "task.yaml")
+    task = load_task(task_file(f"{language}_sentiment"))
     assert task.labels == ["0", "1"] and sum(r["label"] for r in task.rows["dev"]) == 100  # balanced: chance 0.5
     learned = run(task, tokenizer)["accuracy"]
     gold = [r["label"] for r in task.rows["train"]]

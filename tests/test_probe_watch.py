@@ -2,7 +2,8 @@
 checkpoint once it is complete and keeps waiting, and ends when the lock is free; then, SIGKILLed at seeded points
 in its output and started again each time, it ends with exactly one row per (checkpoint, task, seed, split,
 metric), nothing lost or repeated. A damaged checkpoint is skipped and named, one deleted by the run's rotation is
-skipped with a note. The report draws the probes, and slurm/probe.sbatch runs the watch."""
+skipped with a note. A DeepSpeed run's checkpoint directories are probed the same way, reading only. The report
+draws the probes, and slurm/probe.sbatch runs the watch."""
 
 from __future__ import annotations
 
@@ -227,3 +228,77 @@ def test_a_run_stopped_before_its_end_is_waited_for_then_given_up(tmp_path, caps
         "stopped", f"no process holds {run / '.lock'}, at no checkpoint of max_steps 8")
     watch.watch(run, [], args)
     assert "stopped before its end" in capsys.readouterr().err
+
+
+def _listing(run: Path) -> dict[str, tuple]:
+    """Every path under the run with its kind, size, mtime and link target: what a reader must leave as it was."""
+    out = {}
+    for path in [run, *sorted(run.rglob("*"))]:
+        stat = path.lstat()
+        out[str(path.relative_to(run))] = (stat.st_mode, stat.st_size, stat.st_mtime_ns,
+                                           os.readlink(path) if path.is_symlink() else None)
+    return out
+
+
+def test_watch_a_deepspeed_run_reads_its_checkpoint_directories_and_nothing_else(shards, tmp_path, capsys):
+    """A run trained with a DeepSpeed strategy (ZeRO-1 on one CPU rank) stores each checkpoint as a directory, and
+    last.ckpt as a link to the newest. The watch probes each step once (the bundled en_sentiment task, by its name
+    in the probe/ group) and leaves the run directory exactly as it was. A save whose rank shard is not there yet
+    (DeepSpeed's rank 0 writes `latest` without waiting for the other ranks) is passed over while the run is live,
+    and probed once it is complete."""
+    from test_checkpoint_trust import zero_args
+    from test_recovery import cli
+
+    from pretrain.checkpointing.files import checksum_path
+    from pretrain.checkpointing.find import read_metadata
+    from pretrain.probe import cli as probe_cli
+    from pretrain.probe import models
+
+    run = tmp_path / "run"
+    trained = cli(zero_args(shards, run, 4, 1), env={"OMP_NUM_THREADS": "1"})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    folder = run / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step-00000002.ckpt", "step-00000004.ckpt"]
+    assert (folder / "step-00000002.ckpt" / "checkpoint").is_dir() and (folder / "last.ckpt").is_symlink()
+    before = _listing(run)
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return ["--watch", str(run), "--task", "en_sentiment", "--seeds", "1", "--epochs", "1", "--max-length", "32",
+                "--poll", "0.2", "--out", str(out), "--device", "cpu", *extra]
+
+    out = tmp_path / "probes"
+    assert probe_cli.main(argv(out, "--random-init")) == 0
+    assert _listing(run) == before  # read only: no file, directory, link or timestamp of the run changed
+    printed = capsys.readouterr().out
+    assert f"{run}: run finished (step 4 of max_steps 4 reached); every checkpoint probed" in printed
+    assert [line.split(" | ")[0] for line in printed.splitlines() if " | seed " in line] == \
+        [f"{run} @ step 2", f"random:{run}", f"{run} @ step 4"]
+    assert "Processing zero checkpoint" not in printed  # DeepSpeed's consolidation progress is not the watch's output
+    counts = collections.Counter((r["model"], r["step"], r["task"], r["seed"], r["split"], r["metric"])
+                                 for r in results.read_rows(out))
+    assert counts == {(model, step, "en_sentiment", "0", "dev", metric): 1
+                      for model, step in ((str(run), "2"), (str(run), "4"), (f"random:{run}", "0"))
+                      for metric in ("accuracy", "macro_f1")}
+
+    # step 4 as a live reader can find it: `latest` written, the rank's shard still on its way
+    step4 = folder / "step-00000004.ckpt"
+    shard = step4 / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    os.replace(checksum_path(shard), hidden / checksum_path(shard).name)
+    assert models.unfinished_deepspeed_save(step4, read_metadata(step4), live=True) == \
+        f"checkpoint/{shard.name} (rank 0's shard) has no {shard.name}.sha256 yet"
+    assert models.unfinished_deepspeed_save(step4, read_metadata(step4)) is None  # a run that ended: verified as is
+    os.replace(shard, hidden / shard.name)
+    assert models.unfinished_deepspeed_save(step4, read_metadata(step4)) == \
+        f"checkpoint/{shard.name} (rank 0's shard) is missing"
+    args = probe_cli.parse_args(argv(tmp_path / "again"))
+    live = watch.Watch(run, probe_cli.load_tasks(args), args)
+    assert live.look(live=True) == 1  # step 2; step 4 is looked at again next time
+    for name in (shard.name, checksum_path(shard).name):  # the rank's shard arrives, then its checksum
+        os.replace(hidden / name, shard.parent / name)
+    assert live.look(live=True) == 1
+    printed, warnings = capsys.readouterr()
+    assert [line.split(" | ")[0] for line in printed.splitlines() if " | seed " in line] == \
+        [f"{run} @ step 2", f"{run} @ step 4"]
+    assert "skipping" not in warnings

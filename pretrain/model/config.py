@@ -44,6 +44,8 @@ NON_COMPUTATIONAL_HF_KEYS = frozenset(
         "z_steps",
         # `legacy` only chooses HF's MLM-head key names; the import reads whichever names are present.
         "legacy",
+        # The task head of a fine-tune (DebertaV2For{Sequence,Token}Classification): its label count and dropout.
+        "num_labels", "cls_dropout",
     }
 )
 

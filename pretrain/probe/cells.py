@@ -41,6 +41,9 @@ def probe_source(source: models.ModelSource, tasks: list[Task], args: argparse.N
         return str(err)
     tokenizer = batching.load_tokenizer(directory)
     factory = models.encoder_factory(source, directory)
+    note = models.dropped_head(directory) if source.kind == "hf" else None
+    if note:
+        print(note, flush=True)
     hidden = hf.load_config(directory).hidden_size
     for task in tasks:
         seeds = [s for t, s in todo if t is task]

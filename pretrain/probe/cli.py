@@ -17,21 +17,7 @@ import torch
 from pretrain import hf
 from pretrain.probe import models, results
 from pretrain.probe.cells import probe_source
-from pretrain.probe.tasks import Task, TaskError, load_task
-
-SAMPLES = Path(__file__).resolve().parent / "samples"
-
-
-def task_path(argument: str) -> Path:
-    """A task file, or the name of a bundled sample task (``zh_sentiment``, ``en_sentiment/regression``)."""
-    path = Path(argument)
-    if path.exists() or path.suffix in (".yaml", ".yml"):
-        return path
-    bundled = SAMPLES / argument / "task.yaml" if "/" not in argument else SAMPLES / f"{argument}.yaml"
-    if bundled.is_file():
-        return bundled
-    names = sorted(p.parent.name for p in SAMPLES.glob("*/task.yaml"))
-    raise TaskError(f"{argument}: no such task file, and not a bundled task ({', '.join(names)})")
+from pretrain.probe.tasks import Task, TaskError, group_tasks, load_task, task_file
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,8 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m pretrain.probe", description=__doc__.split("\n\n", 1)[0].split(": ", 1)[1],
         epilog="MODEL: an exported hf/ directory or released DebertaV2 directory, a training checkpoint (.ckpt or "
                "DeepSpeed directory), a run directory (every checkpoint in it), or random:PATH (PATH's architecture "
-               "with fresh weights).\nTASK: a task YAML (see pretrain/probe/tasks.py) or a bundled sample: "
-               "en_sentiment, zh_sentiment, ko_sentiment, en_sentiment/regression.\n\nexample:\n"
+               "with fresh weights).\nTASK: a task YAML's path (see pretrain/probe/tasks.py), or the name of a task "
+               f"in the probe/ config group (conf/probe/): {', '.join(group_tasks())}.\n\nexample:\n"
                "  python -m pretrain.probe outputs/quickstart/run random:outputs/quickstart/run/hf --task en_sentiment\n"
                "  python -m pretrain.probe --watch outputs/quickstart/run --random-init --task en_sentiment",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +71,7 @@ def _warnings_to_console() -> None:
 
 def load_tasks(args: argparse.Namespace) -> list[Task]:
     """Every task file checked before any training; each task's type, labels and metric recorded beside the rows."""
-    tasks: list[Task] = [load_task(task_path(t)) for t in args.task]
+    tasks: list[Task] = [load_task(task_file(t)) for t in args.task]
     if len({t.name for t in tasks}) != len(tasks):
         raise TaskError(f"two tasks share a name ({[t.name for t in tasks]}); give each task file its own 'name'")
     for task in tasks:

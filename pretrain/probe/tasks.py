@@ -15,13 +15,25 @@ A task file::
     labels: [neg, pos]            # optional: the label list (else the sorted labels of the training split)
     metric: accuracy              # optional: the headline metric (see metrics.METRICS)
 
-Relative paths are read from the task file's directory. Every problem is a :class:`TaskError` whose message names
-the file and says what to fix; nothing here is trusted beyond what it checks.
+The tasks that ship with the package are the Hydra config group ``probe/`` (``pretrain/conf/probe/``, linked as
+``conf/probe/``): ``--task NAME`` reads ``conf/probe/NAME.yaml``; any other task is given by its path. A data path in a
+task file is one of
+
+- ``pkg://PACKAGE/PATH``: a file inside an installed Python package (the bundled slices are
+  ``pkg://pretrain.probe/samples/...``), found wherever the package is installed;
+- an absolute path, or ``~/...``;
+- a relative path: read from the task file's own directory (not the working directory).
+
+Values may use OmegaConf's interpolations, as the rest of ``conf/`` does: ``${oc.env:PROBE_DATA}/zh_ner/train.jsonl``
+reads the folder from the environment. Every problem is a :class:`TaskError` whose message names the file and says
+what to fix; nothing here is trusted beyond what it checks.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +45,8 @@ from pretrain.probe.metrics import DEFAULT_METRIC, METRICS
 
 SPLITS = ("train", "dev", "test")
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"}
+GROUP = Path(__file__).resolve().parents[1] / "conf" / "probe"  # the ``probe/`` config group
+PACKAGE_PREFIX = "pkg://"
 _KEYS = {"name", "type", "train", "dev", "test", "text", "text_pair", "label", "tokens", "tags", "labels", "metric"}
 
 
@@ -75,6 +89,68 @@ class Task:
         return self.spec.name
 
 
+def group_tasks() -> list[str]:
+    """The names ``--task`` accepts without a path: the files of the ``probe/`` config group."""
+    return sorted(p.stem for p in GROUP.glob("*.yaml"))
+
+
+def task_file(argument: str) -> Path:
+    """The task file ``--task ARGUMENT`` names: a path (``.yaml``/``.yml``, or with a directory in it), else the
+    ``probe/`` group's ``ARGUMENT.yaml``, else an existing file of that name."""
+    path = Path(argument)
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    member = GROUP / f"{argument}.yaml"
+    if member.is_file():
+        return member
+    if path.is_file():
+        return path
+    from data_prep.errors import did_you_mean
+
+    hint = did_you_mean(argument, group_tasks()) or f"choose {', '.join(group_tasks())}"
+    raise TaskError(f"{argument}: no such task file, and no such task in the probe/ config group ({GROUP}; {hint}); "
+                    "pass a task YAML's path or a task name")
+
+
+def _resolved(raw: dict[str, Any], source: Path) -> dict[str, Any]:
+    """``raw`` with OmegaConf interpolations (``${oc.env:NAME}``) resolved, each failure named by its key."""
+    if not any("${" in str(v) for v in raw.values()):
+        return raw
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        conf = OmegaConf.create(raw)
+    except OmegaConfBaseException as err:
+        raise TaskError(f"{source}: {str(err).splitlines()[0]}; fix the task file") from None
+    out = {}
+    for key in raw:
+        try:
+            value = conf[key]
+            out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except OmegaConfBaseException as err:
+            # 'KeyError raised while resolving interpolation: "Environment variable 'X' not found"' -> the quote
+            reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(err).splitlines()[0]).strip('"')
+            raise TaskError(f"{source}: '{key}' = {raw[key]!r}: {reason}; set it, or write the value in the task "
+                            "file") from None
+    return out
+
+
+def data_path(value: str, source: Path) -> Path:
+    """Where a task file's data path points (see the module docstring): ``pkg://PACKAGE/PATH``, absolute or ``~``,
+    or relative to the task file's directory."""
+    if value.startswith(PACKAGE_PREFIX):
+        package, _, inside = value[len(PACKAGE_PREFIX):].partition("/")
+        try:
+            root = importlib.resources.files(package)
+        except (ModuleNotFoundError, TypeError, ValueError):
+            raise TaskError(f"{source}: {value}: no installed Python package {package!r}; write "
+                            "pkg://PACKAGE/PATH with an importable package, or a file path") from None
+        return Path(str(root)) / inside
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else source.parent / path
+
+
 def load_spec(path: str | os.PathLike) -> TaskSpec:
     source = Path(path)
     try:
@@ -92,6 +168,7 @@ def load_spec(path: str | os.PathLike) -> TaskSpec:
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
         raise TaskError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
+    raw = _resolved(raw, source)
     for key in ("type", "train", "dev"):
         if not raw.get(key):
             raise TaskError(f"{source}: key '{key}' is missing; add it (type: one of {', '.join(TASK_TYPES)}; "
@@ -105,7 +182,7 @@ def load_spec(path: str | os.PathLike) -> TaskSpec:
     labels = raw.get("labels")
     if labels is not None and (not isinstance(labels, list) or len(labels) < 2):
         raise TaskError(f"{source}: 'labels' must be a list of at least two labels, got {labels!r}")
-    files = {split: (source.parent / str(raw[split])) for split in SPLITS if raw.get(split)}
+    files = {split: data_path(str(raw[split]), source) for split in SPLITS if raw.get(split)}
     strings = {k: str(raw[k]) for k in ("text", "label", "tokens", "tags") if raw.get(k)}
     return TaskSpec(name=str(raw.get("name") or source.stem), type=raw["type"], files=files, source=source,
                     text_pair=str(raw["text_pair"]) if raw.get("text_pair") else None,

@@ -5,9 +5,11 @@ The watcher only reads the run: it never takes the run's lock (it asks the kerne
 own output goes to ``--out`` (default ``RUN/probes/``: ``probes.csv``, ``tasks.json`` and the ``.models/`` exports).
 
 Which checkpoints are read. A save is complete once it is renamed into place *and* its ``NAME.sha256`` is beside it
-(:mod:`pretrain.checkpointing.files` writes the checksum right after the rename); a DeepSpeed directory once its ``latest``
-file is there. While the run is live only ``step-N.ckpt`` and ``hpc_ckpt_N.ckpt`` are read: ``last.ckpt`` is
-rewritten in place at every save (it is a copy of the newest ``step-N``). Each checkpoint is verified against its
+(:mod:`pretrain.checkpointing.files` writes the checksum right after the rename); a DeepSpeed directory once its
+``latest`` file is there and every rank's shard has its checksum (rank 0 writes ``latest`` without waiting for the
+other ranks; their number is in rank 0's record). While the run is live only ``step-N.ckpt`` and
+``hpc_ckpt_N.ckpt`` are read: ``last.ckpt`` is rewritten in place at every save (it is a copy of the newest
+``step-N``, or under DeepSpeed a link to it). Each checkpoint is verified against its
 checksum before it is loaded; one that fails is skipped with the reason, named once, and tried again only if it is
 rewritten. One that the run deletes first (``save_top_k`` keeps the newest two) is skipped with a note.
 
@@ -152,9 +154,14 @@ class Watch:
             self.looked[path] = signature
             new += 1
             try:
-                step = int(read_metadata(path)["global_step"])
+                metadata = read_metadata(path)
+                step = int(metadata["global_step"])
             except (CheckpointError, KeyError, TypeError, ValueError) as err:
                 self._skip(path, str(err).removeprefix(f"{path}: "))
+                continue
+            if live and models.unfinished_deepspeed_save(path, metadata, live=True):
+                del self.looked[path]  # another rank is still writing its shard: looked at again next time
+                new -= 1
                 continue
             if step in self.steps:
                 continue
