@@ -214,17 +214,27 @@ def cooldown_config(run_dir: Path, out: Path, step: int, decay_steps: int, overr
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(cleaned), planned)
 
 
+class _LogFileOnceReady(logging.FileHandler):
+    """``NEW/pretrain.log``, opened at the first record after ``NEW`` exists (a refused command creates nothing)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if Path(self.baseFilename).parent.is_dir():
+            super().emit(record)
+
+
 def _configure_logging(out: Path) -> None:
-    """Console and ``NEW/pretrain.log``, in the format of a ``python -m pretrain`` run (Hydra's)."""
+    """Console and ``NEW/pretrain.log``, in the format of a ``python -m pretrain`` run (Hydra's). Lightning's note
+    that the checkpoint's folder changed (it always has: the cool-down resumes a copy) is dropped."""
+    import warnings
+
     form = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    console = logging.StreamHandler(sys.stdout)
-    file = logging.FileHandler(out / "pretrain.log", encoding="utf-8")
-    for handler in (console, file):
+    for handler in (logging.StreamHandler(sys.stdout), _LogFileOnceReady(out / "pretrain.log", delay=True)):
         handler.setFormatter(form)
         root.addHandler(handler)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
 
 def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> DictConfig:
@@ -257,7 +267,6 @@ def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> 
             write_text_atomic(out / RECORD, json.dumps(record, indent=2) + "\n")
             copy_metrics(run_dir, out, step)
             copy_checkpoint(checkpoint, target)
-    _configure_logging(out)
     log.info("cool-down of %s from step %d: %d decay steps to step %d, in %s", checkpoint, step, decay_steps,
              step + decay_steps, out)
     return cfg
@@ -286,13 +295,18 @@ def main(argv: list[str] | None = None) -> None:
                         "python -m pretrain command line (data.num_workers=4, optim.decay_shape=linear)")
     args = parser.parse_args(argv)
 
+    from data_prep.errors import DataPrepError
     from pretrain.__main__ import _fail, _run
+    from pretrain.hf import CheckpointError
+    from pretrain.model import ConfigError
     from pretrain.run.interrupt import TrainingInterrupted, resume_command
+    from pretrain.run.lock import RunLockedError
     from pretrain.settings import SettingsError
 
+    _configure_logging(args.out)
     try:
         cfg = prepare(args.source, args.out, args.decay_steps, args.overrides)
-    except (CooldownError, SettingsError) as err:
+    except (CooldownError, SettingsError, DataPrepError, CheckpointError, ConfigError, RunLockedError) as err:
         _fail(str(err))
     except OSError as err:
         _fail(f"{err.filename or args.out}: {err.strerror or err}; free space or fix the path, then re-run the "

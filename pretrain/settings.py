@@ -93,6 +93,9 @@ class RunSettings:
     report: bool = True
     """Draw `report.png` from metrics.csv at the end of training (`python -m pretrain.report` redraws it)."""
     checkpoint_every_n_steps: int = 1000
+    keep_checkpoints: int = 2
+    """How many periodic step-N checkpoints stay on disk (the newest); -1 keeps every one, e.g. for the
+    cool-downs of a wsd run (``python -m pretrain.cooldown``), which start from any of them."""
     attention_backend: str = "auto"
     """auto (the fused Triton kernel on CUDA, the reference path elsewhere) | triton | reference."""
     compile: bool | None = None
@@ -455,6 +458,10 @@ def settings_from_config(cfg: DictConfig, warn: bool = True) -> Settings:
         problems.append("trainer.max_steps: set a step count (the LR schedule is defined over it; 0 exports the "
                         "starting model without training)")
     _validate_strategy(strategy, trainer, problems)
+    if isinstance(run.keep_checkpoints, bool) or not isinstance(run.keep_checkpoints, int) or not (
+            run.keep_checkpoints >= 1 or run.keep_checkpoints == -1):
+        problems.append(f"keep_checkpoints={run.keep_checkpoints!r}: how many step checkpoints to keep, 1 or more, "
+                        "or -1 for all")
     from pretrain.model.attention import ATTENTION_BACKENDS
 
     if run.attention_backend not in ATTENTION_BACKENDS:

@@ -151,7 +151,7 @@ def build_trainer(settings: Settings, objective: PretrainingObjective, output_di
     if zero_stage(strategy) == 3:
         expose_outputs_to_zero3(objective)
     checkpoint = RunCheckpoint(dirpath=output_dir / "checkpoints", filename="step-{step:08d}", save_last=save_last,
-                               save_top_k=2, monitor="step", mode="max",
+                               save_top_k=settings.run.keep_checkpoints, monitor="step", mode="max",
                                every_n_train_steps=settings.run.checkpoint_every_n_steps,
                                auto_insert_metric_name=False,
                                enable_version_counter=False)  # a resumed run overwrites/relinks last.ckpt, no last-v1
