@@ -112,25 +112,26 @@ def planned_record(checkpoint: Path, run_dir: Path, step: int, decay_steps: int)
             "decay_steps": decay_steps, "max_steps": step + decay_steps}
 
 
-def check_record(out: Path, record: dict[str, Any]) -> bool:
-    """Whether ``out`` already holds this cool-down (re-running the command resumes it); raise if it holds anything
-    else."""
+def read_record(out: Path) -> dict[str, Any] | None:
+    """The cool-down ``out`` holds (its ``cooldown.json``), or None for a new or empty directory; raise if ``out``
+    holds anything else."""
     path = out / RECORD
     if path.is_file():
         try:
             held = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(held, dict) or not {"source_run", "source_checkpoint", "step", "decay_steps"} <= set(held):
+                raise ValueError("not a cool-down record")
+            return held
         except (OSError, ValueError) as err:
             raise CooldownError(f"{path}: unreadable ({err}); move {out} away or choose another --out") from None
-        keys = ("source_checkpoint", "step", "decay_steps")
-        if {k: held.get(k) for k in keys} != {k: record[k] for k in keys}:
-            raise CooldownError(
-                f"--out {out} holds another cool-down ({held.get('source_checkpoint')}, step {held.get('step')}, "
-                f"{held.get('decay_steps')} decay steps): re-run that command to resume it, or choose another --out")
-        return True
     if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
         raise CooldownError(f"--out {out}: exists, is not empty and holds no cool-down ({RECORD}); choose a new "
                             "directory")
-    return False
+    return None
+
+
+def _started(out: Path) -> bool:
+    return any((out / "checkpoints").glob("*.ckpt"))
 
 
 def copy_checkpoint(checkpoint: Path, destination: Path) -> None:
@@ -181,10 +182,9 @@ def copy_metrics(run_dir: Path, out: Path, step: int) -> None:
     from pretrain.run.loggers import read_rows
 
     source = run_dir / "metrics.csv"
-    if not source.is_file():
-        return
-    header, rows = read_rows(str(source))
+    header, rows = read_rows(str(source)) if source.is_file() else ([], [])
     rows = [r for r in rows if int(float(r["step"])) < step]
+    (out / "metrics.csv").unlink(missing_ok=True)  # (left by a start that was interrupted before its checkpoint)
     if rows:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=sorted(set(header).union(*rows)), lineterminator="\n")
@@ -238,14 +238,27 @@ def _configure_logging(out: Path) -> None:
 
 
 def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> DictConfig:
-    """Check everything, then (launching process) make ``out`` a run that resumes from the source checkpoint.
-    Nothing is written when a check fails."""
+    """Check everything, then (launching process) make ``out`` a run that resumes from the source checkpoint; or,
+    when ``out`` holds this cool-down already, the config that resumes it. Nothing is written when a check fails."""
     from pretrain.checkpointing.find import read_metadata
     from pretrain.run.lock import RunLock, checkpoint_folder_lock, launching_process
     from pretrain.settings import settings_from_config
 
     if decay_steps < 1:
         raise CooldownError(f"--decay-steps {decay_steps}: give the length of the decay phase, 1 step or more")
+    held = read_record(out)
+    if held is not None and _started(out):  # the same command again: resume the cool-down (the source may be gone)
+        if source.resolve() not in (Path(held["source_run"]), Path(held["source_checkpoint"])) or \
+                held["decay_steps"] != decay_steps:
+            raise CooldownError(f"--out {out} holds the cool-down of {held['source_checkpoint']} (step {held['step']}, "
+                                f"{held['decay_steps']} decay steps): re-run that command to resume it, or choose "
+                                "another --out")
+        step = int(held["step"])
+        record_dir = out if (out / "config.yaml").is_file() else Path(held["source_run"])
+        cfg = cooldown_config(record_dir, out, step, decay_steps, overrides)
+        settings_from_config(cfg, warn=False)
+        log.info("resuming the cool-down in %s (from step %d of %s)", out, step, held["source_checkpoint"])
+        return cfg
     checkpoint, run_dir = find_source(source)
     check_destination(out, run_dir)
     metadata = read_metadata(checkpoint)
@@ -253,20 +266,17 @@ def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> 
     check_stable(checkpoint, step, source_schedule(metadata))
     cfg = cooldown_config(run_dir, out, step, decay_steps, overrides)
     settings_from_config(cfg, warn=False)  # a bad override: one line, before anything is written
-    record = planned_record(checkpoint, run_dir, step, decay_steps)
     if not launching_process():  # another rank of the cool-down: the launching process prepares `out`
         _wait_for_preparation(out, step)
         return cfg
-    resuming = check_record(out, record)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out), checkpoint_folder_lock(out):
-        target = out / "checkpoints" / f"step-{step:08d}.ckpt"
-        if not (resuming and any((out / "checkpoints").glob("*.ckpt"))):
-            from data_prep.atomic_io import write_text_atomic
+        from data_prep.atomic_io import write_text_atomic
 
-            write_text_atomic(out / RECORD, json.dumps(record, indent=2) + "\n")
-            copy_metrics(run_dir, out, step)
-            copy_checkpoint(checkpoint, target)
+        record = planned_record(checkpoint, run_dir, step, decay_steps)
+        write_text_atomic(out / RECORD, json.dumps(record, indent=2) + "\n")
+        copy_metrics(run_dir, out, step)
+        copy_checkpoint(checkpoint, out / "checkpoints" / f"step-{step:08d}.ckpt")  # last: NEW can now resume
     log.info("cool-down of %s from step %d: %d decay steps to step %d, in %s", checkpoint, step, decay_steps,
              step + decay_steps, out)
     return cfg
@@ -293,17 +303,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decay-steps", type=int, required=True, help="length of the decay phase in steps")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings to change, as on the "
                         "python -m pretrain command line (data.num_workers=4, optim.decay_shape=linear)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value settings before, between or after the options
 
     from data_prep.errors import DataPrepError
     from pretrain.__main__ import _fail, _run
     from pretrain.hf import CheckpointError
     from pretrain.model import ConfigError
     from pretrain.run.interrupt import TrainingInterrupted, resume_command
-    from pretrain.run.lock import RunLockedError
+    from pretrain.run.lock import RunLockedError, launching_process
     from pretrain.settings import SettingsError
 
     _configure_logging(args.out)
+    fresh = not args.out.exists()
     try:
         cfg = prepare(args.source, args.out, args.decay_steps, args.overrides)
     except (CooldownError, SettingsError, DataPrepError, CheckpointError, ConfigError, RunLockedError) as err:
@@ -316,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     again = resume_command(["python -m pretrain.cooldown", *(sys.argv[1:] if argv is None else argv)])
     try:
         _run(train, cfg)
+    except SystemExit as stop:  # one error line printed: a cool-down refused before its first step leaves nothing
+        if stop.code == 2 and fresh and launching_process() and not (args.out / "config.yaml").exists():
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     except TrainingInterrupted as stop:
         if stop.announce:
             print(f"{stop}; resume with: {again}", file=sys.stderr, flush=True)

@@ -143,6 +143,8 @@ SLOW = {
     "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[allow_changes_of_the_micro_batch]",
     "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[export_with_a_binary_sha256]",
     "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[probe_model_without_tokenizer]",
+    "tests/test_lr_schedules.py::test_cooldown_equals_a_run_that_decayed_there",
+    "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[cooldown_of_a_linear_run]",
 }
 
 
