@@ -133,6 +133,23 @@ def test_wsd_resumed_with_more_steps_moves_its_decay_to_the_new_end():
             assert after == pytest.approx([reached - drop * (i + 1) for i in range(10)], rel=1e-9)
 
 
+def test_cosine_resumed_with_more_steps_goes_on_along_its_curve():
+    """Stopped at step 6 of 10: the rest of the cosine, from the LR reached, stretched to end at step 20."""
+    from pretrain.lr_schedule import build_schedule, follow_max_steps
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=LR)
+    schedule = build_schedule(optimizer, WARMUP, 10, MIN_RATIO, "cosine")
+    reached = _lrs_after(schedule, 5)[-1]  # the LR of step 5, the last one trained
+    optimizer.step()
+    schedule.step()
+    assert follow_max_steps(schedule, 20, "stretch", schedule="cosine")
+    after = _lrs_after(schedule, 13)  # steps 6..19
+    progress = math.acos(2 * (reached / LR - MIN_RATIO) / (1 - MIN_RATIO) - 1) / math.pi
+    expected = [LR * (MIN_RATIO + (1 - MIN_RATIO) * 0.5 * (1 + math.cos(math.pi * (progress + (1 - progress) * (
+        s - 5) / 15)))) for s in range(6, 20)]
+    assert after == pytest.approx(expected, rel=1e-9) and after[0] < reached
+
+
 def test_cooldown_checks_the_source_is_in_its_stable_phase(tmp_path):
     from pretrain.cooldown import CooldownError, check_destination, check_stable
     from pretrain.lr_schedule import WarmupDecay
