@@ -246,6 +246,9 @@ def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> 
 
     if decay_steps < 1:
         raise CooldownError(f"--decay-steps {decay_steps}: give the length of the decay phase, 1 step or more")
+    from pretrain.checkpointing.find import is_deepspeed_checkpoint
+
+    check_destination(out, source if source.is_dir() and not is_deepspeed_checkpoint(source) else _run_dir_of(source))
     held = read_record(out)
     if held is not None and _started(out):  # the same command again: resume the cool-down (the source may be gone)
         if source.resolve() not in (Path(held["source_run"]), Path(held["source_checkpoint"])) or \
@@ -260,7 +263,6 @@ def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> 
         log.info("resuming the cool-down in %s (from step %d of %s)", out, step, held["source_checkpoint"])
         return cfg
     checkpoint, run_dir = find_source(source)
-    check_destination(out, run_dir)
     metadata = read_metadata(checkpoint)
     step = int(metadata["global_step"])
     check_stable(checkpoint, step, source_schedule(metadata))
