@@ -22,7 +22,10 @@ directory (its newest usable checkpoint). The source is only read: it is verifie
 the restricted unpickler), copied into ``NEW/checkpoints/`` (checked against its sha256) with the source's
 ``metrics.csv`` rows before step ``k`` (so NEW's metrics and report carry the model's whole history, in the source's
 step numbering), and NEW resumes from that copy; the source run may keep training meanwhile. ``NEW/cooldown.json``
-records where the cool-down came from. Re-running the same command resumes an interrupted cool-down.
+records where the cool-down came from. Re-running the same command resumes an interrupted cool-down. A cool-down
+that cannot start (a bad setting, a change the resume refuses) prints one error line and leaves no NEW behind.
+Settings the source resolved when it started (``trainer.num_nodes`` under SLURM) are the source's; override them
+for another allocation (the global batch stays that of ``data.global_batch_size``).
 """
 
 from __future__ import annotations
