@@ -46,7 +46,7 @@ RECORD = "cooldown.json"
 PLANNED = ("output_dir", "trainer.max_steps", "optim.decay_steps", "optim.decay_fraction", "optim.schedule")
 """Keys the command sets itself; an override of one of them is refused."""
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pretrain.cooldown")  # (not __main__ when run with -m)
 
 
 class CooldownError(ValueError):
