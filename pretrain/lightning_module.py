@@ -16,7 +16,8 @@ import torch
 from data_prep.atomic_io import write_json_atomic
 from pretrain.objectives.base import PretrainingObjective
 from pretrain.objectives.mlm import MaskedLMObjective
-from pretrain.lr_schedule import build_schedule, extension_note, follow_max_steps, linear_warmup_decay  # noqa: F401
+from pretrain.lr_schedule import (build_schedule, decay_length, extension_note, follow_max_steps,  # noqa: F401
+                                  linear_warmup_decay)
 from pretrain.run.perf import device_peak_flops
 from pretrain.settings import OptimSettings
 
@@ -238,21 +239,33 @@ class PretrainingModule(L.LightningModule):
         fused = self.optim.fused if self.optim.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
                                       fused=fused or None)
-        schedule = build_schedule(optimizer, self.optim.warmup_steps, self.trainer.max_steps, self.optim.min_lr_ratio)
+        schedule = build_schedule(optimizer, self.optim.warmup_steps, self.trainer.max_steps, self.optim.min_lr_ratio,
+                                  **self._schedule_plan())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def _schedule_plan(self) -> dict[str, Any]:
+        """The configured schedule beyond warm-up, total and floor (``pretrain.lr_schedule``); the wsd decay length
+        resolved against ``trainer.max_steps``."""
+        return {"schedule": self.optim.schedule,
+                "decay_steps": decay_length(self.trainer.max_steps, self.optim.decay_steps, self.optim.decay_fraction),
+                "decay_shape": self.optim.decay_shape}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Say what a changed ``trainer.max_steps`` does to the LR schedule (once, before the progress bar is drawn);
-        ``on_train_start`` applies it once the schedule is restored."""
+        """Say what a changed plan (``trainer.max_steps``, the wsd decay) does to the LR schedule (once, before the
+        progress bar is drawn); ``on_train_start`` applies it once the schedule is restored."""
         states = [s for s in checkpoint.get("lr_schedulers") or [] if isinstance(s, dict)]
         # checkpoints from before the schedule's total was saved with it hold no multiplier state
         self._schedule_unrecorded = bool(states) and not any(states[0].get("lr_lambdas") or [None])
+        for state in states:  # saved before schedules were named: they were all linear
+            for saved in state.get("lr_lambdas") or []:
+                if isinstance(saved, dict):
+                    saved.setdefault("schedule", "linear")
         note = states and extension_note(states[0], self.optim.warmup_steps, self.trainer.max_steps,
-                                         self.optim.on_extend, self.optim.min_lr_ratio)
+                                         self.optim.on_extend, self.optim.min_lr_ratio, **self._schedule_plan())
         if note and self.trainer.is_global_zero:
             log.warning(note)
 
     def on_train_start(self) -> None:
         for config in self.trainer.lr_scheduler_configs:
             follow_max_steps(config.scheduler, self.trainer.max_steps, self.optim.on_extend,
-                             recorded=not self._schedule_unrecorded)
+                             recorded=not self._schedule_unrecorded, **self._schedule_plan())

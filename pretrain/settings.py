@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_prep.errors import did_you_mean
 
-from pretrain.lr_schedule import ON_EXTEND
+from pretrain.lr_schedule import DECAY_SHAPES, ON_EXTEND, SCHEDULES, decay_length
 from pretrain.model import DebertaConfig
 from pretrain.objectives.build import ObjectiveSettings  # noqa: F401 (part of the settings)
 
@@ -58,12 +58,24 @@ class OptimSettings:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 10000
-    """Linear warm-up from 0, then linear decay to `min_lr_ratio * lr` at `trainer.max_steps`."""
+    """Linear warm-up from 0 over this many steps, then the `schedule`."""
+    schedule: str = "linear"
+    """linear: decay to `min_lr_ratio * lr` at `trainer.max_steps` | cosine: a half cosine to the same end | wsd:
+    warmup-stable-decay, the peak LR until the last `decay_steps` steps, which decay with `decay_shape` (the
+    formulas: ``pretrain.lr_schedule``)."""
     min_lr_ratio: float = 0.0
+    decay_steps: int | None = None
+    """wsd: length of the decay phase in steps; None = `decay_fraction` of `trainer.max_steps`. Like max_steps it is
+    part of the plan, not compared on resume: a resumed run in its stable phase moves the decay (see on_extend)."""
+    decay_fraction: float = 0.1
+    """wsd: the decay phase as a fraction of `trainer.max_steps`, when `decay_steps` is None."""
+    decay_shape: str = "1-sqrt"
+    """wsd: 1-sqrt (multiplier 1 - sqrt(q) over the decay's progress q; ModernBERT, Hägele et al. 2024) | linear."""
     on_extend: str = "stretch"
-    """When a resume finds another `trainer.max_steps` than the schedule was built for: `stretch` decays on from the
-    last step's LR to `min_lr_ratio * lr` at the new end; `constant` keeps the last step's LR (see
-    ``pretrain.lr_schedule``). Not compared on resume: it only acts when `max_steps` changes."""
+    """When a resume finds another plan than the schedule was built for (`trainer.max_steps`; wsd: the decay's
+    length or shape): `stretch` decays on from the last step's LR along the rest of the curve to `min_lr_ratio * lr`
+    at the new end; `constant` keeps the last step's LR. A wsd run resumed in its warm-up or stable phase takes the
+    new plan as it is (see ``pretrain.lr_schedule``). Not compared on resume: it only acts when the plan changes."""
     fused: bool | None = None
     """Fused AdamW; None = on when training on CUDA."""
 
@@ -82,8 +94,9 @@ class RunSettings:
     """Draw `report.png` from metrics.csv at the end of training (`python -m pretrain.report` redraws it)."""
     checkpoint_every_n_steps: int = 1000
     keep_checkpoints: int = 2
-    """Newest ``step-N`` checkpoints kept in ``checkpoints/`` (``last.ckpt`` besides); -1 keeps every one, e.g. to
-    probe each later with ``python -m pretrain.probe RUN``."""
+    """How many periodic step-N checkpoints stay on disk (the newest; ``last.ckpt`` besides); -1 keeps every one,
+    e.g. to probe each later (``python -m pretrain.probe RUN``) or for the cool-downs of a wsd run
+    (``python -m pretrain.cooldown``), which start from any of them."""
     attention_backend: str = "auto"
     """auto (the fused Triton kernel on CUDA, the reference path elsewhere) | triton | reference."""
     compile: bool | None = None
@@ -356,6 +369,36 @@ def _fit_to_shards(model: DebertaConfig, follow_tokenizer: bool, shard_sets: lis
     return model
 
 
+def _validate_schedule(optim: OptimSettings, max_steps: Any, problems: list[str]) -> None:
+    """optim.schedule and the WSD decay phase: known names, and a decay that fits after the warm-up."""
+    if optim.schedule not in SCHEDULES:
+        hint = did_you_mean(str(optim.schedule), SCHEDULES, "")
+        problems.append(f"optim.schedule={optim.schedule!r}: choose {', '.join(SCHEDULES)}"
+                        f"{' (' + hint + ')' if hint else ''}")
+    if optim.decay_shape not in DECAY_SHAPES:
+        problems.append(f"optim.decay_shape={optim.decay_shape!r}: choose {' or '.join(DECAY_SHAPES)} (the shape of "
+                        "the wsd decay phase)")
+    if optim.decay_steps is not None and (isinstance(optim.decay_steps, bool) or not isinstance(optim.decay_steps, int)
+                                          or optim.decay_steps < 0):
+        problems.append(f"optim.decay_steps={optim.decay_steps!r}: a whole number of steps >= 0, or null to use "
+                        "optim.decay_fraction")
+        return
+    if isinstance(optim.decay_fraction, bool) or not isinstance(optim.decay_fraction, (int, float)) or not (
+            0.0 <= optim.decay_fraction <= 1.0):
+        problems.append(f"optim.decay_fraction={optim.decay_fraction!r}: a fraction of trainer.max_steps between 0 "
+                        "and 1")
+        return
+    if optim.schedule != "wsd" or not isinstance(max_steps, int) or not isinstance(optim.warmup_steps, int):
+        return
+    decay = decay_length(max_steps, optim.decay_steps, optim.decay_fraction)
+    if max_steps > 0 and decay > max_steps - optim.warmup_steps:
+        key = (f"optim.decay_steps={optim.decay_steps}" if optim.decay_steps is not None else
+               f"optim.decay_fraction={optim.decay_fraction} ({decay} steps)")
+        problems.append(f"{key}: the wsd decay phase is longer than the steps after warm-up (trainer.max_steps="
+                        f"{max_steps} - optim.warmup_steps={optim.warmup_steps} = {max_steps - optim.warmup_steps}); "
+                        "shorten the decay or the warm-up, or raise trainer.max_steps")
+
+
 def _validate_global_batch(data: DataSettings, trainer: dict[str, Any], problems: list[str]) -> None:
     if data.global_batch_size is None:
         return
@@ -396,6 +439,8 @@ def settings_from_config(cfg: DictConfig, warn: bool = True) -> Settings:
     if optim is not None and optim.on_extend not in ON_EXTEND:
         problems.append(f"optim.on_extend={optim.on_extend!r}: choose {' or '.join(ON_EXTEND)} (what the LR does when "
                         "a resumed run's trainer.max_steps changes)")
+    if optim is not None:
+        _validate_schedule(optim, trainer.get("max_steps"), problems)
     if objective.embedding_sharing not in ("gdes", "es", "nes"):
         problems.append(f"objective.embedding_sharing={objective.embedding_sharing!r}: choose gdes, es or nes")
     shard_sets = _validate_corpus(data, problems)
@@ -414,13 +459,14 @@ def settings_from_config(cfg: DictConfig, warn: bool = True) -> Settings:
         problems.append("trainer.max_steps: set a step count (the LR schedule is defined over it; 0 exports the "
                         "starting model without training)")
     _validate_strategy(strategy, trainer, problems)
+    if isinstance(run.keep_checkpoints, bool) or not isinstance(run.keep_checkpoints, int) or not (
+            run.keep_checkpoints >= 1 or run.keep_checkpoints == -1):
+        problems.append(f"keep_checkpoints={run.keep_checkpoints!r}: how many step checkpoints to keep, 1 or more, "
+                        "or -1 for all")
     from pretrain.model.attention import ATTENTION_BACKENDS
 
     if run.attention_backend not in ATTENTION_BACKENDS:
         problems.append(f"attention_backend={run.attention_backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
-    if not isinstance(run.keep_checkpoints, int) or run.keep_checkpoints == 0 or run.keep_checkpoints < -1:
-        problems.append(f"keep_checkpoints={run.keep_checkpoints!r}: how many step checkpoints to keep, 1 or more, "
-                        "or -1 for all")
     if not isinstance(resume.allow_changes, (list, tuple)):
         problems.append(f"resume.allow_changes={resume.allow_changes!r}: give a list, e.g. "
                         f"resume.allow_changes=[{resume.allow_changes}]")

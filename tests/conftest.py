@@ -146,6 +146,8 @@ SLOW = {
     "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[probe_model_without_tokenizer]",
     "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[probe_released_fine_tune_without_tokenizer]",
     "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[probe_a_model_that_is_not_deberta_v2]",
+    "tests/test_lr_schedules.py::test_cooldown_equals_a_run_that_decayed_there",
+    "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[cooldown_of_a_linear_run]",
 }
 
 

@@ -346,7 +346,36 @@ def misspelt_config_choice(tmp_path, shards):
 
 NEWCOMER_CASES: list = [misspelt_keys_named_together, misspelt_trainer_argument, misspelt_config_choice]
 
-ALL_CASES = CHECKPOINT_CASES + RUN_CASES + DATA_CASES + SIGNAL_CASES + PROBE_CASES + NEWCOMER_CASES
+# --- learning-rate schedules and cool-downs --------------------------------------------------------------------
+def misspelt_schedule(tmp_path, shards):
+    return Case(_pretrain(tmp_path, shards, "optim.schedule=cosin"),
+                "optim.schedule='cosin': choose linear, cosine, wsd (did you mean cosine?)")
+
+
+def wsd_decay_longer_than_the_run(tmp_path, shards):
+    return Case(_pretrain(tmp_path, shards, "optim.schedule=wsd", "optim.decay_steps=900"),
+                "optim.decay_steps=900: the wsd decay phase is longer than the steps after warm-up (trainer.max_steps="
+                "800 - optim.warmup_steps=50 = 750)")
+
+
+def cooldown_of_a_linear_run(tmp_path, shards):
+    checkpoint = _one_step_checkpoint(shards)
+    return Case(["-m", "pretrain.cooldown", str(checkpoint), "--out", str(tmp_path / "cooled"), "--decay-steps", "2"],
+                f"{checkpoint} (step 1) comes from a run with optim.schedule=linear: a cool-down starts the decay of a "
+                "warmup-stable-decay run")
+
+
+def cooldown_into_its_source(tmp_path, shards):
+    checkpoint = _one_step_checkpoint(shards)
+    run = checkpoint.parent.parent
+    return Case(["-m", "pretrain.cooldown", str(checkpoint), "--out", str(run), "--decay-steps", "2"],
+                f"--out {run}: is the source run {run}; a cool-down writes into a new directory of its own")
+
+
+SCHEDULE_CASES: list = [misspelt_schedule, wsd_decay_longer_than_the_run, cooldown_of_a_linear_run,
+                        cooldown_into_its_source]
+
+ALL_CASES = CHECKPOINT_CASES + RUN_CASES + DATA_CASES + SIGNAL_CASES + PROBE_CASES + NEWCOMER_CASES + SCHEDULE_CASES
 
 
 def run_case(case: Case) -> subprocess.CompletedProcess:

@@ -42,6 +42,9 @@ from pretrain.settings import TRAINER_KEYS, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
+PLAN_KEYS = ("on_extend", "decay_steps", "decay_fraction", "decay_shape")
+"""optim keys a resume does not compare: they say where the schedule ends (see ``pretrain.lr_schedule``)."""
+
 class ChangedSettingsError(SettingsError):
     """Settings differ from the checkpoint's run record and were not allowed."""
 
@@ -55,7 +58,8 @@ def optimisation_settings(settings: Settings, global_batch: int | None = None) -
     flat: dict[str, Any] = {}
     data = {"seed": settings.data.seed, "global_batch_size": global_batch}
     trainer = {k: settings.trainer.get(k) for k in TRAINER_KEYS if k != "accumulate_grad_batches"}
-    optim = {k: v for k, v in dataclasses.asdict(settings.optim).items() if k != "on_extend"}  # acts on a change only
+    # on_extend acts on a change only; the wsd decay's length and shape are part of the plan, like trainer.max_steps
+    optim = {k: v for k, v in dataclasses.asdict(settings.optim).items() if k not in PLAN_KEYS}
     sections = {"model": settings.model.to_dict(), "objective": dataclasses.asdict(settings.objective),
                 "optim": optim, "data": data, "trainer": trainer}
     for section, values in sections.items():
