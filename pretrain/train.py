@@ -34,7 +34,7 @@ from pretrain.run.console import RunSummary, StepProgressBar, quiet_console
 from pretrain.run.global_batch import accumulation_for
 from pretrain.run.interrupt import StopOnInterrupt, StoppedAtOnce, TrainingInterrupted
 from pretrain.run.lock import RunLock, checkpoint_folder_lock
-from pretrain.run.loggers import RunRecordWriter, build_loggers
+from pretrain.run.loggers import RunRecordWriter, LoggedSteps, build_loggers
 from pretrain.run.perf import training_flops_per_token
 from pretrain.run.sanity import sanity_warnings
 from pretrain.settings import Settings, SettingsError, settings_from_config
@@ -162,7 +162,8 @@ def build_trainer(settings: Settings, objective: PretrainingObjective, output_di
     progress = StepProgressBar(refresh_rate=max(1, int(trainer_args.get("log_every_n_steps") or 50)))
     trainer_args.setdefault("enable_model_summary", False)  # its table's FLOPs column is always 0: one line below
     trainer = L.Trainer(default_root_dir=str(output_dir),
-                        callbacks=[checkpoint, LearningRateMonitor("step"), progress, StopOnInterrupt()],
+                        callbacks=[LoggedSteps(), checkpoint, LearningRateMonitor("step"), progress,
+                                   StopOnInterrupt()],
                         logger=loggers, use_distributed_sampler=False, strategy=strategy,
                         plugins=[AtomicCheckpointIO()], **trainer_args)
     if settings.data.global_batch_size is not None:  # set before fit: DeepSpeed reads it when the engine is built
