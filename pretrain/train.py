@@ -140,7 +140,8 @@ def build_module(settings: Settings, data: ShardDataModule, objective: Pretraini
 def build_trainer(settings: Settings, objective: PretrainingObjective, output_dir: Path,
                   found: ResumePoint | None) -> L.Trainer:
     """The Lightning Trainer: strategy, checkpoints (``RunCheckpoint``), loggers (``metrics.csv`` keeps the rows
-    below the resumed step), progress bar, Ctrl-C handling, and the accumulation that gives the global batch."""
+    up to the resumed step; every logger numbers a step as the optimizer step just completed), progress bar, Ctrl-C
+    handling, and the accumulation that gives the global batch."""
     trainer_args = dict(settings.trainer)
     if trainer_args.get("accumulate_grad_batches") is None:  # derived below from data.global_batch_size, else 1
         trainer_args.pop("accumulate_grad_batches", None)

@@ -91,11 +91,13 @@ class RunCheckpoint(ModelCheckpoint):
     Lightning saves checkpoints in ``on_train_batch_end`` and writes that step's metrics only afterwards; a kill
     in between lost the step's ``metrics.csv`` row for good (a resume starts after it). At a checkpoint step the
     row goes to the CSV logger first (the CSV writer merges Lightning's own call for the same step into that row;
-    other loggers are left to Lightning, so they see each step once), so every step below a checkpoint's step has
+    other loggers are left to Lightning, so they see each step once), so every step up to a checkpoint's step has
     its row whenever that checkpoint exists.
 
     On a resume, ``on_train_start`` (after every restore) corrects two of Lightning's counters: the step last saved,
     and the micro-batch count when the run now accumulates differently (:func:`_realign_accumulation`).
+    (The step number the loggers write is kept by :class:`pretrain.run.loggers.LoggedSteps`, whichever hook saved
+    the checkpoint.)
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
