@@ -128,7 +128,8 @@ class PretrainingModule(L.LightningModule):
     def _step_metrics_read(self) -> bool:
         """Whether the step now ending is one whose ``train/*`` values are read: a logging step (the loggers and the
         progress bar; Lightning's own rule too, which also writes a step at which a stop was asked for), or the
-        last step (the closing summary reads the final values)."""
+        last step (the loggers write it too, see ``pretrain.run.loggers.LoggedSteps``; the closing summary reads the
+        final values)."""
         trainer = self.trainer
         completed = self.global_step + 1  # before the optimizer step, which global_step counts only after it
         return (self._is_logging_step(completed) or trainer._logger_connector.should_update_logs

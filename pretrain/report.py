@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.atomic_io import write_bytes_atomic
-from pretrain.run.loggers import read_rows
+from pretrain.run.loggers import counts_from_one, read_rows
 
 METRICS_FILE = "metrics.csv"
 REPORT_FILE = "report.png"
@@ -73,19 +73,21 @@ class Run:
 
 
 def load_run(directory: Path) -> Run:
-    """The run's metrics per column (steps in the CSV are 0-based; shown 1-based: step N = after N updates)."""
+    """The run's metrics per column, by step: the optimizer step just completed (step N = after N updates), as
+    ``metrics.csv`` numbers its rows; a file written before that numbering (0-based) is shifted by one."""
     path = directory / METRICS_FILE
     if not directory.is_dir():
         raise ReportError(f"{directory}: no such run directory")
     if not path.is_file():
         raise ReportError(f"{directory}: no {METRICS_FILE} in it; a training run writes one "
                           f"(`python -m pretrain ... output_dir={directory}`), give its output_dir")
-    _, rows = read_rows(str(path))
+    header, rows = read_rows(str(path))
+    offset = 0 if counts_from_one(header) else 1
     if not rows:
         raise ReportError(f"{path}: no logged step yet; run longer than trainer.log_every_n_steps steps")
     columns: dict[str, tuple[list[int], list[float]]] = {}
     for row in rows:
-        step = int(float(row["step"])) + 1
+        step = int(float(row["step"])) + offset
         for key, text in row.items():
             if key in ("step", "epoch"):
                 continue

@@ -34,7 +34,7 @@ from pretrain.run.console import RunSummary, StepProgressBar, quiet_console
 from pretrain.run.global_batch import accumulation_for
 from pretrain.run.interrupt import StopOnInterrupt, StoppedAtOnce, TrainingInterrupted
 from pretrain.run.lock import RunLock, checkpoint_folder_lock
-from pretrain.run.loggers import RunRecordWriter, build_loggers
+from pretrain.run.loggers import RunRecordWriter, LoggedSteps, build_loggers
 from pretrain.run.perf import training_flops_per_token
 from pretrain.run.sanity import sanity_warnings
 from pretrain.settings import Settings, SettingsError, settings_from_config
@@ -140,7 +140,8 @@ def build_module(settings: Settings, data: ShardDataModule, objective: Pretraini
 def build_trainer(settings: Settings, objective: PretrainingObjective, output_dir: Path,
                   found: ResumePoint | None) -> L.Trainer:
     """The Lightning Trainer: strategy, checkpoints (``RunCheckpoint``), loggers (``metrics.csv`` keeps the rows
-    below the resumed step), progress bar, Ctrl-C handling, and the accumulation that gives the global batch."""
+    up to the resumed step; every logger numbers a step as the optimizer step just completed), progress bar, Ctrl-C
+    handling, and the accumulation that gives the global batch."""
     trainer_args = dict(settings.trainer)
     if trainer_args.get("accumulate_grad_batches") is None:  # derived below from data.global_batch_size, else 1
         trainer_args.pop("accumulate_grad_batches", None)
@@ -162,7 +163,8 @@ def build_trainer(settings: Settings, objective: PretrainingObjective, output_di
     progress = StepProgressBar(refresh_rate=max(1, int(trainer_args.get("log_every_n_steps") or 50)))
     trainer_args.setdefault("enable_model_summary", False)  # its table's FLOPs column is always 0: one line below
     trainer = L.Trainer(default_root_dir=str(output_dir),
-                        callbacks=[checkpoint, LearningRateMonitor("step"), progress, StopOnInterrupt()],
+                        callbacks=[LoggedSteps(), checkpoint, LearningRateMonitor("step"), progress,
+                                   StopOnInterrupt()],
                         logger=loggers, use_distributed_sampler=False, strategy=strategy,
                         plugins=[AtomicCheckpointIO()], **trainer_args)
     if settings.data.global_batch_size is not None:  # set before fit: DeepSpeed reads it when the engine is built

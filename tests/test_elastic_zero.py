@@ -73,7 +73,7 @@ def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
 
 def assert_losses_follow(reference: Path, resumed: Path, first: int, last: int) -> None:
     expected, actual = losses(reference), losses(resumed)
-    steps = list(range(first, last))
+    steps = list(range(first + 1, last + 1))  # the steps after `first`, up to `last`
     assert all(s in actual for s in steps), (sorted(actual), steps)
     torch.testing.assert_close(torch.tensor([actual[s] for s in steps]), torch.tensor([expected[s] for s in steps]),
                                rtol=LOSS_RTOL, atol=0)

@@ -64,7 +64,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def assert_one_row_per_step(run_dir: Path, steps: int = STEPS) -> None:
-    assert [int(r["step"]) for r in metric_rows(run_dir)] == list(range(steps))
+    assert [int(r["step"]) for r in metric_rows(run_dir)] == list(range(1, steps + 1))
 
 
 def assert_no_temp_files(*directories: Path) -> None:

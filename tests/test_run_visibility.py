@@ -99,8 +99,8 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(runs):
     assert match[4] == "python -m pretrain " + shlex.join(runs["args"])
     newest = runs["stopped_newest"]
     assert newest is not None and newest.step == step  # what the next run resumes from
-    # every step before the checkpoint has its metrics row, none after it
-    assert [int(r["step"]) for r in runs["stopped_rows"]] == list(range(step))
+    # every step up to the checkpoint's has its metrics row, none after it
+    assert [int(r["step"]) for r in runs["stopped_rows"]] == list(range(1, step + 1))
 
 
 def test_resumed_run_has_the_losses_of_an_uninterrupted_one(runs):
@@ -108,7 +108,7 @@ def test_resumed_run_has_the_losses_of_an_uninterrupted_one(runs):
     step = int(_stop_line(runs)[1])
     assert f"(resumed at step {step})" in runs["resumed"]["stdout"]
     expected, actual = read_losses(runs["straight"]), read_losses(runs["run"])
-    assert sorted(actual) == list(range(MAX_STEPS))
+    assert sorted(actual) == list(range(1, MAX_STEPS + 1))
     assert actual == expected  # bitwise on CPU, as test_train's kill-and-resume test
 
 
@@ -142,7 +142,7 @@ def test_terminal_prints_each_message_once_and_a_summary(runs):
     assert block[0].endswith(f"run finished: {run}")
     with open(run / "metrics.csv", newline="") as f:
         last = list(csv.DictReader(f))[-1]
-    assert int(last["step"]) == MAX_STEPS - 1
+    assert int(last["step"]) == MAX_STEPS
     expected = [f"  steps       {MAX_STEPS} / {MAX_STEPS} (resumed at step {step})",
                 f"  tokens      {MAX_STEPS * BATCH * SEQ_LEN:,} seen",
                 f"  final       mlm {float(last['train/mlm_loss']):.4f}, rtd {float(last['train/rtd_loss']):.4f}, "

@@ -58,7 +58,7 @@ def reference(split_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("signals") / "reference"
     train(compose_config(run_args(split_shards, run)))
     rows = history(run)
-    assert sorted(rows) == list(range(STEPS)) and rows[2][1] and rows[5][1]  # validations after steps 3 and 6
+    assert sorted(rows) == list(range(1, STEPS + 1)) and rows[3][1] and rows[6][1]  # validations after steps 3 and 6
     return run
 
 
@@ -108,7 +108,7 @@ def test_sigterm_to_the_whole_group_saves_and_resumes_exactly(split_shards, refe
     args = run_args(split_shards, run)
     result = signalled("term:3", args)
     assert_stopped_and_resumable(result, run, 3, args)
-    assert sorted(history(run)) == [0, 1, 2]
+    assert sorted(history(run)) == [1, 2, 3]
 
     (run / "hf").mkdir()
     (run / "hf" / "stale.txt").write_text("an older export of this run\n")
@@ -128,7 +128,7 @@ def test_sigterm_during_validation_keeps_that_evaluation(split_shards, reference
     args = run_args(split_shards, run)
     result = signalled("term-val:1", args)
     assert_stopped_and_resumable(result, run, 3, args)
-    assert history(run) == {step: history(reference)[step] for step in range(3)}  # val/loss of step 3 included
+    assert history(run) == {step: history(reference)[step] for step in (1, 2, 3)}  # val/loss of step 3 included
     resumed = cli(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert history(run) == history(reference)

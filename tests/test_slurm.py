@@ -206,7 +206,7 @@ def test_requeue_resumes_and_cancel_leaves_a_resumable_run(cluster, shards, tmp_
     log = job_log(cancelled)
     # last.ckpt, or the step-N file beside it when the cancel came between the two writes
     assert re.search(rf"resuming from {re.escape(str(cancelled))}/checkpoints/(last|step-\d+)\.ckpt", log)
-    assert sorted(set(logged_steps(cancelled))) == list(range(30)) and len(logged_steps(cancelled)) == 30
+    assert sorted(set(logged_steps(cancelled))) == list(range(1, 31)) and len(logged_steps(cancelled)) == 30
     assert (cancelled / "hf" / "config.json").is_file()
 
     # 3. the requeued job starts again through the scheduler, resumes from its checkpoint and finishes. SLURM holds
@@ -220,5 +220,5 @@ def test_requeue_resumes_and_cancel_leaves_a_resumable_run(cluster, shards, tmp_
     assert "(restart 1)" in log
     assert re.search(rf"resuming from {re.escape(str(requeued))}/checkpoints/(last|step-\d+)\.ckpt", log)
     steps = logged_steps(requeued)
-    assert sorted(set(steps)) == list(range(60)) and len(steps) == 60  # each step once: rows past the checkpoint
+    assert sorted(set(steps)) == list(range(1, 61)) and len(steps) == 60  # each step once: rows past the checkpoint
     assert (requeued / "hf" / "config.json").is_file() and (requeued / "hf_generator").is_dir() is False

@@ -91,11 +91,13 @@ class RunCheckpoint(ModelCheckpoint):
     Lightning saves checkpoints in ``on_train_batch_end`` and writes that step's metrics only afterwards; a kill
     in between lost the step's ``metrics.csv`` row for good (a resume starts after it). At a checkpoint step the
     row goes to the CSV logger first (the CSV writer merges Lightning's own call for the same step into that row;
-    other loggers are left to Lightning, so they see each step once), so every step below a checkpoint's step has
+    other loggers are left to Lightning, so they see each step once), so every step up to a checkpoint's step has
     its row whenever that checkpoint exists.
 
     On a resume, ``on_train_start`` (after every restore) corrects two of Lightning's counters: the step last saved,
     and the micro-batch count when the run now accumulates differently (:func:`_realign_accumulation`).
+    (The step number the loggers write is kept by :class:`pretrain.run.loggers.LoggedSteps`, whichever hook saved
+    the checkpoint.)
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -117,30 +119,12 @@ class RunCheckpoint(ModelCheckpoint):
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.global_step == 0:
             return
         if self._last_global_step_saved != trainer.global_step:  # else a periodic save at this step already did
-            self._saving_after_validation = getattr(self, "_validated_at", None) == trainer.global_step
-            try:
-                candidates = self._monitor_candidates(trainer)
-                self._save_topk_checkpoint(trainer, candidates)
-                self.interrupt_checkpoint = self._last_checkpoint_saved  # step-N (last.ckpt is a copy or link of it)
-                self._save_last_checkpoint(trainer, candidates)
-            finally:
-                self._saving_after_validation = False
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self.interrupt_checkpoint = self._last_checkpoint_saved  # step-N (last.ckpt is a copy or link of it)
+            self._save_last_checkpoint(trainer, candidates)
         elif not getattr(self, "interrupt_checkpoint", None):
             self.interrupt_checkpoint = self._last_checkpoint_saved
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not trainer.sanity_checking:
-            self._validated_at = trainer.global_step
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        """A stop at a step that ended with a validation is saved after that validation, and after Lightning has
-        counted the step in ``_batches_that_stepped`` (the step index of logged metrics). Lightning resumes such a
-        checkpoint as one saved by ``on_validation_end``, before that count, and counts the step again: every
-        metrics row after the resume would be one step late. The count is saved as Lightning expects it there."""
-        super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if getattr(self, "_saving_after_validation", False):
-            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
     def on_train_start(self, trainer, pl_module) -> None:
         """The two counter fix-ups a resume needs, after every restore and before the epoch loop restarts."""

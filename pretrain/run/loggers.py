@@ -1,4 +1,18 @@
-"""``metrics.csv`` with exactly one row per logged step, across any number of kills and resumes.
+"""``metrics.csv`` with exactly one row per logged step, across any number of kills and resumes, and one step
+numbering in every logger.
+
+Step numbers: every logger (this CSV file, TensorBoard, wandb) writes a step's values under the number of the
+optimizer step just completed, counted from 1: the row logged after the first optimizer step is step 1, the
+learning rate in row N is the one step N trained with, and a validation that ran after step N is in row N. The
+progress bar, the closing summary, the report and the checkpoint names (``step-N.ckpt``: N steps trained) use the
+same number. Lightning hands its loggers ``_batches_that_stepped``, the count of optimizer steps finished before
+the one being logged, which Lightning increments only after the step's logging; :class:`CompletedStepNumbers`
+adds the one, and :class:`LoggedSteps` keeps that count equal to ``global_step`` at the start of every batch (Lightning
+restores it from a checkpoint with guesses about where in a step the checkpoint was saved; a checkpoint saved at
+the end of training, or on a stop after a validation, came back one step ahead, and every later row was labelled
+and spaced one step off). ``metrics.csv`` lists ``step`` as its first column; a file written before this
+numbering (0-based, columns in alphabetical order, ``epoch`` first) is recognised by its header
+(:func:`counts_from_one`): the report shifts it by one, and a resume rewrites it in this numbering.
 
 Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts, writes one row per ``log_metrics`` call
 (the learning-rate monitor, the training step and validation each add their own row for the same step) and
@@ -8,11 +22,12 @@ rewrites the whole file in place when a new column appears (a kill then leaves a
   place, one ``pwrite``, when more values for it arrive) until a later step is logged;
 - appends finished rows with one ``write`` and rewrites the file atomically (temp file + ``os.replace``) only when
   the header grows, so a kill leaves every row already written intact;
-- on resume keeps the rows of the steps before the checkpoint's step (one per step, a half-written last line
-  dropped) and drops the rows the interrupted run logged after its checkpoint (those steps are trained again).
+- on resume keeps the rows of the steps up to the checkpoint's step (one per step, a half-written last line
+  dropped) and drops the rows the interrupted run logged after its checkpoint (those steps are trained again);
+  TensorBoard is told the same (``purge_step``), so its curves hold each step once too.
 
 Together with :class:`pretrain.checkpointing.callbacks.RunCheckpoint`, which logs a step's metrics before its
-checkpoint is written, every step below a checkpoint's step has its row whenever that checkpoint exists.
+checkpoint is written, every step up to a checkpoint's step has its row whenever that checkpoint exists.
 
 The run's other records live here too: :func:`build_loggers` (this CSV file, TensorBoard, wandb with a run id kept
 in ``output_dir/wandb_run_id`` so a resumed run continues the same wandb run) and :class:`RunRecordWriter`
@@ -30,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -39,6 +54,18 @@ from omegaconf import DictConfig, OmegaConf
 from data_prep.atomic_io import write_atomic, write_text_atomic
 from pretrain.checkpointing.resume import write_change_record
 from pretrain.settings import Settings
+
+
+def _header(keys) -> list[str]:
+    """``step`` first, the other columns in alphabetical order (``step`` first also marks the numbering)."""
+    return ["step"] + sorted(k for k in keys if k != "step")
+
+
+def counts_from_one(header: list[str]) -> bool:
+    """Whether a ``metrics.csv`` with this header numbers its rows by the optimizer step just completed (1-based).
+    Files written before that numbering counted from 0 and listed their columns alphabetically (``epoch`` or an
+    ``lr-`` column before ``step``)."""
+    return bool(header) and header[0] == "step"
 
 
 def _encode(rows: list[dict[str, Any]], header: list[str], with_header: bool = False) -> bytes:
@@ -85,8 +112,10 @@ class _OneRowPerStepWriter(ExperimentWriter):
             os.remove(path)
             return
         header, rows = read_rows(path)
-        rows = [r for r in rows if int(float(r["step"])) < self.resume_step]
-        self.metrics_keys = sorted(header)
+        if not counts_from_one(header):  # written before the 1-based numbering: rewritten in it
+            rows = [{**r, "step": int(float(r["step"])) + 1} for r in rows]
+        rows = [r for r in rows if int(float(r["step"])) <= self.resume_step]
+        self.metrics_keys = _header(header)
         self._write_all(rows)
 
     def _write_all(self, rows: list[dict[str, Any]]) -> None:
@@ -134,7 +163,7 @@ class _OneRowPerStepWriter(ExperimentWriter):
             if os.path.isfile(path):
                 old = [r for r in read_rows(path)[1] if self._open_offset is None
                        or int(float(r["step"])) != self._open["step"]]
-            self.metrics_keys = sorted(set(self.metrics_keys) | new_keys)
+            self.metrics_keys = _header(set(self.metrics_keys) | new_keys)
             self._write_all(old + self._done)
         elif self._open_offset is not None and not self._done:
             self._rewrite_open()
@@ -149,9 +178,49 @@ class _OneRowPerStepWriter(ExperimentWriter):
         self._done, self._dirty = [], False
 
 
-class ResumableCSVLogger(CSVLogger):
+class CompletedStepNumbers:
+    """Mixed into each logger: Lightning's step index (``_batches_that_stepped``, the optimizer steps finished
+    before the one being logged) + 1, the number of the optimizer step just completed."""
+
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        super().log_metrics(metrics, step if step is None else step + 1)
+
+
+class LoggedSteps(Callback):
+    """Which steps the loggers write, and under which number. First in the callback list: the learning-rate
+    monitor logs in the same hook.
+
+    - Lightning's step index is set to ``global_step`` at the start of every batch, as it is throughout a run that
+      was never interrupted: a resumed run then logs every step under its own number, and at the same steps
+      (``trainer.log_every_n_steps`` counts on that index), whichever hook saved its checkpoint.
+    - The last step (``trainer.max_steps``) is always logged, also when it is not a multiple of
+      ``trainer.log_every_n_steps``: the closing summary's final values then have their row."""
+
+    def __init__(self) -> None:
+        self._every: int | None = None  # the run's log_every_n_steps while the last step is being logged
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+        last = trainer.global_step + 1 == trainer.max_steps
+        if last and self._every is None and trainer.log_every_n_steps > 0:
+            self._every, trainer.log_every_n_steps = trainer.log_every_n_steps, 1
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._every is not None:
+            trainer.log_every_n_steps, self._every = self._every, None
+
+
+class StepTensorBoardLogger(CompletedStepNumbers, TensorBoardLogger):
+    """TensorBoard in the run's step numbering."""
+
+
+class StepWandbLogger(CompletedStepNumbers, WandbLogger):
+    """wandb in the run's step numbering (its ``trainer/global_step``)."""
+
+
+class ResumableCSVLogger(CompletedStepNumbers, CSVLogger):
     """``CSVLogger`` writing ``save_dir/metrics.csv``, one row per step; pass ``resume_step`` (the checkpoint's
-    global step) when resuming so earlier rows are kept."""
+    global step) when resuming so the rows up to it are kept."""
 
     def __init__(self, save_dir: str, resume_step: int | None = None, flush_logs_every_n_steps: int = 1,
                  **kwargs) -> None:
@@ -178,12 +247,10 @@ def new_wandb_run_id() -> str:
 def build_loggers(settings: Settings, output_dir: Path, resume_step: int | None) -> list:
     loggers: list = [ResumableCSVLogger(str(output_dir), resume_step=resume_step)]
     if settings.logger.tensorboard:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(output_dir), name="tensorboard", version=""))
+        # on a resume, the steps after the checkpoint that an interrupted run logged are hidden (trained again)
+        purge = {"purge_step": resume_step + 1} if resume_step else {}
+        loggers.append(StepTensorBoardLogger(str(output_dir), name="tensorboard", version="", **purge))
     if settings.logger.wandb:
-        from lightning.pytorch.loggers import WandbLogger
-
         id_file = output_dir / "wandb_run_id"  # a resumed run continues the same wandb run
         if id_file.is_file():
             run_id = id_file.read_text().strip()
@@ -191,7 +258,7 @@ def build_loggers(settings: Settings, output_dir: Path, resume_step: int | None)
             run_id = new_wandb_run_id()
             output_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(id_file, run_id + "\n")
-        loggers.append(WandbLogger(project=settings.logger.wandb_project, entity=settings.logger.wandb_entity,
+        loggers.append(StepWandbLogger(project=settings.logger.wandb_project, entity=settings.logger.wandb_entity,
                                    save_dir=str(output_dir), id=run_id, resume="allow"))
     return loggers
 
