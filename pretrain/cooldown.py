@@ -20,7 +20,7 @@ arguments (``data.num_workers=4``, ``checkpoint_every_n_steps=500``, ``optim.dec
 SOURCE is a checkpoint (``RUN/checkpoints/step-N.ckpt``, a DeepSpeed checkpoint directory, ``last.ckpt``) or a run
 directory (its newest usable checkpoint). The source is only read: it is verified as a resume verifies it (checksums,
 the restricted unpickler), copied into ``NEW/checkpoints/`` (checked against its sha256) with the source's
-``metrics.csv`` rows before step ``k`` (so NEW's metrics and report carry the model's whole history, in the source's
+``metrics.csv`` rows up to step ``k`` (so NEW's metrics and report carry the model's whole history, in the source's
 step numbering), and NEW resumes from that copy; the source run may keep training meanwhile. ``NEW/cooldown.json``
 records where the cool-down came from. Re-running the same command resumes an interrupted cool-down. A cool-down
 that cannot start (a bad setting, a change the resume refuses) prints one error line and leaves no NEW behind.
@@ -177,20 +177,23 @@ def copy_checkpoint(checkpoint: Path, destination: Path) -> None:
 
 
 def copy_metrics(run_dir: Path, out: Path, step: int) -> None:
-    """The source's ``metrics.csv`` rows of the steps before ``step`` (0-based step column), into ``out``."""
+    """The source's ``metrics.csv`` rows of steps 1..``step`` (the steps the checkpoint holds), into ``out``, in the
+    1-based numbering (a source written before it counted from 0 and is shifted by one)."""
     import csv
     import io
 
     from data_prep.atomic_io import write_atomic
-    from pretrain.run.loggers import read_rows
+    from pretrain.run.loggers import counts_from_one, metrics_header, read_rows
 
     source = run_dir / "metrics.csv"
     header, rows = read_rows(str(source)) if source.is_file() else ([], [])
-    rows = [r for r in rows if int(float(r["step"])) < step]
+    shift = 0 if counts_from_one(header) else 1
+    rows = [{**r, "step": str(int(float(r["step"])) + shift)} for r in rows]
+    rows = [r for r in rows if int(r["step"]) <= step]
     (out / "metrics.csv").unlink(missing_ok=True)  # (left by a start that was interrupted before its checkpoint)
     if rows:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=sorted(set(header).union(*rows)), lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=metrics_header(set(header).union(*rows)), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         write_atomic(out / "metrics.csv", buffer.getvalue(), temp=str(out / ".metrics.csv.tmp"))

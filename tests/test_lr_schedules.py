@@ -196,14 +196,14 @@ def test_cooldown_equals_a_run_that_decayed_there(shards, wsd_source, tmp_path):
         return {k: v for k, v in row.items() if k.startswith(("train/", "lr-"))}
 
     ours_rows, their_rows = rows(cooled), rows(reference)
-    assert sorted(ours_rows) == sorted(their_rows) == list(range(6))  # steps 0-2 copied from the source, 3-5 trained
-    assert all(compared(ours_rows[s]) == compared(their_rows[s]) for s in range(6))
-    assert [compared(ours_rows[s]) for s in range(3)] == [compared(rows(wsd_source)[s]) for s in range(3)]
+    assert sorted(ours_rows) == sorted(their_rows) == list(range(1, 7))  # steps 1-3 copied from the source, 4-6 trained
+    assert all(compared(ours_rows[s]) == compared(their_rows[s]) for s in range(1, 7))
+    assert [compared(ours_rows[s]) for s in range(1, 4)] == [compared(rows(wsd_source)[s]) for s in range(1, 4)]
     assert lrs(cooled) == pytest.approx([LR * expected_multiplier("wsd", s, 6, 3) for s in range(6)], rel=1e-12)
     record = json.loads((cooled / "cooldown.json").read_text())
     assert record["step"] == 3 and record["decay_steps"] == 3 and record["source_checkpoint"] == str(source.resolve())
 
-    # the report draws the whole history in the source's step numbering (shown 1-based)
+    # the report draws the whole history in the source's step numbering
     from pretrain.report import load_run
 
     steps, values = load_run(cooled).columns["lr-AdamW/pg1"]

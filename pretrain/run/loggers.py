@@ -56,7 +56,7 @@ from pretrain.checkpointing.resume import write_change_record
 from pretrain.settings import Settings
 
 
-def _header(keys) -> list[str]:
+def metrics_header(keys) -> list[str]:
     """``step`` first, the other columns in alphabetical order (``step`` first also marks the numbering)."""
     return ["step"] + sorted(k for k in keys if k != "step")
 
@@ -115,7 +115,7 @@ class _OneRowPerStepWriter(ExperimentWriter):
         if not counts_from_one(header):  # written before the 1-based numbering: rewritten in it
             rows = [{**r, "step": int(float(r["step"])) + 1} for r in rows]
         rows = [r for r in rows if int(float(r["step"])) <= self.resume_step]
-        self.metrics_keys = _header(header)
+        self.metrics_keys = metrics_header(header)
         self._write_all(rows)
 
     def _write_all(self, rows: list[dict[str, Any]]) -> None:
@@ -163,7 +163,7 @@ class _OneRowPerStepWriter(ExperimentWriter):
             if os.path.isfile(path):
                 old = [r for r in read_rows(path)[1] if self._open_offset is None
                        or int(float(r["step"])) != self._open["step"]]
-            self.metrics_keys = _header(set(self.metrics_keys) | new_keys)
+            self.metrics_keys = metrics_header(set(self.metrics_keys) | new_keys)
             self._write_all(old + self._done)
         elif self._open_offset is not None and not self._done:
             self._rewrite_open()
