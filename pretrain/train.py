@@ -29,7 +29,7 @@ from pretrain.export import export_objective
 from pretrain.lightning_module import PretrainingModule
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
 from pretrain.objectives.build import build_objective
-from pretrain.report import write_report
+from pretrain.report import ReportError, load_run, write_report
 from pretrain.run.console import RunSummary, StepProgressBar, quiet_console
 from pretrain.run.global_batch import accumulation_for
 from pretrain.run.interrupt import StopOnInterrupt, StoppedAtOnce, TrainingInterrupted
@@ -254,10 +254,25 @@ def finish_run(trainer: L.Trainer, settings: Settings, output_dir: Path, data: S
                 log.warning("report.png not written (%s); draw it later with `python -m pretrain.report %s`",
                             err, output_dir)
         tokens_per_step = data.seq_len * global_batch(settings, trainer)
+        shown, final_step = metrics, None
+        if trainer.global_step <= (resume.step or 0):  # a finished run re-run: nothing logged in this session
+            shown, final_step = last_logged(output_dir)
         summary = RunSummary(output_dir, trainer.global_step, trainer.max_steps, resume.step or 0, tokens_per_step,
-                             seconds, metrics, exported, report, probe_summary(output_dir))
+                             seconds, shown, exported, report, probe_summary(output_dir), final_step)
         log.info("\n".join(summary.lines()))
     return metrics
+
+
+def last_logged(output_dir: Path) -> tuple[dict[str, float], int | None]:
+    """The newest value of every metric in ``metrics.csv`` and the step of the newest training loss, for the
+    summary of a session that trained nothing (the command of a finished run run again); nothing when unreadable."""
+    try:
+        columns = load_run(output_dir).columns
+    except (ReportError, OSError, ValueError):
+        return {}, None
+    values = {key: series[-1] for key, (_, series) in columns.items() if series}
+    steps = columns.get("train/loss", ([], []))[0]
+    return values, (steps[-1] if steps else None)
 
 
 def probe_summary(output_dir: Path) -> list[str]:

@@ -8,6 +8,7 @@ after a few steps and resumed with the command it printed; the checks below shar
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 import shlex
@@ -202,3 +203,24 @@ def test_report_errors_name_the_run(tmp_path, capsys):
         assert exit_info.value.code == 2
         message = capsys.readouterr().err
         assert message.startswith("error: ") and expected in message, message
+
+
+def test_the_command_of_a_finished_run_again_says_so_and_shows_its_final_values(shards, tmp_path, caplog):
+    """A re-run of a run already at max_steps trains nothing: no "tokens/s 0", the final values from metrics.csv,
+    and metrics.csv left as it was."""
+    run = tmp_path / "run"
+    args = tiny_run(shards, run, "mlm", 2, "model.num_hidden_layers=1", "export_hf=false", "report=false")
+    train(compose_config(args))
+    logged = (run / "metrics.csv").read_bytes()
+    with caplog.at_level(logging.INFO, logger="pretrain.train"):
+        train(compose_config(args))
+    assert (run / "metrics.csv").read_bytes() == logged
+    summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run finished: ")]
+    assert len(summaries) == 1, summaries
+    block = summaries[0].splitlines()
+    last = read_rows(str(run / "metrics.csv"))[1][-1]
+    assert "  steps       2 / 2" in block, block
+    assert ("  this session nothing to train: the run had reached trainer.max_steps=2 (a larger value trains on)"
+            in block), block
+    assert f"  final       mlm {float(last['train/mlm_loss']):.4f} (step 2)" in block, block
+    assert not any(line.startswith(("  tokens/s", "  wall time")) for line in block), block

@@ -194,6 +194,7 @@ class RunSummary:
     exported: list[Path]
     report: Path | None
     probes: list[str] = field(default_factory=list)  # the newest probed checkpoint per task (pretrain.probe.panel)
+    final_step: int | None = None  # the step the final values were logged at, when it is not ``step``
 
     def lines(self) -> list[str]:
         trained = self.step - self.start_step
@@ -204,10 +205,13 @@ class RunSummary:
         speed = trained * self.tokens_per_step / self.seconds if self.seconds > 0 else 0.0
         out = [f"run finished: {self.output_dir}",
                f"  steps       {self.step:,} / {self.max_steps:,}"
-               + (f" (resumed at step {self.start_step:,})" if self.start_step else ""),
-               f"  tokens      {tokens:,} seen",
-               f"  wall time   {wall} this session",
-               f"  tokens/s    {speed:,.0f}"]
+               + (f" (resumed at step {self.start_step:,})" if self.start_step and trained > 0 else ""),
+               f"  tokens      {tokens:,} seen"]
+        if trained > 0:
+            out += [f"  wall time   {wall} this session", f"  tokens/s    {speed:,.0f}"]
+        else:  # the same command again after the run ended: say so rather than print a speed of 0
+            out.append(f"  this session nothing to train: the run had reached trainer.max_steps={self.max_steps:,}"
+                       " (a larger value trains on)")
         parts = [(label, self.metrics.get(key)) for label, key in
                  (("mlm", "train/mlm_loss"), ("rtd", "train/rtd_loss"), ("total", "train/loss"),
                   ("replaced-token AUC", "train/discriminator_auc"))]
@@ -215,7 +219,7 @@ class RunSummary:
             parts = parts[:1]  # v2: the total is the MLM loss
         losses = ", ".join(f"{label} {value:.4f}" for label, value in parts if value is not None)
         if losses:
-            out.append(f"  final       {losses} (step {self.step:,})")
+            out.append(f"  final       {losses} (step {self.final_step or self.step:,})")
         validation = [(label, self.metrics.get(key)) for label, key in
                       (("loss", "val/loss"), ("perplexity", "val/perplexity"))]
         if V3_VALIDATION in self.metrics:  # v3: the parts as in the final line (val/loss is the weighted total)
