@@ -422,6 +422,10 @@ def settings_from_config(cfg: DictConfig, warn: bool = True) -> Settings:
     if follow_tokenizer:
         model_section.pop("vocab_size", None)  # the default stands in until the shards are read below
     model = _section(DebertaConfig, model_section, "model", problems)  # DebertaV2Config names, v3 defaults
+    if model is not None and follow_tokenizer and init.init_from and not problems:
+        from pretrain.hf import load_config  # (a continued model's vocabulary is its checkpoint's, not a default's)
+
+        model = dataclasses.replace(model, vocab_size=load_config(init.init_from).vocab_size)
     objective = _section(ObjectiveSettings, cfg.get("objective"), "objective", problems)
     data = _section(DataSettings, cfg.get("data"), "data", problems)
     optim = _section(OptimSettings, cfg.get("optim"), "optim", problems)

@@ -137,6 +137,7 @@ def test_zh_max_steps_0_reproduces_and_exports_the_source(zh, tmp_path, caplog):
     # the experiment asks for v2-large geometry; the checkpoint's wins, and the log says where they differ
     assert "checkpoint's config.json wins" in caplog.text
     assert "hidden_size: experiment 1024, checkpoint 32" in caplog.text
+    assert "vocab_size" not in caplog.text  # model.vocab_size is null (unset): the checkpoint's, not a difference
     assert objects["settings"].model == hf.load_config(zh["ckpt"])
     assert_same_tensors(run / "hf", zh["ckpt"])  # legacy cls.predictions.* layout kept, nothing added
 
