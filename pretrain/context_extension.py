@@ -7,10 +7,12 @@ tables onto it; ``pretrain.init_from`` calls it.
 
 The rule (logged when it applies):
 
-- **When**: the experiment's ``model.max_position_embeddings`` is larger than the checkpoint's. Then the three
-  context fields ``max_position_embeddings``, ``max_relative_positions`` and ``position_buckets`` come from the
-  experiment; every other field still comes from the checkpoint. A smaller or equal value changes nothing (the
-  checkpoint wins, as for any field), so a context is never shortened by a model group's default.
+- **When**: the training shards hold longer sequences than the checkpoint's ``max_position_embeddings`` and the
+  experiment's ``model.max_position_embeddings`` covers them (``model.max_position_embeddings=2048`` for 2048-token
+  shards). Then the three context fields ``max_position_embeddings``, ``max_relative_positions`` and
+  ``position_buckets`` come from the experiment; every other field still comes from the checkpoint. Shards that fit
+  the checkpoint change nothing (the checkpoint wins, as for any field), so a model group's default never resizes a
+  checkpoint by accident; longer shards without the larger ``max_position_embeddings`` stop the run with the fix.
 - **Relative-embedding table** (``encoder.rel_embeddings``, ``2k`` rows, ``k = position_buckets`` or, unbucketed,
   the bucketing range): every row of the extended table starts as the row the checkpoint used for the *shortest
   distance that row now covers* (distances up to the new ``max_position_embeddings - 1``, both signs). So a distance
@@ -46,10 +48,10 @@ REL_TABLE = "encoder.rel_embeddings.weight"
 POSITION_TABLE = "embeddings.position_embeddings.weight"
 
 
-def extended_config(experiment: DebertaConfig, checkpoint: DebertaConfig) -> DebertaConfig | None:
-    """The checkpoint's configuration with the experiment's context fields when the experiment's
-    ``max_position_embeddings`` is larger (a context extension); None otherwise."""
-    if experiment.max_position_embeddings <= checkpoint.max_position_embeddings:
+def extended_config(experiment: DebertaConfig, checkpoint: DebertaConfig, seq_len: int) -> DebertaConfig | None:
+    """The checkpoint's configuration with the experiment's context fields when the shards' ``seq_len`` exceeds the
+    checkpoint's ``max_position_embeddings`` and the experiment's covers it (a context extension); None otherwise."""
+    if seq_len <= checkpoint.max_position_embeddings or experiment.max_position_embeddings < seq_len:
         return None
     return dataclasses.replace(checkpoint, **{k: getattr(experiment, k) for k in CONTEXT_FIELDS})
 

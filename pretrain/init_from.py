@@ -9,9 +9,10 @@ Rules, all logged when they apply:
 
 - **Configuration**: the architecture comes from ``init_from/config.json``; where the experiment's ``model``
   section differs, the checkpoint wins and a warning lists every differing field. One exception, the **context
-  extension**: when the experiment's ``max_position_embeddings`` is larger than the checkpoint's, the three context
-  fields (``max_position_embeddings``, ``max_relative_positions``, ``position_buckets``) come from the experiment and
-  the relative and absolute position tables are mapped onto them (``pretrain.context_extension`` has the rule).
+  extension**: when the shards' sequences are longer than the checkpoint's ``max_position_embeddings`` and the
+  experiment's ``max_position_embeddings`` covers them, the three context fields (``max_position_embeddings``,
+  ``max_relative_positions``, ``position_buckets``) come from the experiment and the relative and absolute position
+  tables are mapped onto them (``pretrain.context_extension`` has the rule).
 - **Tokenizer**: the tokenizer files in ``init_from`` must be the ones the shards were made with (checksum in the
   shards' manifest), or the shards' tokenizer must extend it (every old token keeps its id, as
   ``python -m data_prep tokenizer --extend`` guarantees). Anything else is an error.
@@ -264,7 +265,7 @@ def prepare(settings, shards) -> tuple[Any, ContinuedStart | None]:
         return settings, None
     init_from = Path(init.init_from)
     config = hf.load_config(init_from)
-    extended = context_extension.extended_config(settings.model, config)
+    extended = context_extension.extended_config(settings.model, config, shards.seq_len)
     if extended is not None:
         log.warning("model.init_from=%s: %s", init_from, context_extension.describe(config, extended))
         config = extended
