@@ -271,3 +271,52 @@ def test_continue_a_512_checkpoint_at_2048(shards, shards_2048, tmp_path):
     train(run_config(shards_2048, tmp_path / "run", 4, *extend_args))
     seen = losses(tmp_path / "run")
     assert len(seen) == 4 and seen[-1] < seen[0], seen
+
+
+def test_v3_discriminator_extended_with_its_buckets_kept_computes_what_transformers_computes_at_2048(
+        shards, shards_2048, tmp_path):
+    """A released-style v3 discriminator (256 buckets, 512 positions, written by transformers) continued with RTD at
+    2048 and ``max_relative_positions=512``: the extended discriminator, and the generator derived from it, start
+    with the checkpoint's relative table, and the discriminator computes at 2048 tokens exactly what transformers
+    computes with the checkpoint as released."""
+    import shutil
+
+    from data_prep.reader import ShardedDataset
+    from pretrain import init_from
+    from pretrain.objectives.base import SpecialTokens
+    from pretrain.objectives.build import build_objective
+    from pretrain.settings import settings_from_config
+
+    ckpt = shutil.copytree(shards.parent / "tok", tmp_path / "ckpt")
+    data = ShardedDataset(shards_2048)
+    config = transformers.DebertaV2Config(**{**POSITIONS["v3_buckets_2048"], "max_position_embeddings": 512,
+                                             "vocab_size": data.vocab_size})
+    torch.manual_seed(3)
+    released = transformers.DebertaV2Model(config).eval()
+    with torch.no_grad():
+        for p in released.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    released.save_pretrained(ckpt)
+
+    settings = settings_from_config(run_config(shards_2048, tmp_path / "run", 1, "objective=rtd",
+                                               f"model.init_from={ckpt}", f"model.max_position_embeddings={L}",
+                                               "model.max_relative_positions=512", "model.position_buckets=256"))
+    settings, start = init_from.prepare(settings, data)
+    assert (settings.model.max_position_embeddings, settings.model.bucket_max_position) == (L, 512)
+    ids = data.special_ids
+    objective = build_objective(settings.model, settings.objective,
+                                SpecialTokens(pad=ids["pad"], cls=ids["cls"], sep=ids["sep"], unk=ids["unk"],
+                                              mask=ids["mask"]))
+    start.initialise(objective)
+    table = released.encoder.rel_embeddings.weight
+    assert torch.equal(objective.discriminator.deberta.encoder.rel_embeddings.weight, table)
+    assert torch.equal(objective.generator.deberta.encoder.rel_embeddings.weight, table)
+
+    tokens = torch.from_numpy(data[0]["input_ids"])[None]  # a real 2048-token sequence of the sample
+    assert tokens.shape == (1, L)
+    mask = torch.ones_like(tokens)
+    discriminator = objective.discriminator.eval()
+    with torch.no_grad():
+        ours = discriminator(tokens, mask, word_embedding_weight=objective.discriminator_tables()["word_embeddings"])
+        theirs = released(input_ids=tokens, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(ours.last_hidden_state, theirs, atol=1e-5, rtol=0)
