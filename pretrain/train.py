@@ -92,8 +92,8 @@ def check_data_against_model(settings: Settings, data: ShardDataModule) -> None:
                         f"{settings.model.vocab_size}; set model.vocab_size>={shards.vocab_size}")
     if shards.seq_len > settings.model.max_position_embeddings and settings.init.init_from:
         problems.append(f"the shards hold sequences of {shards.seq_len} tokens but model.init_from="
-                        f"{settings.init.init_from} has max_position_embeddings={settings.model.max_position_embeddings};"
-                        f" extend its context with model.max_position_embeddings={shards.seq_len} (the position tables "
+                        f"{settings.init.init_from} has max_position_embeddings="
+                        f"{settings.model.max_position_embeddings}; extend its context with model.max_position_embeddings={shards.seq_len} (the position tables "
                         "are mapped onto the longer context), or re-pack the shards with a smaller --seq-len")
     elif shards.seq_len > settings.model.max_position_embeddings:
         problems.append(f"the shards hold sequences of {shards.seq_len} tokens but model.max_position_embeddings="

@@ -230,8 +230,8 @@ def shards_2048(shards, tmp_path_factory):
 def run_config(shards: Path, output_dir: Path, steps: int, *extra: str):
     overrides = ["+experiment=quickstart", f"data.path={shards}", f"output_dir={output_dir}",
                  f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "data.batch_size=1",
-                 "data.num_workers=0", "optim.warmup_steps=1", "optim.lr=3e-3", "model.num_attention_heads=1", "model.num_hidden_layers=1",
-                 "report=false", *extra]
+                 "data.num_workers=0", "optim.warmup_steps=1", "optim.lr=3e-3", "model.num_attention_heads=1",
+                 "model.num_hidden_layers=1", "report=false", *extra]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
