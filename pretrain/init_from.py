@@ -8,7 +8,11 @@ it: ``prepare`` before the objective is built and ``ContinuedStart.initialise`` 
 Rules, all logged when they apply:
 
 - **Configuration**: the architecture comes from ``init_from/config.json``; where the experiment's ``model``
-  section differs, the checkpoint wins and a warning lists every differing field.
+  section differs, the checkpoint wins and a warning lists every differing field. One exception, the **context
+  extension**: when the shards' sequences are longer than the checkpoint's ``max_position_embeddings`` and the
+  experiment's ``max_position_embeddings`` covers them, the three context fields (``max_position_embeddings``,
+  ``max_relative_positions``, ``position_buckets``) come from the experiment and the relative and absolute position
+  tables are mapped onto them (``pretrain.model.context_extension`` has the rule).
 - **Tokenizer**: the tokenizer files in ``init_from`` must be the ones the shards were made with (checksum in the
   shards' manifest), or the shards' tokenizer must extend it (every old token keeps its id, as
   ``python -m data_prep tokenizer --extend`` guarantees). Anything else is an error.
@@ -45,7 +49,7 @@ from typing import Any
 import torch
 
 from pretrain import hf
-from pretrain.model import DebertaConfig, DebertaForMaskedLM
+from pretrain.model import DebertaConfig, DebertaForMaskedLM, context_extension
 from pretrain.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -130,11 +134,14 @@ class ContinuedStart:
     init_generator_from: Path | None
     config: DebertaConfig
     extension: VocabExtension | None = None
+    longer_context: bool = False  # the experiment extends the checkpoint's context (pretrain.model.context_extension)
 
     # ------------------------------------------------------------------------------------------ loading
     def _load(self, directory: Path, head: str, emd: bool = True) -> dict[str, torch.Tensor]:
         model = hf.from_pretrained(directory, head=head, enhanced_mask_decoder=emd)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.longer_context:
+            state = context_extension.extend_state(state, model.config, self.config)
         if self.extension is not None:
             state = resize_state(state, self.config.vocab_size, self.extension)
         return state
@@ -258,6 +265,10 @@ def prepare(settings, shards) -> tuple[Any, ContinuedStart | None]:
         return settings, None
     init_from = Path(init.init_from)
     config = hf.load_config(init_from)
+    extended = context_extension.extended_config(settings.model, config, shards.seq_len)
+    if extended is not None:
+        log.warning("model.init_from=%s: %s", init_from, context_extension.describe(config, extended))
+        config = extended
     differing = _differences(settings.model, config)
     if differing:
         log.warning("model.init_from=%s: the checkpoint's config.json wins over the experiment's model settings; "
@@ -278,7 +289,7 @@ def prepare(settings, shards) -> tuple[Any, ContinuedStart | None]:
     if extension is not None:
         config = dataclasses.replace(config, vocab_size=max(config.vocab_size, extension.new_vocab_size))
     start = ContinuedStart(init_from, Path(init.init_generator_from) if init.init_generator_from else None, config,
-                           extension)
+                           extension, longer_context=extended is not None)
     return dataclasses.replace(settings, model=config, objective=objective), start
 
 

@@ -90,10 +90,17 @@ def check_data_against_model(settings: Settings, data: ShardDataModule) -> None:
     if shards.vocab_size > settings.model.vocab_size:
         problems.append(f"the shards' tokenizer has {shards.vocab_size} ids but model.vocab_size="
                         f"{settings.model.vocab_size}; set model.vocab_size>={shards.vocab_size}")
-    if shards.seq_len > settings.model.max_position_embeddings:
+    if shards.seq_len > settings.model.max_position_embeddings and settings.init.init_from:
+        problems.append(f"the shards hold sequences of {shards.seq_len} tokens but model.init_from="
+                        f"{settings.init.init_from} has max_position_embeddings="
+                        f"{settings.model.max_position_embeddings}; extend its context with model.max_position_embeddings={shards.seq_len} (the position tables "
+                        "are mapped onto the longer context), or re-pack the shards with a smaller --seq-len")
+    elif shards.seq_len > settings.model.max_position_embeddings:
         problems.append(f"the shards hold sequences of {shards.seq_len} tokens but model.max_position_embeddings="
                         f"{settings.model.max_position_embeddings} (the EMD's absolute position table); raise it or "
                         "re-pack the shards with a smaller --seq-len")
+    if len(problems) == 1:
+        raise SettingsError(f"data.path={settings.data.path} does not fit the model: {problems[0]}")
     if problems:
         raise SettingsError(f"data.path={settings.data.path} does not fit the model:\n  - " + "\n  - ".join(problems))
 

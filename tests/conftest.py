@@ -136,6 +136,9 @@ SLOW = {
     "tests/test_command_line.py::test_a_run_with_a_trainer_argument_the_config_lacks_and_the_tokenizers_vocab_size",
     "tests/test_lr_extension.py::test_extension_continues_the_lr",
     "tests/test_step_numbers.py::test_extension_after_a_validation_on_the_last_step_numbers_every_output_alike",
+    "tests/test_long_context.py::test_triton_kernel_matches_reference_at_2048",
+    "tests/test_long_context.py::test_tiny_model_trains_at_2048_on_cpu",
+    "tests/test_long_context.py::test_continue_a_512_checkpoint_at_2048",
     "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[misspelt_trainer_argument]",
     # single cases of the one-line-errors test (each a command-line launch); every area keeps cases in the tier
     "tests/test_one_line_errors.py::test_bad_input_gives_one_clear_line[resume_with_only_an_empty_sha256]",

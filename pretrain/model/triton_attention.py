@@ -53,6 +53,7 @@ if INTERPRETING:  # Triton <= 3.6's interpreter fails under NumPy >= 2.4 without
     from pretrain.model import triton_interpreter
 
     triton_interpreter.apply()
+    triton_interpreter.vectorise_scans()  # a slice at a time instead of an element at a time (same results)
 
 # A distance's table row lives in the low 24 bits of its lookup code; bits 24 and 25 flag where a run of one row
 # begins (its smallest distance) and ends (its largest). The kernels spell these numbers out (Triton constants).
