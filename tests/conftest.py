@@ -146,7 +146,83 @@ SLOW = {
 }
 
 
+# --- two workers: `make test` runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder` -----------------------------
+# Under pytest-xdist (only there: a plain `pytest tests/x.py` keeps the file's order and one process) the collection is
+# reordered by the cost below, most expensive first, so that the two workers start the long tests early and finish
+# together; tests that share a module-scoped fixture are kept on one worker (one `xdist_group` per file), so the
+# fixture is built once and not once per worker. COSTS holds rough seconds on an idle 2-core machine for the tests
+# (a file, a test with all its parameters, or one case) that take over ~10 s there (`--durations=25` shows them); a
+# test not listed counts 5 s if it is marked slow and 1 s otherwise. Wrong numbers cost only balance, never a result.
+COSTS = {
+    "tests/test_recovery.py::test_deepspeed_random_kills_resume_exactly_and_damaged_files_are_named": 130,
+    "tests/test_rtd_learning.py::test_discriminator_with_labels_detached_from_the_replacements_does_not_pass": 90,
+    "tests/test_gpu_check.py::test_dry_run_under_the_triton_of_gpu_images": 75,
+    "tests/test_gpu_check.py::test_dry_run_runs_every_stage_and_writes_json_and_markdown": 75,
+    "tests/test_slurm.py": 60,
+    "tests/test_rtd_learning.py::test_discriminator_learns_beyond_the_base_rate": 55,
+    "tests/test_recovery.py::test_random_kills_resume_exactly": 65,
+    "tests/test_mixtures.py::test_weighted_mixture_resumes_on_three_ranks_without_repeating_or_skipping": 50,
+    "tests/test_train.py::test_rtd_loss_falls_and_exports_load_in_transformers": 35,
+    "tests/test_probe_watch.py::test_watch_killed_at_seeded_points_ends_with_each_row_once": 35,
+    "tests/test_train.py::test_small_experiments_run_a_few_steps_on_cpu": 55,
+    "tests/test_triton_attention.py::test_whole_model_with_emd_matches_reference": 40,
+    "tests/test_train.py::test_mlm_run_exports_a_fill_mask_model": 25,
+    "tests/test_elastic_zero.py::test_zero_run_resumes_on_three_ranks": 55,
+    "tests/test_run_visibility.py::test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command": 25,
+    "tests/test_train.py::test_interrupted_run_resumes_exactly": 20,
+    "tests/test_probe_cli.py::test_probe_a_run_resume_and_export": 16,
+    "tests/test_deepspeed.py::test_zero_stage_matches_ddp_resumes_and_exports": 45,
+    "tests/test_loggers.py::test_wandb_offline_run_resumes_the_same_run": 16,
+    "tests/test_run_identity.py::test_tokenizer_swap_with_equal_counts_is_refused_unless_allowed": 17,
+    "tests/test_signals_and_export.py::test_sigterm_to_the_whole_group_saves_and_resumes_exactly": 20,
+    "tests/test_signals_and_export.py::test_sigterm_during_validation_keeps_that_evaluation": 14,
+    "tests/test_gpu_bench.py::test_cpu_smoke_run_writes_rows_check_and_table": 14,
+    "tests/test_recovery.py::test_crafted_pickles_are_refused_and_run_nothing": 17,
+    "tests/test_recovery.py::test_full_disk_during_a_save_keeps_the_previous_checkpoint": 16,
+    "tests/test_triton_aot.py::test_aot_every_launchable_variant_compiles": 12,
+    "tests/test_gpu_check.py::test_a_kernel_that_fails_its_self_check_makes_our_step_rows_invalid": 11,
+    "tests/test_shards.py::test_killed_process_resumes_to_identical_output": 11,
+    "tests/test_signals_and_export.py::test_export_keeps_a_users_directory_and_replaces_it_whole_only_when_asked": 11,
+    "tests/test_mixtures.py::test_global_batch_gives_the_same_losses_on_one_two_and_four_ranks": 10,
+    "tests/test_install.py": 10,
+}
+
+
+def _cost(nodeid: str, slow: bool) -> float:
+    path, _, name = nodeid.partition("::")
+    for key in (nodeid, f"{path}::{name.split('[')[0]}", path):
+        if key in COSTS:
+            return COSTS[key]
+    return 5.0 if slow else 1.0
+
+
+def _shares_a_module_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(defs[-1].scope in ("module", "class", "package")
+                                    for defs in info.name2fixturedefs.values() if defs)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the group marker into the node id's "@group" suffix
 def pytest_collection_modifyitems(config, items):
+    _mark_slow(items)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (its environment reaches a nested pytest too)
+        _order_and_group_for_two_workers(items)
+
+
+def _order_and_group_for_two_workers(items):
+    """Most expensive first (a group counts as the sum of its tests, which keep their order inside the group)."""
+    groups, cost = {}, {}
+    for item in items:
+        group = item.nodeid.partition("::")[0] if _shares_a_module_fixture(item) else None
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+        key = group or item.nodeid
+        groups[item.nodeid] = key
+        cost[key] = cost.get(key, 0.0) + _cost(item.nodeid, item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -cost[groups[item.nodeid]])  # stable: a group's tests keep the file's order
+
+
+def _mark_slow(items):
     modules = {}
     for item in items:
         path, _, name = item.nodeid.partition("::")
