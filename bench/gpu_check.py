@@ -229,7 +229,8 @@ def report(out: Path, dry_run: bool, total_seconds: int, budget: int, limits_enf
               "stages": stages}
     write_json_atomic(out / "gpu_check.json", result)
     lines = [f"GPU check {result['date']}{' (dry run: CPU, interpreter, tiny shapes)' if dry_run else ''}, "
-             f"{total_seconds} s of {budget} s" + ("" if limits_enforced else " (untimed: limits not enforced)"), "", "| stage | status | seconds | limit | key figures |",
+             f"{total_seconds} s of {budget} s" + ("" if limits_enforced else " (untimed: limits not enforced)"), "",
+             "| stage | status | seconds | limit | key figures |",
              "|---|---|---|---|---|"]
     for s in stages:
         lines.append(f"| {s['stage']} | {s['status']} | {fmt(s['seconds'])} | {fmt(s['limit'])} | "
