@@ -146,14 +146,14 @@ SLOW = {
 }
 
 
-# --- two workers: `make test` runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder` -----------------------------
-# Under pytest-xdist (only there: a plain `pytest tests/x.py` keeps the file's order and one process) the collection is
-# reordered by the cost below, most expensive first, so that the two workers start the long tests early and finish
-# together; tests that share a module-scoped fixture are kept on one worker (one `xdist_group` per file), so the
-# fixture is built once and not once per worker. COSTS holds rough seconds on an idle 2-core machine, per test (a
-# file's key is each of its tests, a test's key each of its parameters), for the tests that take over ~10 s there
-# (`--durations=25` shows them); a test not listed counts 5 s if it is marked slow and 1 s otherwise. Wrong numbers
-# cost only balance, never a result.
+# --- two workers: `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder` -----------------------------
+# Each test file runs whole on one worker (its module-scoped fixtures are built once, not once per worker). Under
+# pytest-xdist (only there: a plain `pytest tests/x.py` keeps its order and one process) the files are ordered by
+# their cost below, most expensive first, so that the two workers start the long files early and finish together.
+# COSTS holds rough seconds on an idle 2-core machine, per test (a file's key is each of its tests, a test's key each
+# of its parameters), for the tests that take over ~10 s there (`--durations=25` shows them); a test not listed
+# counts 5 s if it is marked slow and 1 s otherwise. Wrong numbers cost only balance, never a result. (Not
+# `--dist loadgroup`: pytest-xdist 3.8 names a test's group by rewriting its node id, which pytest 9 ignores.)
 COSTS = {
     "tests/test_recovery.py::test_deepspeed_random_kills_resume_exactly_and_damaged_files_are_named": 130,
     "tests/test_rtd_learning.py::test_discriminator_with_labels_detached_from_the_replacements_does_not_pass": 90,
@@ -197,30 +197,19 @@ def _cost(nodeid: str, slow: bool) -> float:
     return 5.0 if slow else 1.0
 
 
-def _shares_a_module_fixture(item) -> bool:
-    info = getattr(item, "_fixtureinfo", None)
-    return info is not None and any(defs[-1].scope in ("module", "class", "package")
-                                    for defs in info.name2fixturedefs.values() if defs)
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the group marker into the node id's "@group" suffix
 def pytest_collection_modifyitems(config, items):
     _mark_slow(items)
     if hasattr(config, "workerinput"):  # a pytest-xdist worker (its environment reaches a nested pytest too)
-        _order_and_group_for_two_workers(items)
+        _order_files_by_cost(items)
 
 
-def _order_and_group_for_two_workers(items):
-    """Most expensive first (a group counts as the sum of its tests, which keep their order inside the group)."""
-    groups, cost = {}, {}
+def _order_files_by_cost(items):
+    """The most expensive file first; inside a file the tests keep their order."""
+    cost = {}
     for item in items:
-        group = item.nodeid.partition("::")[0] if _shares_a_module_fixture(item) else None
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-        key = group or item.nodeid
-        groups[item.nodeid] = key
-        cost[key] = cost.get(key, 0.0) + _cost(item.nodeid, item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -cost[groups[item.nodeid]])  # stable: a group's tests keep the file's order
+        path = item.nodeid.partition("::")[0]
+        cost[path] = cost.get(path, 0.0) + _cost(item.nodeid, item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -cost[item.nodeid.partition("::")[0]])  # stable: a file's tests stay together
 
 
 def _mark_slow(items):
