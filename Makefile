@@ -2,6 +2,10 @@
 #   make quickstart   -> installs into .venv, then runs the small pretraining job on the bundled samples
 #   make test         -> installs into .venv (with test extras), then runs the test-suite
 #   make test-fast    -> the edit-loop tier: the suite without the tests marked slow in tests/conftest.py
+# Both run the tests in two processes (pytest-xdist, XDIST below; `make test XDIST=` runs one): the suite's tests
+# use one torch thread each, so a second worker uses the second core. Each test file runs whole on one worker
+# (--dist loadfile: a module fixture is built once), the most expensive files first (tests/conftest.py).
+# `python -m pytest tests/x.py` stays one process.
 #
 # CPU-only machines get the CPU build of torch: when no NVIDIA driver is present we install `torch==2.13.0`
 # first (a local CPU wheel where PIP_FIND_LINKS provides one), so the project's own `torch>=2.5,<2.15`
@@ -12,6 +16,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?= -q
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 export WANDB_MODE ?= disabled
 
 .PHONY: setup quickstart test test-fast clean
@@ -37,10 +42,10 @@ quickstart: setup
 	$(BIN)/python -m pretrain +experiment=quickstart
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not slow" --durations=10
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS) -m "not slow" --durations=10
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -215,7 +215,7 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def report(out: Path, dry_run: bool, total_seconds: int, budget: int) -> int:
+def report(out: Path, dry_run: bool, total_seconds: int, budget: int, limits_enforced: bool = True) -> int:
     raw = read_stages(out)
     stages = []
     for name in STAGE_ORDER:
@@ -225,10 +225,12 @@ def report(out: Path, dry_run: bool, total_seconds: int, budget: int) -> int:
                        "seconds": entry["seconds"] if entry else None, "limit": entry["limit"] if entry else None,
                        "figures": figures, "log": f"{name}.log"})
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "dry_run": dry_run,
-              "total_seconds": total_seconds, "budget_seconds": budget, "stages": stages}
+              "total_seconds": total_seconds, "budget_seconds": budget, "limits_enforced": limits_enforced,
+              "stages": stages}
     write_json_atomic(out / "gpu_check.json", result)
     lines = [f"GPU check {result['date']}{' (dry run: CPU, interpreter, tiny shapes)' if dry_run else ''}, "
-             f"{total_seconds} s of {budget} s", "", "| stage | status | seconds | limit | key figures |",
+             f"{total_seconds} s of {budget} s" + ("" if limits_enforced else " (untimed: limits not enforced)"), "",
+             "| stage | status | seconds | limit | key figures |",
              "|---|---|---|---|---|"]
     for s in stages:
         lines.append(f"| {s['stage']} | {s['status']} | {fmt(s['seconds'])} | {fmt(s['limit'])} | "
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--dry-run", type=int, choices=(0, 1), default=0)
     rep.add_argument("--total-seconds", type=int, required=True)
     rep.add_argument("--budget", type=int, required=True)
+    rep.add_argument("--limits-enforced", type=int, choices=(0, 1), default=1,
+                     help="0: an untimed dry run (GPU_CHECK_UNTIMED=1) ran the stages without their limits")
     args = parser.parse_args(argv)
     if args.command == "environment":
         return environment(args.out)
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 parser.error("no CUDA device: use --device cpu (with TRITON_INTERPRET=1) for a dry run")
         return self_check(args.device, args.out)
-    return report(args.out, bool(args.dry_run), args.total_seconds, args.budget)
+    return report(args.out, bool(args.dry_run), args.total_seconds, args.budget, bool(args.limits_enforced))
 
 
 if __name__ == "__main__":

@@ -155,7 +155,73 @@ SLOW = {
 }
 
 
+# --- two workers: `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder` -----------------------------
+# Each test file runs whole on one worker (its module-scoped fixtures are built once, not once per worker). Under
+# pytest-xdist (only there: a plain `pytest tests/x.py` keeps its order and one process) the files are ordered by
+# their cost below, most expensive first, so that the two workers start the long files early and finish together.
+# COSTS holds rough seconds on an idle 2-core machine, per test (a file's key is each of its tests, a test's key each
+# of its parameters), for the tests that take over ~10 s there (`--durations=25` shows them); a test not listed
+# counts 5 s if it is marked slow and 1 s otherwise. Wrong numbers cost only balance, never a result. (Not
+# `--dist loadgroup`: pytest-xdist 3.8 names a test's group by rewriting its node id, which pytest 9 ignores.)
+COSTS = {
+    "tests/test_recovery.py::test_deepspeed_random_kills_resume_exactly_and_damaged_files_are_named": 130,
+    "tests/test_rtd_learning.py::test_discriminator_with_labels_detached_from_the_replacements_does_not_pass": 90,
+    "tests/test_gpu_check.py::test_dry_run_under_the_triton_of_gpu_images": 75,
+    "tests/test_gpu_check.py::test_dry_run_runs_every_stage_and_writes_json_and_markdown": 75,
+    "tests/test_slurm.py": 60,
+    "tests/test_rtd_learning.py::test_discriminator_learns_beyond_the_base_rate": 55,
+    "tests/test_recovery.py::test_random_kills_resume_exactly": 65,
+    "tests/test_mixtures.py::test_weighted_mixture_resumes_on_three_ranks_without_repeating_or_skipping": 50,
+    "tests/test_train.py::test_rtd_loss_falls_and_exports_load_in_transformers": 35,
+    "tests/test_probe_watch.py::test_watch_killed_at_seeded_points_ends_with_each_row_once": 35,
+    "tests/test_train.py::test_small_experiments_run_a_few_steps_on_cpu": 27,
+    "tests/test_triton_attention.py::test_whole_model_with_emd_matches_reference": 20,
+    "tests/test_train.py::test_mlm_run_exports_a_fill_mask_model": 25,
+    "tests/test_elastic_zero.py::test_zero_run_resumes_on_three_ranks": 18,
+    "tests/test_run_visibility.py::test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command": 25,
+    "tests/test_train.py::test_interrupted_run_resumes_exactly": 20,
+    "tests/test_probe_cli.py::test_probe_a_run_resume_and_export": 16,
+    "tests/test_deepspeed.py::test_zero_stage_matches_ddp_resumes_and_exports": 13,
+    "tests/test_loggers.py::test_wandb_offline_run_resumes_the_same_run": 16,
+    "tests/test_run_identity.py::test_tokenizer_swap_with_equal_counts_is_refused_unless_allowed": 17,
+    "tests/test_signals_and_export.py::test_sigterm_to_the_whole_group_saves_and_resumes_exactly": 20,
+    "tests/test_signals_and_export.py::test_sigterm_during_validation_keeps_that_evaluation": 14,
+    "tests/test_gpu_bench.py::test_cpu_smoke_run_writes_rows_check_and_table": 14,
+    "tests/test_recovery.py::test_crafted_pickles_are_refused_and_run_nothing": 17,
+    "tests/test_recovery.py::test_full_disk_during_a_save_keeps_the_previous_checkpoint": 16,
+    "tests/test_triton_aot.py::test_aot_every_launchable_variant_compiles": 12,
+    "tests/test_gpu_check.py::test_a_kernel_that_fails_its_self_check_makes_our_step_rows_invalid": 11,
+    "tests/test_shards.py::test_killed_process_resumes_to_identical_output": 11,
+    "tests/test_signals_and_export.py::test_export_keeps_a_users_directory_and_replaces_it_whole_only_when_asked": 11,
+    "tests/test_mixtures.py::test_global_batch_gives_the_same_losses_on_one_two_and_four_ranks": 10,
+    "tests/test_install.py": 10,
+}
+
+
+def _cost(nodeid: str, slow: bool) -> float:
+    path, _, name = nodeid.partition("::")
+    for key in (nodeid, f"{path}::{name.split('[')[0]}", path):
+        if key in COSTS:
+            return COSTS[key]
+    return 5.0 if slow else 1.0
+
+
 def pytest_collection_modifyitems(config, items):
+    _mark_slow(items)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (its environment reaches a nested pytest too)
+        _order_files_by_cost(items)
+
+
+def _order_files_by_cost(items):
+    """The most expensive file first; inside a file the tests keep their order."""
+    cost = {}
+    for item in items:
+        path = item.nodeid.partition("::")[0]
+        cost[path] = cost.get(path, 0.0) + _cost(item.nodeid, item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -cost[item.nodeid.partition("::")[0]])  # stable: a file's tests stay together
+
+
+def _mark_slow(items):
     modules = {}
     for item in items:
         path, _, name = item.nodeid.partition("::")
@@ -167,3 +233,31 @@ def pytest_collection_modifyitems(config, items):
              and not hasattr(modules[entry.split("::")[0]], entry.split("::")[1].split("[")[0])]
     if stale:
         raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {', '.join(sorted(stale))}")
+
+
+# --- the suite's cost per file: PYTEST_FILE_COSTS=1 (CI sets it) prints it after the run ------------------------------
+# Setup, call and teardown seconds summed per test file as the runner received them (also from xdist workers): the
+# table behind the README's test-suite cost and the COSTS above, without `--durations=0`'s line per test.
+_FILE_COSTS: dict[str, list[float]] = {}
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("PYTEST_FILE_COSTS") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        row = _FILE_COSTS.setdefault(report.nodeid.partition("::")[0], [0, 0.0, 0.0, 0.0])
+        row[0] += report.when == "call"
+        row[{"setup": 1, "call": 2, "teardown": 3}[report.when]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FILE_COSTS:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("cost per test file (seconds, summed over the workers)")
+    write(f"| {'file':<34} | tests | setup s | call s | total s |")
+    write(f"|{'-' * 36}|-------|---------|--------|---------|")
+    total = [0, 0.0, 0.0, 0.0]
+    for path, row in sorted(_FILE_COSTS.items(), key=lambda kv: -sum(kv[1][1:])):
+        name = path.removeprefix("tests/")
+        write(f"| {name:<34} | {row[0]:>5} | {row[1]:>7.0f} | {row[2]:>6.0f} | {sum(row[1:]):>7.0f} |")
+        total = [a + b for a, b in zip(total, row)]
+    write(f"| {'all':<34} | {total[0]:>5} | {total[1]:>7.0f} | {total[2]:>6.0f} | {sum(total[1:]):>7.0f} |")
