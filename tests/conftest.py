@@ -195,6 +195,11 @@ COSTS = {
     "tests/test_signals_and_export.py::test_export_keeps_a_users_directory_and_replaces_it_whole_only_when_asked": 11,
     "tests/test_mixtures.py::test_global_batch_gives_the_same_losses_on_one_two_and_four_ranks": 10,
     "tests/test_install.py": 10,
+    "tests/test_long_context.py::test_triton_kernel_matches_reference_at_2048": 45,
+    "tests/test_probe_watch.py::test_watch_a_deepspeed_run_reads_its_checkpoint_directories_and_nothing_else": 40,
+    "tests/test_step_numbers.py::test_extension_after_a_validation_on_the_last_step_numbers_every_output_alike": 25,
+    "tests/test_lr_schedules.py::test_cooldown_equals_a_run_that_decayed_there": 18,
+    "tests/test_long_context.py::test_tiny_model_trains_at_2048_on_cpu": 12,
 }
 
 
