@@ -15,13 +15,18 @@ from pretrain.model import DebertaConfig, DebertaForMaskedLM, DebertaForReplaced
 from test_model_parity import CONFIGS
 
 
-def hf_mlm(name: str, seed: int = 0) -> transformers.DebertaV2ForMaskedLM:
+def random_hf_mlm(config: dict, seed: int = 0, scale: float = 0.01) -> transformers.DebertaV2ForMaskedLM:
+    """transformers' MLM model of ``config`` with every weight perturbed by ``scale`` x N(0, 1)."""
     torch.manual_seed(seed)
-    model = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**CONFIGS[name])).eval()
+    model = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**config)).eval()
     with torch.no_grad():
         for p in model.parameters():  # LayerNorms/biases start at 1/0: randomise so equality is meaningful
-            p.add_(torch.randn_like(p) * 0.01)
+            p.add_(torch.randn_like(p) * scale)
     return model
+
+
+def hf_mlm(name: str, seed: int = 0) -> transformers.DebertaV2ForMaskedLM:
+    return random_hf_mlm(CONFIGS[name], seed)
 
 
 def tensors(directory) -> dict[str, torch.Tensor]:

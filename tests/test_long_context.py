@@ -20,10 +20,10 @@ import transformers
 from hydra import compose, initialize_config_dir
 
 from pretrain import hf
-from pretrain.model import context_extension
-from pretrain.model import DebertaConfig, DebertaForMaskedLM, DebertaModel
+from pretrain.model import DebertaConfig, DebertaForMaskedLM, DebertaModel, context_extension
 from pretrain.settings import SettingsError
 from pretrain.train import train
+from test_hf_io import random_hf_mlm
 
 REPO = Path(__file__).resolve().parents[1]
 L = 2048
@@ -46,12 +46,7 @@ POSITIONS = {
 
 
 def hf_model(name: str, seed: int = 0) -> transformers.DebertaV2ForMaskedLM:
-    torch.manual_seed(seed)
-    model = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**POSITIONS[name])).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # LayerNorms/biases start at 1/0: randomise so equality means something
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return random_hf_mlm(POSITIONS[name], seed, scale=0.02)
 
 
 def long_batch() -> tuple[torch.Tensor, torch.Tensor]:
