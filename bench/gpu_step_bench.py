@@ -827,17 +827,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.interpret_kernel and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("--interpret-kernel needs TRITON_INTERPRET=1 in the environment")
     args.amp_dtype = torch.float16 if args.interpret_kernel else torch.bfloat16
-    default_seqs, default_batches = TINY_SHAPE if args.tiny else BASE_SHAPE
-    args.seq_lens = args.seq_lens or default_seqs
-    args.batch_sizes = args.batch_sizes or (default_batches if args.seq_lens == default_seqs else None)
-    if args.batch_sizes is None or len(args.batch_sizes) != len(args.seq_lens):
-        parser.error("--batch-sizes needs one value per --seq-lens value")
     if args.rows:
+        if args.seq_lens or args.batch_sizes:
+            parser.error("--rows gives each row's shape: drop --seq-lens and --batch-sizes")
         args.plan = [parse_row(text, parser) for text in args.rows]
-        args.seq_lens = sorted({seq for seq, _, _ in args.plan})
+        args.seq_lens = list(dict.fromkeys(seq for seq, _, _ in args.plan))  # (the first is the check's default)
         args.batch_sizes = [next(b for s, b, _ in args.plan if s == seq) for seq in args.seq_lens]
         args.contestants = list(dict.fromkeys(name for _, _, name in args.plan))
     else:
+        default_seqs, default_batches = TINY_SHAPE if args.tiny else BASE_SHAPE
+        args.seq_lens = args.seq_lens or default_seqs
+        args.batch_sizes = args.batch_sizes or (default_batches if args.seq_lens == default_seqs else None)
+        if args.batch_sizes is None or len(args.batch_sizes) != len(args.seq_lens):
+            parser.error("--batch-sizes needs one value per --seq-lens value")
         args.plan = [(s, b, n) for s, b in zip(args.seq_lens, args.batch_sizes) for n in args.contestants]
     if min(args.seq_lens + args.batch_sizes) < 1 or args.steps < 1 or args.warmup < 0 or args.check_steps < 0:
         parser.error("sequence lengths, batch sizes and --steps must be positive; --warmup/--check-steps >= 0")

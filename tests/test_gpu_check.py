@@ -268,5 +268,7 @@ def test_rows_run_in_the_order_given(tmp_path):
     args = gpu_step_bench.parse_args(["--device", "cpu", "--tiny", "--rows", "ours_mlm:2048x8", "ours_mlm:4096x4",
                                       "hf_mlm_compiled:2048x8", "--out", str(tmp_path / "x.json")])
     assert args.plan == [(2048, 8, "ours_mlm"), (4096, 4, "ours_mlm"), (2048, 8, "hf_mlm_compiled")]
-    with pytest.raises(SystemExit):
-        gpu_step_bench.parse_args(["--rows", "ours_mlm:4096"])
+    assert args.seq_lens == [2048, 4096] and args.batch_sizes == [8, 4]
+    for bad in (["--rows", "ours_mlm:4096"], ["--rows", "ours:4096x4"], ["--rows", "ours_mlm:16x1", "--seq-lens", "16"]):
+        with pytest.raises(SystemExit):
+            gpu_step_bench.parse_args(bad)
