@@ -24,6 +24,10 @@ from the kernels' loop structure, :func:`load_requests`) beside the floor, and t
     python bench/attention_bytes.py --batch 8 --length 2048
     python bench/attention_bytes.py --json out.json
     python bench/attention_bytes.py --requests            # the DRAM floor and the load requests per kernel (sm_90)
+    python bench/attention_bytes.py --batch 4 --length 4096 --requests   # one layer of the GPU check's 4096 row
+
+Beside the bytes it prints the layer's model FLOPs (:func:`model_flops`: the matmuls of the definition, as
+``pretrain/run/perf.py`` counts them for MFU) and the arithmetic intensity, FLOPs per byte of the DRAM floor.
 """
 
 from __future__ import annotations
@@ -168,6 +172,16 @@ def count(batch: int, heads: int, length: int, head_dim: int, buckets: int, max_
     return dict(totals)
 
 
+def model_flops(batch: int, heads: int, length: int, head_dim: int, buckets: int, max_position: int,
+                c2p: bool = True, p2c: bool = True) -> int:
+    """Forward + backward matmul FLOPs of one attention core at this shape, by the convention of
+    ``pretrain/run/perf.py`` (multiply-add = 2, backward = 2 x forward): QK^T and PV over all L x L pairs, c2p and
+    p2c against all 2k table rows (the definition in ``reference_probabilities``); projections not included."""
+    two_k = 2 * (buckets if buckets > 0 else max_position)
+    per_head = 2 * 2 * length * length * head_dim + 2 * length * two_k * head_dim * (int(c2p) + int(p2c))
+    return 3 * batch * heads * per_head
+
+
 def load_requests(batch: int, heads: int, length: int, head_dim: int, buckets: int, max_position: int,
                   dtype: str = "bf16", arch: int = 90) -> dict[str, dict[str, int]]:
     """Bytes the loads of each kernel request from global memory (L2 hits included) at the pinned tiling for
@@ -247,7 +261,10 @@ def main(argv=None) -> int:
         print(f"{moved / 1e6:10.1f} MB  {step}")
     total = sum(totals.values())
     print(f"{total / 1e9:10.3f} GB  total, forward + backward ({args.dtype}, {shape})")
-    report = {"shape": shape, "dtype": args.dtype, "bytes": totals, "total": total}
+    flops = model_flops(**shape)
+    print(f"{flops / 1e12:10.3f} TFLOP model FLOPs, forward + backward (QK^T, PV, c2p and p2c; backward 2x): "
+          f"{flops / total:,.0f} FLOP per byte of the DRAM floor")
+    report = {"shape": shape, "dtype": args.dtype, "bytes": totals, "total": total, "model_flops": flops}
     if args.requests:
         print()
         print(requests_table(shape, args.dtype, args.arch, totals))

@@ -31,7 +31,7 @@ if str(REPO / "bench") not in sys.path:
 from data_prep.atomic_io import write_atomic, write_json_atomic  # noqa: E402
 
 # In order of value (the order gpu_check.sh runs them): our step rows right after the self-check that gates them.
-STAGE_ORDER = ("environment", "self_check", "step_512", "kernel_tests", "attention_bench", "step_2048")
+STAGE_ORDER = ("environment", "self_check", "step_512", "kernel_tests", "attention_bench", "step_long")
 TIMEOUT_CODES = {124, 137}  # `timeout` exit codes: TERM after the limit, KILL after the grace period
 # (dtype, head size) of the self-check stage: the configurations the kernel tests also compile.
 # Head sizes 64 and 128 in every dtype the host code launches; each check also runs the dropout variants.
@@ -149,19 +149,34 @@ def attention_bench_figures(out: Path) -> tuple[dict[str, Any], str | None]:
     return figures, None
 
 
+def row_failed(contestant: str, status: str) -> bool:
+    """As ``gpu_step_bench.row_failed``: not ok and not skipped, except a baseline out of memory (a result: that
+    baseline does not fit the shape); an oom of ours fails."""
+    if status == "ok" or status.startswith("skipped"):
+        return False
+    return not (status.startswith("oom") and not contestant.startswith("ours_"))
+
+
 def step_figures(name: str) -> Callable[[Path], tuple[dict[str, Any], str | None]]:
+    """Per row: status, tokens/s, MFU, speed-up over the HF baseline and peak GPU memory, keyed by contestant, or
+    ``contestant@L`` when the stage runs several sequence lengths (step_long: 2048 and 4096)."""
     def figures(out: Path) -> tuple[dict[str, Any], str | None]:
         data = read_json(out / f"{name}.json")
         if not data:
             return {}, f"no {name}.json"
+        several = len({r["seq_len"] for r in data["rows"]}) > 1
         rows = {}
         for r in data["rows"]:
-            rows[r["contestant"]] = {"status": r["status"], "tokens_per_s": r["tokens_per_s"], "mfu": r["mfu"],
-                                     "vs_baseline": r.get("vs_baseline"), "peak_mem_gib": r["peak_mem_gib"]}
+            key = f"{r['contestant']}@{r['seq_len']}" if several else r["contestant"]
+            rows[key] = {"status": r["status"], "tokens_per_s": r["tokens_per_s"], "mfu": r["mfu"],
+                         "vs_baseline": r.get("vs_baseline"), "peak_mem_gib": r["peak_mem_gib"]}
+            if several:
+                rows[key]["batch_size"] = r["batch_size"]
             if "attention_fused" in r:
-                rows[r["contestant"]]["attention_fused"] = r["attention_fused"]
+                rows[key]["attention_fused"] = r["attention_fused"]
         invalid = [n for n, r in rows.items() if r["status"].startswith("invalid")]
-        bad = [n for n, r in rows.items() if r["status"] != "ok" and not r["status"].startswith(("skipped", "invalid"))]
+        bad = [n for n, r in rows.items()
+               if row_failed(n.split("@")[0], r["status"]) and not r["status"].startswith("invalid")]
         problems = ([f"INVALID (the fused kernel did not run): {', '.join(invalid)}"] if invalid else []) + \
             ([f"rows not ok: {', '.join(bad)}"] if bad else [])
         return rows, "; ".join(problems) or None
@@ -170,7 +185,7 @@ def step_figures(name: str) -> Callable[[Path], tuple[dict[str, Any], str | None
 
 FIGURES = {"environment": environment_figures, "self_check": self_check_figures,
            "kernel_tests": kernel_test_figures, "attention_bench": attention_bench_figures,
-           "step_512": step_figures("step_512"), "step_2048": step_figures("step_2048")}
+           "step_512": step_figures("step_512"), "step_long": step_figures("step_long")}
 
 
 def read_stages(out: Path) -> dict[str, dict[str, Any]]:

@@ -28,15 +28,21 @@
 #                          configuration, L=2048 once, padding of every kind, dropout variants)
 #   attention_bench   60   bench/attention_bench.py at v3-base, B=32, 12 heads, L=512, d=64, bf16: ours vs flash
 #                          SDPA without positions vs the reference, fwd+bwd
-#   step_2048      rest    if at least 60 s of the 480 s are left: L=2048, B=8, ours MLM vs HF compiled and HF +
-#                          disentangled-flash (that row is skipped unless the package is importable)
+#   step_long      rest    if at least 60 s of the 480 s are left: long context, MLM, tokens/s and peak GPU memory
+#                          (max_memory_allocated, reset at each row) per row, in this order of value: ours at L=2048
+#                          B=8, ours at L=4096 B=4 (the same 16k tokens a step), then HF compiled at 2048 and 4096,
+#                          then HF + disentangled-flash at 2048 and 4096 (skipped unless the package is importable).
+#                          A baseline that runs out of memory reports `oom: <allocator message>` and the peak it
+#                          reached, and the stage goes on (an oom of ours fails the stage). Every contestant gets
+#                          max_position_embeddings=L with max_relative_positions=512 (the 512 model's buckets)
 # GPU_CHECK_STAGES="self_check step_512" runs only the stages named (the environment always runs).
-# Total budget 480 s. The fixed limits add up to 515 s (under a 540 s lease with the report), so step_2048 runs
-# only on what the earlier stages left unused (at most 150 s); the report says when it was skipped.
+# Total budget 480 s. The fixed limits add up to 515 s (under a 540 s lease with the report), so step_long runs
+# only on what the earlier stages left unused (at most 240 s); the report says when it was skipped. Row shares keep
+# 15 s for each later row that runs (a skipped row keeps none), so the rows of ours get the time first.
 #
 # Results in $OUT (default bench/results): gpu_check.json (per stage: status, seconds, limit, key figures) and
 # gpu_check.md (the same as one table), plus each stage's log and JSON. Optional wheels: a carried .whl/ directory
-# is installed into /tmp/site first (pytest if the image lacks it, disentangled-flash for the 2048 row); the check
+# is installed into /tmp/site first (pytest if the image lacks it, disentangled-flash for its long-context rows); the check
 # itself needs none, and the script says so when .whl/ is absent.
 set -u -o pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -67,7 +73,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 CACHE=${GPU_CHECK_CACHE:-/tmp/gpu_check_cache}  # compiled kernels and graphs shared by the stages (and a rerun)
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$CACHE/triton}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$CACHE/inductor}
-WANTED=" environment ${GPU_CHECK_STAGES:-self_check step_512 kernel_tests attention_bench step_2048} "
+WANTED=" environment ${GPU_CHECK_STAGES:-self_check step_512 kernel_tests attention_bench step_long} "
 if [ "$DRY_RUN" = 1 ]; then
     export GPU_CHECK_DRY_RUN=1 TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 fi
@@ -81,7 +87,7 @@ install_wheels() {
         export PYTHONPATH=$PYTHONPATH:/tmp/site
     else
         echo "no .whl/ directory: nothing installed (the check needs no wheels; without pytest in the image the" \
-             "kernel_tests stage fails, without disentangled-flash its 2048 row is skipped)"
+             "kernel_tests stage fails, without disentangled-flash its long-context rows are skipped)"
     fi
 }
 
@@ -114,7 +120,9 @@ if [ "$DRY_RUN" = 1 ]; then
     # our rows run the kernel in the interpreter (slow: one step, one sequence; 24 is not a multiple of a tile)
     STEP=(--device cpu --tiny --no-compile --steps 1 --warmup 0 --interpret-kernel)
     STEP_512=(--seq-lens 16 --batch-sizes 1)
-    STEP_2048=(--seq-lens 24 --batch-sizes 1)
+    # the long-context rows at two tiny lengths (one tile, and a partial second one), in the GPU check's order
+    LONG_ROWS=(ours_mlm:16x1 ours_mlm:24x1 hf_mlm_compiled:16x1 hf_mlm_compiled:24x1 hf_mlm_disentangled_flash:16x1
+               hf_mlm_disentangled_flash:24x1)
     if [ "$UNTIMED" = 1 ]; then
         echo "untimed dry run (GPU_CHECK_UNTIMED=1): stage limits and row shares are recorded, not enforced"
     fi
@@ -123,7 +131,8 @@ else
     ATTN=(--device cuda --shapes 32x512 --warmup 3 --repeats 10)
     STEP=(--device cuda --steps 5 --warmup 2)
     STEP_512=(--seq-lens 512 --batch-sizes 32)
-    STEP_2048=(--seq-lens 2048 --batch-sizes 8)
+    LONG_ROWS=(ours_mlm:2048x8 ours_mlm:4096x4 hf_mlm_compiled:2048x8 hf_mlm_compiled:4096x4
+               hf_mlm_disentangled_flash:2048x8 hf_mlm_disentangled_flash:4096x4)
 fi
 
 run_stage environment 15 "$PYTHON" bench/gpu_check.py environment --out "$OUT/environment.json"
@@ -136,14 +145,13 @@ run_stage kernel_tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/
     --junitxml "$OUT/kernel_tests.xml"
 run_stage attention_bench 60 "$PYTHON" bench/attention_bench.py "${ATTN[@]}" --out "$OUT/attention_bench.json"
 left=$((TOTAL_BUDGET - ($(date +%s) - START) - 10))
-[ "$UNTIMED" = 1 ] && left=150  # an untimed dry run always runs the last stage, under its full limit
-limit=$((left < 150 ? left : 150))
+[ "$UNTIMED" = 1 ] && left=240  # an untimed dry run always runs the last stage, under its full limit
+limit=$((left < 240 ? left : 240))
 if [ "$limit" -ge 60 ]; then
-    run_stage step_2048 "$limit" "$PYTHON" bench/gpu_step_bench.py "${STEP[@]}" "${STEP_2048[@]}" \
-        --out "$OUT/step_2048.json" --time-budget "$(row_budget $((limit - 10)))" \
-        --contestants ours_mlm hf_mlm_compiled hf_mlm_disentangled_flash
+    run_stage step_long "$limit" "$PYTHON" bench/gpu_step_bench.py "${STEP[@]}" --rows "${LONG_ROWS[@]}" \
+        --out "$OUT/step_long.json" --time-budget "$(row_budget $((limit - 10)))"
 else
-    skip_stage step_2048 "$limit" "only ${left}s of the ${TOTAL_BUDGET}s budget left"
+    skip_stage step_long "$limit" "only ${left}s of the ${TOTAL_BUDGET}s budget left"
 fi
 
 "$PYTHON" bench/gpu_check.py report --out "$OUT" --dry-run "$DRY_RUN" --total-seconds $(($(date +%s) - START)) \

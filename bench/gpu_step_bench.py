@@ -38,10 +38,17 @@ ours. ``--time-budget`` gives each row a share of the time; a row past it says w
 is rewritten as each row progresses, so a row cut by an outer time limit says so too. The exit code is 1 when any
 row is not ok (skipped rows excepted).
 
+``--rows NAME:LxB ...`` runs rows in exactly the order given (the GPU check's long-context stage: ours at 2048 and
+4096 first, the HF baselines after). A row that runs out of GPU memory is ``oom: <the allocator's message>``, with
+the peak it reached before failing (``peak_mem_gib``, the peak counter is reset at each row's start); for a
+baseline that is a result (HF does not fit that shape), not a failure, so it does not set the exit code; for a row
+of ours it does.
+
 Usage:
     python bench/gpu_step_bench.py                                       # all contestants, seq 512 (b32) and 2048 (b8)
     python bench/gpu_step_bench.py --contestants hf_mlm_compiled ours_mlm --seq-lens 2048 --batch-sizes 8
     python bench/gpu_step_bench.py --check-steps 200                     # plus the loss-curve check
+    python bench/gpu_step_bench.py --rows ours_mlm:2048x8 ours_mlm:4096x4 hf_mlm_compiled:2048x8 hf_mlm_compiled:4096x4
     python bench/gpu_step_bench.py --device cpu --tiny --no-compile --steps 2 --warmup 1   # smoke run, no GPU
 """
 
@@ -515,11 +522,23 @@ def time_steps(workload: Workload, optimizer: torch.optim.Optimizer, device: tor
 
 
 def failure_status(err: BaseException) -> str:
+    """``oom: <message>`` for an allocator failure (also when a compiler wrapped it), else ``error: <message>``."""
     text = f"{type(err).__name__}: {err}"
-    if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
-        return "oom"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
-    return "error: " + first[:300]
+    oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower()
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if oom:  # the allocator's own line: how much it tried to allocate, and what the device holds
+        first = next((line for line in lines if "out of memory" in line.lower()), lines[0] if lines else "")
+        return ("oom: " + first[:300]) if first else "oom"
+    return "error: " + (f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__)[:300]
+
+
+def row_failed(row: dict[str, Any]) -> bool:
+    """Whether a row makes the run fail: anything but ok or skipped, except a baseline that ran out of memory (a
+    measured fact about the baseline at that shape; ours must fit, so an oom of ours fails)."""
+    status = row["status"]
+    if status == "ok" or status.startswith("skipped"):
+        return False
+    return not (status.startswith("oom") and not row["contestant"].startswith("ours_"))
 
 
 class ShareExceeded(BaseException):
@@ -563,6 +582,8 @@ def run_contestant(name: str, seq_len: int, batch_size: int, device: torch.devic
         raise ShareExceeded(f"past its share of {share_s:.0f} s")
 
     phase(state["phase"])
+    if device.type == "cuda":  # this row's own peak (time_steps resets it again before the warm-up)
+        torch.cuda.reset_peak_memory_stats(device)
     use_alarm = share_s is not None and share_s > 0
     previous = signal.signal(signal.SIGALRM, exceeded) if use_alarm else None
     if use_alarm:
@@ -571,8 +592,10 @@ def run_contestant(name: str, seq_len: int, batch_size: int, device: torch.devic
         row.update(measure(name, seq_len, batch_size, device, args, phase))
     except (Exception, ShareExceeded) as err:  # one contestant failing must not lose the others' numbers
         row["status"] = failure_status(err)
-        if row["status"] != "oom" and not state["fired"]:
+        if not row["status"].startswith("oom") and not state["fired"]:
             traceback.print_exc()
+        elif row["status"].startswith("oom") and device.type == "cuda":  # how far it got before failing
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB
     finally:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -766,6 +789,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sequence lengths (default: 512 2048; with --tiny: 64)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None,
                         help="batch size for each of --seq-lens, same order (default: 32 8; with --tiny: 4)")
+    parser.add_argument("--rows", nargs="+", metavar="NAME:LxB", default=None,
+                        help="rows to run, in this order (contestant:seq_lenxbatch_size, e.g. ours_mlm:4096x4); "
+                             "replaces --contestants, --seq-lens and --batch-sizes")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--device", default="cuda", help="'cuda', 'cuda:N', or 'cpu' for a smoke run")
@@ -801,14 +827,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.interpret_kernel and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("--interpret-kernel needs TRITON_INTERPRET=1 in the environment")
     args.amp_dtype = torch.float16 if args.interpret_kernel else torch.bfloat16
-    default_seqs, default_batches = TINY_SHAPE if args.tiny else BASE_SHAPE
-    args.seq_lens = args.seq_lens or default_seqs
-    args.batch_sizes = args.batch_sizes or (default_batches if args.seq_lens == default_seqs else None)
-    if args.batch_sizes is None or len(args.batch_sizes) != len(args.seq_lens):
-        parser.error("--batch-sizes needs one value per --seq-lens value")
+    if args.rows:
+        if args.seq_lens or args.batch_sizes:
+            parser.error("--rows gives each row's shape: drop --seq-lens and --batch-sizes")
+        args.plan = [parse_row(text, parser) for text in args.rows]
+        args.seq_lens = list(dict.fromkeys(seq for seq, _, _ in args.plan))  # (the first is the check's default)
+        args.batch_sizes = [next(b for s, b, _ in args.plan if s == seq) for seq in args.seq_lens]
+        args.contestants = list(dict.fromkeys(name for _, _, name in args.plan))
+    else:
+        default_seqs, default_batches = TINY_SHAPE if args.tiny else BASE_SHAPE
+        args.seq_lens = args.seq_lens or default_seqs
+        args.batch_sizes = args.batch_sizes or (default_batches if args.seq_lens == default_seqs else None)
+        if args.batch_sizes is None or len(args.batch_sizes) != len(args.seq_lens):
+            parser.error("--batch-sizes needs one value per --seq-lens value")
+        args.plan = [(s, b, n) for s, b in zip(args.seq_lens, args.batch_sizes) for n in args.contestants]
     if min(args.seq_lens + args.batch_sizes) < 1 or args.steps < 1 or args.warmup < 0 or args.check_steps < 0:
         parser.error("sequence lengths, batch sizes and --steps must be positive; --warmup/--check-steps >= 0")
     return args
+
+
+def parse_row(text: str, parser: argparse.ArgumentParser) -> tuple[int, int, str]:
+    """``ours_mlm:4096x4`` -> (4096, 4, "ours_mlm")."""
+    name, _, shape = text.partition(":")
+    seq, _, batch = shape.partition("x")
+    if name not in CONTESTANTS or not seq.isdigit() or not batch.isdigit():
+        parser.error(f"--rows {text}: give CONTESTANT:SEQ_LENxBATCH_SIZE (e.g. ours_mlm:4096x4) with a contestant "
+                     f"of {', '.join(CONTESTANTS)}")
+    return int(seq), int(batch), name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -840,7 +885,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": {"flops": FLOPS_NOTE,
                   "mfu": "tokens/s x flops_per_token / matmul_ceiling (mfu_datasheet_peak: / datasheet bf16 peak)",
                   "peak_memory": "torch.cuda.max_memory_allocated after warm-up + timed steps, reset before the "
-                                 "warm-up; None on CPU",
+                                 "warm-up (weights and optimizer state included); an oom row: the peak since the "
+                                 "row began; None on CPU",
                   "tokens_per_s": "batch x seq_len x steps / wall time of the timed steps (synchronised at both ends)"},
         "rows": [], "check": None,
     }
@@ -850,12 +896,13 @@ def main(argv: list[str] | None = None) -> int:
     def save_with(row: dict[str, Any]) -> None:  # the finished rows and this one as it stands
         write_json_atomic(args.out, {**report, "rows": [*rows, row]})
 
-    planned = [(s, b, n) for s, b in zip(args.seq_lens, args.batch_sizes) for n in args.contestants]
+    planned = args.plan
+    runs = [skip_reason(name, device) is None for _, _, name in planned]  # a skipped row needs no reserve
     for index, (seq_len, batch_size, name) in enumerate(planned):
         share = None
         if args.time_budget:
             left = args.time_budget - (time.perf_counter() - started)
-            share = max(left - args.row_reserve * (len(planned) - index - 1), 1.0)
+            share = max(left - args.row_reserve * sum(runs[index + 1:]), 1.0)
         log(f"{name}: seq {seq_len}, batch {batch_size} ..." + (f" (share {share:.0f} s)" if share else ""))
         row = run_contestant(name, seq_len, batch_size, device, args, ceiling["tflops"] * 1e12, datasheet, share,
                              save_with)
@@ -877,8 +924,7 @@ def main(argv: list[str] | None = None) -> int:
               f"mean |diff| {fmt(check['mean_abs_diff'], '.4f')}, tail-mean ratio "
               f"{fmt(check['tail_mean_ratio'], '.4f')}" + (f" ({check['note']})" if "note" in check else ""))
     print(f"\nresults: {args.out}")
-    bad = [f"{r['contestant']} ({r['status']})" for r in rows
-           if r["status"] != "ok" and not r["status"].startswith("skipped")]
+    bad = [f"{r['contestant']} ({r['status']})" for r in rows if row_failed(r)]
     if bad:
         print("rows not ok: " + "; ".join(bad), file=sys.stderr)
     return 1 if bad else 0

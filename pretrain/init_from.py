@@ -12,7 +12,8 @@ Rules, all logged when they apply:
   extension**: when the shards' sequences are longer than the checkpoint's ``max_position_embeddings`` and the
   experiment's ``max_position_embeddings`` covers them, the three context fields (``max_position_embeddings``,
   ``max_relative_positions``, ``position_buckets``) come from the experiment and the relative and absolute position
-  tables are mapped onto them (``pretrain.model.context_extension`` has the rule).
+  tables are mapped onto them (``pretrain.model.context_extension`` has the rule). A generator from
+  ``model.init_generator_from`` is extended by the same rule, from its own tables.
 - **Tokenizer**: the tokenizer files in ``init_from`` must be the ones the shards were made with (checksum in the
   shards' manifest), or the shards' tokenizer must extend it (every old token keeps its id, as
   ``python -m data_prep tokenizer --extend`` guarantees). Anything else is an error.
@@ -140,8 +141,9 @@ class ContinuedStart:
     def _load(self, directory: Path, head: str, emd: bool = True) -> dict[str, torch.Tensor]:
         model = hf.from_pretrained(directory, head=head, enhanced_mask_decoder=emd)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if self.longer_context:
-            state = context_extension.extend_state(state, model.config, self.config)
+        if self.longer_context and any(getattr(model.config, k) != getattr(self.config, k)
+                                       for k in context_extension.CONTEXT_FIELDS):
+            state = context_extension.extend_state(state, model.config, self.config)  # (each source from its own)
         if self.extension is not None:
             state = resize_state(state, self.config.vocab_size, self.extension)
         return state
@@ -277,6 +279,12 @@ def prepare(settings, shards) -> tuple[Any, ContinuedStart | None]:
     if objective.name == "rtd":
         if init.init_generator_from:
             generator_config = hf.load_config(init.init_generator_from)
+            # extended by the same rule as the discriminator, then compared with the extended discriminator
+            generator_extended = context_extension.extended_config(settings.model, generator_config, shards.seq_len)
+            if generator_extended is not None:
+                log.warning("model.init_generator_from=%s: %s", init.init_generator_from,
+                            context_extension.describe(generator_config, generator_extended))
+                generator_config = generator_extended
             _check_generator(config, generator_config, init.init_generator_from)
             objective = dataclasses.replace(objective, generator_layers=generator_config.num_hidden_layers)
         elif objective.generator_layers and objective.generator_layers > config.num_hidden_layers:

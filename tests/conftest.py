@@ -199,6 +199,7 @@ COSTS = {
     "tests/test_probe_watch.py::test_watch_a_deepspeed_run_reads_its_checkpoint_directories_and_nothing_else": 40,
     "tests/test_step_numbers.py::test_extension_after_a_validation_on_the_last_step_numbers_every_output_alike": 25,
     "tests/test_lr_schedules.py::test_cooldown_equals_a_run_that_decayed_there": 18,
+    "tests/test_lr_schedules.py::test_cooldown_from_a_deepspeed_checkpoint_equals_a_deepspeed_run_that_decayed_there": 20,
     "tests/test_long_context.py::test_tiny_model_trains_at_2048_on_cpu": 12,
 }
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton", reason="the `triton` package is not installed (pip install -e '.[test]')")
 
@@ -90,3 +91,24 @@ def test_load_requests_count_the_in_kernel_rereads_the_floor_leaves_out():
     table = attention_bytes.requests_table(shape, "bf16", 90, attention_bytes.count(**shape))
     assert table.splitlines()[0].startswith("| kernel | tile (sm_90) | DRAM floor, MB | load requests, MB |")
     assert all(f"| {kernel} |" in table for kernel in kernels.KERNELS)
+
+
+def test_model_flops_match_the_flop_counter_on_the_reference_attention():
+    """The FLOPs printed beside the bytes are the reference definition's matmuls, forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pretrain.model.attention import reference_attention
+    from pretrain.model.relative_position import relative_position_index
+
+    shape = dict(batch=2, heads=3, length=40, head_dim=16, buckets=8, max_position=64)
+    B, N, L, d, span = shape["batch"], shape["heads"], shape["length"], shape["head_dim"], shape["buckets"]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, N, L, d, generator=g, requires_grad=True) for _ in range(3))
+    pos_key, pos_query = (torch.randn(N, 2 * span, d, generator=g, requires_grad=True) for _ in range(2))
+    rel_index = relative_position_index(L, L, span, span, shape["max_position"])
+    mask = torch.ones(B, L, dtype=torch.bool)
+    with FlopCounterMode(display=False) as counter:
+        out = reference_attention(q, k, v, pos_key, pos_query, rel_index, mask, 0.125, 0.0)
+        out.sum().backward()
+    assert counter.get_total_flops() == attention_bytes.model_flops(**shape)
+    assert attention_bytes.model_flops(**shape, p2c=False) < attention_bytes.model_flops(**shape)

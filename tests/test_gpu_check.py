@@ -11,13 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["environment", "self_check", "step_512", "kernel_tests", "attention_bench", "step_2048"]
+STAGES = ["environment", "self_check", "step_512", "kernel_tests", "attention_bench", "step_long"]
 STEP_512_ROWS = ["ours_rtd", "ours_mlm", "hf_rtd_compiled", "hf_mlm_compiled", "hf_mlm_eager"]  # in order of value
-# Each stage's time limit on the GPU (bench/gpu_check.sh; step_2048 gets at most 150 s of what is left of 480 s).
+# The long-context rows in order of value: ours at both lengths first (2048 and 4096 on the GPU, 16 and 24 in the
+# dry run), then the baselines
+LONG_ROWS = ["ours_mlm@16", "ours_mlm@24", "hf_mlm_compiled@16", "hf_mlm_compiled@24", "hf_mlm_disentangled_flash@16",
+             "hf_mlm_disentangled_flash@24"]
+# Each stage's time limit on the GPU (bench/gpu_check.sh; step_long gets at most 240 s of what is left of 480 s).
 LIMITS = {"environment": 15, "self_check": 140, "step_512": 180, "kernel_tests": 120, "attention_bench": 60,
-          "step_2048": 150}
+          "step_long": 240}
 # What the GPU image lacks (or, for Lightning, what pretrain.model and the benchmarks must not need).
 MISSING_ON_GPU_IMAGE = ["hydra", "omegaconf", "lightning", "pytorch_lightning", "deepspeed", "datasets", "jieba",
                         "wandb"]
@@ -95,8 +100,14 @@ def test_dry_run_runs_every_stage_and_writes_json_and_markdown(tmp_path):
     # our rows ran the fused kernel (the interpreter standing in for CUDA), as on the GPU
     assert figures["step_512"]["ours_rtd"]["attention_fused"] is True
     assert figures["step_512"]["ours_mlm"]["attention_fused"] is True
-    assert figures["step_2048"]["ours_mlm"]["status"] == "ok"
-    assert figures["step_2048"]["ours_mlm"]["attention_fused"] is True
+    long_rows = figures["step_long"]
+    assert list(long_rows) == LONG_ROWS
+    for key in LONG_ROWS[:4]:
+        assert long_rows[key]["status"] == "ok" and long_rows[key]["tokens_per_s"] > 0, key
+        assert long_rows[key]["batch_size"] == 1 and long_rows[key]["peak_mem_gib"] is None, key  # (no CUDA)
+    assert long_rows["ours_mlm@16"]["attention_fused"] is True and long_rows["ours_mlm@24"]["attention_fused"] is True
+    assert long_rows["ours_mlm@24"]["vs_baseline"] > 0  # against hf_mlm_compiled at the same length
+    assert all(long_rows[key]["status"].startswith("skipped") for key in LONG_ROWS[4:])
     assert not list(out.glob("*.tmp"))
 
     table = (out / "gpu_check.md").read_text().splitlines()
@@ -123,7 +134,7 @@ def test_an_untimed_gpu_check_is_refused(tmp_path):
 def test_report_marks_failed_timed_out_and_missing_stages(tmp_path):
     """The report's verdicts come from the exit codes and the stages' own outputs, not from their presence."""
     (tmp_path / "gpu_check_stages.tsv").write_text(
-        "environment\t0\t1\t15\nself_check\t1\t3\t60\nkernel_tests\t124\t150\t150\nstep_2048\tskipped\t0\t40\t"
+        "environment\t0\t1\t15\nself_check\t1\t3\t60\nkernel_tests\t124\t150\t150\nstep_long\tskipped\t0\t40\t"
         "only 50s of the 480s budget left\n")
     (tmp_path / "environment.json").write_text(json.dumps({"device_name": "NVIDIA H200", "torch": "2.11"}))
     plan = {"fused": False, "check": {"dtype": "bfloat16", "head_dim": 64, "passed": False, "tolerance_max_rel": 0.05,
@@ -138,7 +149,7 @@ def test_report_marks_failed_timed_out_and_missing_stages(tmp_path):
     assert stages["self_check"]["figures"]["bfloat16 d64"]["worst_max_rel"] == 0.9
     assert stages["kernel_tests"]["status"].startswith("timeout after 150 s")
     assert stages["attention_bench"]["status"] == "missing: the stage did not run"
-    assert stages["step_2048"]["status"] == "skipped: only 50s of the 480s budget left"
+    assert stages["step_long"]["status"] == "skipped: only 50s of the 480s budget left"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bench/gpu_check.sh uses GNU timeout")
@@ -153,7 +164,7 @@ def test_dry_run_under_the_triton_of_gpu_images(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     stages = {s["stage"]: s for s in json.loads((out / "gpu_check.json").read_text())["stages"]}
     assert stages["environment"]["figures"]["triton"] == GPU_IMAGE_TRITON
-    for name in ("environment", "self_check", "step_512", "kernel_tests", "attention_bench", "step_2048"):
+    for name in STAGES:
         assert stages[name]["status"] == "ok", (name, stages[name]["status"], (out / f"{name}.log").read_text()[-2000:])
     assert all(check["passed"] for check in stages["self_check"]["figures"].values())
     assert stages["step_512"]["figures"]["ours_rtd"]["attention_fused"] is True
@@ -201,3 +212,63 @@ def test_a_row_past_its_share_of_the_stage_says_so_and_the_next_row_runs(tmp_pat
     assert rows["ours_mlm"]["tokens_per_s"] is None
     assert rows["hf_mlm_eager"]["status"] == "ok" and rows["hf_mlm_eager"]["tokens_per_s"] > 0
     assert "rows not ok: ours_mlm (timeout:" in done.stderr
+
+
+def _long_stage_report(tmp_path: Path, hf_4096_status: str, ours_4096_status: str = "ok") -> dict:
+    """The report of a step_long stage whose rows are as given (what gpu_step_bench.py writes on a GPU)."""
+    def row(name, seq, batch, status, speed, peak):
+        ok = status == "ok"
+        return {"contestant": name, "seq_len": seq, "batch_size": batch, "status": status,
+                "tokens_per_s": speed if ok else None, "mfu": 0.3 if ok else None, "peak_mem_gib": peak,
+                "vs_baseline": None}
+
+    tmp_path.mkdir()
+    rows = [row("ours_mlm", 2048, 8, "ok", 9e4, 20.5), row("ours_mlm", 4096, 4, ours_4096_status, 8e4, 21.0),
+            row("hf_mlm_compiled", 2048, 8, "ok", 3e4, 61.0), row("hf_mlm_compiled", 4096, 4, hf_4096_status, 2e4, 77.9),
+            row("hf_mlm_disentangled_flash", 2048, 8, "skipped: not installed", None, None)]
+    (tmp_path / "step_long.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "gpu_check_stages.tsv").write_text(f"step_long\t{0 if ours_4096_status == 'ok' else 1}\t200\t240\n")
+    subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "report", "--out", str(tmp_path),
+                    "--total-seconds", "470", "--budget", "480"], capture_output=True, text=True, timeout=60)
+    return {s["stage"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())["stages"]}["step_long"]
+
+
+def test_a_baseline_out_of_memory_at_4096_is_a_result_and_ours_is_a_failure(tmp_path):
+    """HF's 4096-token row may not fit the card: it reports `oom: <message>` and the peak it reached, and the stage
+    stays ok; the same of a row of ours fails the stage. gpu_step_bench.py's exit code follows the same rule."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_step_bench
+
+    message = ("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+               "1.2 GiB is free.")
+    status = gpu_step_bench.failure_status(torch.cuda.OutOfMemoryError(message))
+    assert status == "oom: " + message
+    wrapped = RuntimeError("backend='inductor' raised:\nRuntimeError: " + message)  # a compiler's wrapping
+    assert gpu_step_bench.failure_status(wrapped) == "oom: RuntimeError: " + message
+    assert gpu_step_bench.failure_status(ValueError("bad shape\nmore")) == "error: ValueError: bad shape"
+    assert not gpu_step_bench.row_failed({"contestant": "hf_mlm_compiled", "status": status})
+    assert gpu_step_bench.row_failed({"contestant": "ours_mlm", "status": status})
+    assert gpu_step_bench.row_failed({"contestant": "hf_mlm_compiled", "status": "error: ValueError: x"})
+
+    stage = _long_stage_report(tmp_path / "hf", status)
+    assert stage["status"] == "ok"
+    assert list(stage["figures"]) == ["ours_mlm@2048", "ours_mlm@4096", "hf_mlm_compiled@2048",
+                                      "hf_mlm_compiled@4096", "hf_mlm_disentangled_flash@2048"]
+    assert stage["figures"]["hf_mlm_compiled@4096"] == {"status": status, "tokens_per_s": None, "mfu": None,
+                                                        "vs_baseline": None, "peak_mem_gib": 77.9, "batch_size": 4}
+    stage = _long_stage_report(tmp_path / "ours", status, ours_4096_status=status)
+    assert stage["status"] == "failed (exit 1): rows not ok: ours_mlm@4096"
+
+
+def test_rows_run_in_the_order_given(tmp_path):
+    """--rows: the long-context stage's plan, ours at both lengths before any baseline."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_step_bench
+
+    args = gpu_step_bench.parse_args(["--device", "cpu", "--tiny", "--rows", "ours_mlm:2048x8", "ours_mlm:4096x4",
+                                      "hf_mlm_compiled:2048x8", "--out", str(tmp_path / "x.json")])
+    assert args.plan == [(2048, 8, "ours_mlm"), (4096, 4, "ours_mlm"), (2048, 8, "hf_mlm_compiled")]
+    assert args.seq_lens == [2048, 4096] and args.batch_sizes == [8, 4]
+    for bad in (["--rows", "ours_mlm:4096"], ["--rows", "ours:4096x4"], ["--rows", "ours_mlm:16x1", "--seq-lens", "16"]):
+        with pytest.raises(SystemExit):
+            gpu_step_bench.parse_args(bad)

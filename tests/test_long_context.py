@@ -1,5 +1,6 @@
 """Long context (2048 tokens): parity with transformers, the HF round trip, the fused kernel, training on CPU, and
-continuing a 512-token checkpoint at 2048 (``pretrain.model.context_extension``).
+continuing a 512-token checkpoint at 2048 (``pretrain.model.context_extension``; for v3, its discriminator and its
+generator together).
 
 Models are narrow (hidden 16) so a 2048-token forward pass costs little; the position settings are the real ones
 (256 log buckets, bucketing range following max_position_embeddings or pinned at 512, and the unbucketed table).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -316,3 +318,59 @@ def test_v3_discriminator_extended_with_its_buckets_kept_computes_what_transform
         ours = discriminator(tokens, mask, word_embedding_weight=objective.discriminator_tables()["word_embeddings"])
         theirs = released(input_ids=tokens, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(ours.last_hidden_state, theirs, atol=1e-5, rtol=0)
+
+
+def test_rtd_continued_from_512_discriminator_and_generator_at_2048(shards, shards_2048, tmp_path):
+    """A v3 (RTD) run at 512 positions exported its discriminator and generator (the generator with its EMD position
+    table); both continue on 2048-token shards (``model.init_from`` + ``model.init_generator_from``). The generator
+    is extended by the discriminator's rule from its own tables (relative rows mapped by distance, EMD rows tiled),
+    trains at 2048, and its export loads in transformers covering 2048 positions and computes what ours computes."""
+    from data_prep.reader import ShardedDataset
+
+    train(run_config(shards, tmp_path / "ckpt", 0, "objective=rtd", "model.max_position_embeddings=512"))
+    disc_dir, gen_dir = tmp_path / "ckpt" / "hf", tmp_path / "ckpt" / "hf_generator"
+    old = {name: hf.from_pretrained(path, head=head).state_dict()
+           for name, path, head in (("hf", disc_dir, "rtd"), ("hf_generator", gen_dir, "mlm"))}
+    rel, emd = "deberta.encoder.rel_embeddings.weight", "deberta.embeddings.position_embeddings.weight"
+    assert not torch.equal(old["hf"][rel], old["hf_generator"][rel]), "the generator has its own relative table"
+    assert old["hf_generator"][emd].shape[0] == 512 and emd not in old["hf"]
+
+    continued = (f"model.init_from={disc_dir}", f"model.init_generator_from={gen_dir}",
+                 f"model.max_position_embeddings={L}", "objective=rtd")
+    train(run_config(shards_2048, tmp_path / "start", 0, *continued))
+    old_config = hf.load_config(disc_dir)
+    assert hf.load_config(gen_dir).max_position_embeddings == old_config.max_position_embeddings == 512
+    starts = {}
+    for name in ("hf", "hf_generator"):
+        new_config = hf.load_config(tmp_path / "start" / name)
+        assert (new_config.max_position_embeddings, new_config.bucket_max_position) == (L, L), name
+        started = starts[name] = hf.from_pretrained(tmp_path / "start" / name,
+                                                    head="rtd" if name == "hf" else "mlm").state_dict()
+        expected = context_extension.extend_state(old[name], hf.load_config(tmp_path / "ckpt" / name), new_config)
+        assert set(started) == set(expected), name
+        for key in expected:
+            assert torch.equal(started[key], expected[key]), f"{name}: {key}"
+        # the same distance mapping for both tables; the generator's EMD rows tiled from its own 512
+        rows = context_extension.source_rows(old_config, new_config)
+        assert torch.equal(started[rel], old[name][rel][rows]), name
+    tiled = starts["hf_generator"][emd]
+    assert tiled.shape[0] == L and all(torch.equal(tiled[i * 512:(i + 1) * 512], old["hf_generator"][emd])
+                                       for i in range(L // 512))
+
+    run = tmp_path / "run"
+    train(run_config(shards_2048, run, 2, *continued))
+    with open(run / "metrics.csv", newline="") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("train/mlm_loss")]
+    assert len(logged) == 2 and all(math.isfinite(float(r["train/mlm_loss"])) and
+                                    math.isfinite(float(r["train/rtd_loss"])) for r in logged), logged
+    trained = hf.from_pretrained(run / "hf_generator", head="mlm").eval()
+    assert not torch.equal(trained.state_dict()[rel], starts["hf_generator"][rel]), "the generator trained"
+    reference = transformers.DebertaV2ForMaskedLM.from_pretrained(run / "hf_generator").eval()
+    assert reference.config.max_position_embeddings == L
+    tokens = torch.from_numpy(ShardedDataset(shards_2048)[0]["input_ids"])[None].long()
+    assert tokens.shape == (1, L)
+    mask = torch.ones_like(tokens)
+    with torch.no_grad():
+        theirs = reference(input_ids=tokens, attention_mask=mask).logits
+        ours = trained(tokens, mask).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

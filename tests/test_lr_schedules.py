@@ -1,6 +1,7 @@
 """LR schedules (linear, cosine, warmup-stable-decay) follow their formulas at every step of a real run, a WSD resume
 in its stable phase moves the decay, and a cool-down from a stable-phase checkpoint equals, bitwise on CPU, a run
-that planned its decay at that step, without touching the source run."""
+that planned its decay at that step, without touching the source run; from a DeepSpeed (ZeRO-2) checkpoint directory
+too."""
 
 from __future__ import annotations
 
@@ -216,3 +217,64 @@ def test_cooldown_equals_a_run_that_decayed_there(shards, wsd_source, tmp_path):
     cfg = prepare(source, cooled, 3, [])
     assert cfg.trainer.max_steps == 6 and cfg.output_dir == str(cooled)
     assert (cooled / "checkpoints" / "step-00000003.ckpt").stat().st_mtime_ns == copy_time
+
+
+def _cli(runner: str, *argv: str) -> subprocess.CompletedProcess:
+    """``python -m RUNNER ARGV`` as a user runs it (DeepSpeed initialises torch.distributed: its own process)."""
+    result = subprocess.run([sys.executable, "-m", runner, *argv], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _tensors(value, path: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor inside a loaded DeepSpeed file, by its path of keys."""
+    if isinstance(value, torch.Tensor):
+        return {path: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return {k: t for key, item in items for k, t in _tensors(item, f"{path}/{key}").items()}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_cooldown_from_a_deepspeed_checkpoint_equals_a_deepspeed_run_that_decayed_there(shards, tmp_path):
+    """ZeRO-2 on one CPU rank: the source saves its step-3 checkpoint directory, the cool-down resumes a copy of it
+    and decays over 3 steps; a ZeRO-2 run planned to decay at step 3 reaches the same weights, fp32 master
+    partition and Adam moments, bit for bit (one rank, fp32, DeepSpeed's CPU ops: the same sums in the same
+    order), and logs the same losses and LRs at every step."""
+    from pretrain.checkpointing import safe_load
+
+    zero = ["strategy=deepspeed_zero2", "trainer.accelerator=cpu", "trainer.devices=1", "checkpoint_every_n_steps=3"]
+    source_run = tmp_path / "source"
+    _cli("pretrain", *args(shards, source_run, 6, "optim.schedule=wsd", "optim.decay_steps=2", "keep_checkpoints=-1",
+                           *zero))
+    source = source_run / "checkpoints" / "step-00000003.ckpt"
+    assert (source / "checkpoint").is_dir(), "a DeepSpeed checkpoint is a directory"
+    before = _tree_digest(source_run)
+    cooled = tmp_path / "cooled"
+    result = _cli("pretrain.cooldown", str(source), "--out", str(cooled), "--decay-steps", "3")
+    assert f"resuming from {cooled / 'checkpoints' / 'step-00000003.ckpt'} (step 3)" in result.stdout
+    assert "the stable phase now ends at step 3, then the LR decays with the 1-sqrt shape" in result.stdout
+    assert _tree_digest(source_run) == before  # the source run is only read
+    assert _tree_digest(cooled / "checkpoints" / "step-00000003.ckpt") == _tree_digest(source)
+
+    reference = tmp_path / "reference"
+    _cli("pretrain", *args(shards, reference, 6, "optim.schedule=wsd", "optim.decay_steps=3", *zero))
+    for name, key in (("mp_rank_00_model_states.pt", "module"),
+                      ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "optimizer_state_dict")):
+        ours, theirs = (_tensors(safe_load.load(run_dir / "checkpoints" / "last.ckpt" / "checkpoint" / name,
+                                                deepspeed=True)[key]) for run_dir in (cooled, reference))
+        assert ours.keys() == theirs.keys() and len(ours) > 5, name
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), \
+            [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+    optimizer = _tensors(safe_load.load(reference / "checkpoints" / "last.ckpt" / "checkpoint" /
+                                        "zero_pp_rank_0_mp_rank_00_optim_states.pt", deepspeed=True))
+    assert sum(bool(t.abs().sum() > 0) for k, t in optimizer.items() if "exp_avg" in k) >= 2, \
+        "the Adam moments compared are those of a trained run"
+
+    def compared(row: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in row.items() if k.startswith(("train/", "lr-"))}
+
+    ours_rows, their_rows = rows(cooled), rows(reference)
+    assert sorted(ours_rows) == sorted(their_rows) == list(range(1, 7))
+    assert all(compared(ours_rows[s]) == compared(their_rows[s]) for s in range(1, 7))
+    assert lrs(cooled) == pytest.approx([LR * expected_multiplier("wsd", s, 6, 3) for s in range(6)], rel=1e-12)
