@@ -8,7 +8,6 @@ settings are checked before Hydra creates the run directory, so a command that c
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
@@ -16,13 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-
-def _fail(message: str) -> None:
-    if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the original message only
-        last = [line for line in message.splitlines() if line.strip()][-1]
-        message = last.split(": ", 1)[1] if last.startswith(("data_prep.", "pretrain.")) else last
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+from data_prep.cli_errors import fail
 
 
 def main() -> None:
@@ -44,7 +37,7 @@ def _check_before_hydra(arguments: list[str]) -> None:
     try:
         checked = check_overrides(arguments)
     except OverrideError as err:
-        _fail(str(err))
+        fail(str(err))
     sys.argv[1:] = checked.overrides
     if checked.config is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return
@@ -62,16 +55,14 @@ def _check_before_hydra(arguments: list[str]) -> None:
                 lock.__enter__()
                 _EARLY_LOCKS.append(lock)
         except RunLockedError as err:
-            _fail(str(err))
-    from data_prep.errors import DataPrepError
-    from pretrain.hf import CheckpointError
-    from pretrain.model import ConfigError
-    from pretrain.settings import SettingsError, settings_from_config
+            fail(str(err))
+    from pretrain.run.command import user_errors
+    from pretrain.settings import settings_from_config
 
     try:
         settings_from_config(checked.config, warn=False)  # (its warnings come once, in the run's log)
-    except (SettingsError, DataPrepError, CheckpointError, ConfigError) as err:
-        _fail(str(err))
+    except user_errors() as err:
+        fail(str(err))
     except OmegaConfBaseException:
         return  # e.g. a ${hydra:...} interpolation, resolved only in Hydra's run: train() checks it there
 
@@ -80,44 +71,10 @@ def _check_before_hydra(arguments: list[str]) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     # matplotlib (imported by the training stack) announces building its font cache once per machine, at INFO
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    from pretrain.run.interrupt import TrainingInterrupted, resume_command
-    from pretrain.train import train  # heavy imports after Hydra has parsed the command line
+    from pretrain.run.command import run_training
+    from pretrain.run.interrupt import resume_command
 
-    try:
-        _run(train, cfg)
-    except TrainingInterrupted as stop:  # Ctrl-C / SIGTERM: checkpoint saved; one line on how to go on
-        if stop.announce:
-            print(f"{stop}; resume with: {resume_command()}", file=sys.stderr, flush=True)
-        sys.exit(stop.exit_status)
-    except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, export), or pressed twice
-        print(f"SIGINT: stopped without saving; the newest checkpoint (if any) resumes with: {resume_command()}",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
-
-
-def _run(train, cfg: DictConfig) -> None:
-    from data_prep.errors import DataPrepError
-    from pretrain.hf import CheckpointError
-    from pretrain.model import ConfigError
-    from pretrain.run.lock import RunLockedError
-    from pretrain.settings import SettingsError  # (not at the top: the run lock is tried before torch is imported)
-
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        train(cfg)
-        return
-    try:
-        train(cfg)
-    except (SettingsError, DataPrepError, CheckpointError, ConfigError, RunLockedError) as err:
-        # bad input (config, shards, checkpoint directories): one message naming what to fix, no traceback
-        _fail(str(err))
-    except FloatingPointError as err:  # raised before any checkpoint holds the diverged weights
-        _fail(str(err))
-    except OSError as err:
-        where = err.filename or cfg.get("output_dir")
-        hint = ("free space there, then re-run the same command: it resumes from the newest complete checkpoint"
-                if err.errno in (errno.ENOSPC, errno.EDQUOT) else
-                "check the path and its permissions, then re-run the same command to resume")
-        _fail(f"{where}: {err.strerror or err}; {hint}")
+    run_training(cfg, resume_command())
 
 
 if __name__ == "__main__":

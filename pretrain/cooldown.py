@@ -313,40 +313,24 @@ def main(argv: list[str] | None = None) -> None:
                         "python -m pretrain command line (data.num_workers=4, optim.decay_shape=linear)")
     args = parser.parse_intermixed_args(argv)  # key=value settings before, between or after the options
 
-    from data_prep.errors import DataPrepError
-    from pretrain.__main__ import _fail, _run
-    from pretrain.hf import CheckpointError
-    from pretrain.model import ConfigError
-    from pretrain.run.interrupt import TrainingInterrupted, resume_command
-    from pretrain.run.lock import RunLockedError, launching_process
-    from pretrain.settings import SettingsError
+    from data_prep.cli_errors import one_line_errors
+    from pretrain.run.command import run_training, user_errors
+    from pretrain.run.interrupt import resume_command
+    from pretrain.run.lock import launching_process
 
     _configure_logging(args.out)
     fresh = not args.out.exists()
-    try:
+    with one_line_errors(CooldownError, *user_errors(), where=args.out,
+                         hint="free space or fix the path, then re-run the command") as outcome:
         cfg = prepare(args.source, args.out, args.decay_steps, args.overrides)
-    except (CooldownError, SettingsError, DataPrepError, CheckpointError, ConfigError, RunLockedError) as err:
-        _fail(str(err))
-    except OSError as err:
-        _fail(f"{err.filename or args.out}: {err.strerror or err}; free space or fix the path, then re-run the "
-              "command")
-    from pretrain.train import train
-
+    outcome.exit_on_error()
     again = resume_command(["python -m pretrain.cooldown", *(sys.argv[1:] if argv is None else argv)])
     try:
-        _run(train, cfg)
+        run_training(cfg, again)
     except SystemExit as stop:  # one error line printed: a cool-down refused before its first step leaves nothing
         if stop.code == 2 and fresh and launching_process() and not (args.out / "config.yaml").exists():
             shutil.rmtree(args.out, ignore_errors=True)
         raise
-    except TrainingInterrupted as stop:
-        if stop.announce:
-            print(f"{stop}; resume with: {again}", file=sys.stderr, flush=True)
-        sys.exit(stop.exit_status)
-    except KeyboardInterrupt:
-        print(f"SIGINT: stopped without saving; the newest checkpoint (if any) resumes with: {again}",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":
