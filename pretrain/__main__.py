@@ -13,7 +13,7 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data_prep.cli_errors import fail
 
@@ -24,6 +24,7 @@ def main() -> None:
 
 
 _EARLY_LOCKS: list = []  # run locks taken before Hydra (held until the process ends; Hydra's and train's nest in)
+_CHECKED: dict = {}  # the settings checked before Hydra, and the config they came from (see _checked_settings)
 
 
 def _check_before_hydra(arguments: list[str]) -> None:
@@ -60,11 +61,36 @@ def _check_before_hydra(arguments: list[str]) -> None:
     from pretrain.settings import settings_from_config
 
     try:
-        settings_from_config(checked.config, warn=False)  # (its warnings come once, in the run's log)
+        composed = OmegaConf.to_container(checked.config, resolve=True)
+    except OmegaConfBaseException:
+        composed = None  # e.g. a ${hydra:...} interpolation, resolved only in Hydra's run
+    try:
+        settings = settings_from_config(checked.config, warn=False)  # (its warnings come once, in the run's log)
     except user_errors() as err:
         fail(str(err))
     except OmegaConfBaseException:
-        return  # e.g. a ${hydra:...} interpolation, resolved only in Hydra's run: train() checks it there
+        return  # (as above) train() checks the settings there
+    if composed is not None:
+        _CHECKED.update(composed=composed, settings=settings, vocab_size=checked.config.model.get("vocab_size"))
+
+
+def _checked_settings(cfg: DictConfig):
+    """The settings checked before Hydra, when Hydra composed the same config (every value resolved alike), so the
+    run does not check them again (the check reads every shard set's manifest and an init_from checkpoint's
+    config.json); else None, and train() checks ``cfg`` itself. A ``model.vocab_size`` the check took from the
+    shards is written into ``cfg`` as the check does, so the run record holds the number used."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not _CHECKED:
+        return None
+    try:
+        if OmegaConf.to_container(cfg, resolve=True) != _CHECKED["composed"]:
+            return None
+    except OmegaConfBaseException:
+        return None
+    if cfg.model.get("vocab_size") is None and _CHECKED["vocab_size"] is not None:
+        OmegaConf.update(cfg, "model.vocab_size", _CHECKED["vocab_size"], force_add=True)
+    return _CHECKED["settings"]
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -74,7 +100,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from pretrain.run.command import run_training
     from pretrain.run.interrupt import resume_command
 
-    run_training(cfg, resume_command())
+    run_training(cfg, resume_command(), _checked_settings(cfg))
 
 
 if __name__ == "__main__":

@@ -243,9 +243,10 @@ def _configure_logging(out: Path) -> None:
     warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
 
-def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> DictConfig:
+def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> tuple[DictConfig, Any]:
     """Check everything, then (launching process) make ``out`` a run that resumes from the source checkpoint; or,
-    when ``out`` holds this cool-down already, the config that resumes it. Nothing is written when a check fails."""
+    when ``out`` holds this cool-down already, the config that resumes it. Nothing is written when a check fails.
+    Returns the config and its checked settings (``train`` takes both: the settings are checked once)."""
     from pretrain.checkpointing.find import read_metadata
     from pretrain.run.lock import RunLock, checkpoint_folder_lock, launching_process
     from pretrain.settings import settings_from_config
@@ -265,18 +266,18 @@ def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> 
         step = int(held["step"])
         record_dir = out if (out / "config.yaml").is_file() else Path(held["source_run"])
         cfg = cooldown_config(record_dir, out, step, decay_steps, overrides)
-        settings_from_config(cfg, warn=False)
+        settings = settings_from_config(cfg, warn=False)
         log.info("resuming the cool-down in %s (from step %d of %s)", out, step, held["source_checkpoint"])
-        return cfg
+        return cfg, settings
     checkpoint, run_dir = find_source(source)
     metadata = read_metadata(checkpoint)
     step = int(metadata["global_step"])
     check_stable(checkpoint, step, source_schedule(metadata))
     cfg = cooldown_config(run_dir, out, step, decay_steps, overrides)
-    settings_from_config(cfg, warn=False)  # a bad override: one line, before anything is written
+    settings = settings_from_config(cfg, warn=False)  # a bad override: one line, before anything is written
     if not launching_process():  # another rank of the cool-down: the launching process prepares `out`
         _wait_for_preparation(out, step)
-        return cfg
+        return cfg, settings
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out), checkpoint_folder_lock(out):
         from data_prep.atomic_io import write_text_atomic
@@ -287,7 +288,7 @@ def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> 
         copy_checkpoint(checkpoint, out / "checkpoints" / f"step-{step:08d}.ckpt")  # last: NEW can now resume
     log.info("cool-down of %s from step %d: %d decay steps to step %d, in %s", checkpoint, step, decay_steps,
              step + decay_steps, out)
-    return cfg
+    return cfg, settings
 
 
 def _wait_for_preparation(out: Path, step: int, timeout_s: float = 1800.0) -> None:
@@ -322,11 +323,11 @@ def main(argv: list[str] | None = None) -> None:
     fresh = not args.out.exists()
     with one_line_errors(CooldownError, *user_errors(), where=args.out,
                          hint="free space or fix the path, then re-run the command") as outcome:
-        cfg = prepare(args.source, args.out, args.decay_steps, args.overrides)
+        cfg, settings = prepare(args.source, args.out, args.decay_steps, args.overrides)
     outcome.exit_on_error()
     again = resume_command(["python -m pretrain.cooldown", *(sys.argv[1:] if argv is None else argv)])
     try:
-        run_training(cfg, again)
+        run_training(cfg, again, settings)
     except SystemExit as stop:  # one error line printed: a cool-down refused before its first step leaves nothing
         if stop.code == 2 and fresh and launching_process() and not (args.out / "config.yaml").exists():
             shutil.rmtree(args.out, ignore_errors=True)

@@ -37,16 +37,22 @@ from pretrain.run.lock import RunLock, checkpoint_folder_lock
 from pretrain.run.loggers import RunRecordWriter, LoggedSteps, build_loggers
 from pretrain.run.perf import training_flops_per_token
 from pretrain.run.sanity import sanity_warnings
-from pretrain.settings import Settings, SettingsError, settings_from_config
+from pretrain.settings import Settings, SettingsError, log_warnings, settings_from_config
 from pretrain.strategies import build_strategy, expose_outputs_to_zero3, full_parameters, is_deepspeed, zero_stage
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def train(cfg: DictConfig, settings: Settings | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train under the output_dir's run lock (one run per output_dir, and per checkpoint folder when
-    ``checkpoints/`` is a link elsewhere; see ``pretrain.run.lock``)."""
-    settings = settings_from_config(cfg)
+    ``checkpoints/`` is a link elsewhere; see ``pretrain.run.lock``). ``settings``: those a command line has
+    already checked from ``cfg`` with ``settings_from_config(cfg, warn=False)`` (the check reads the shards'
+    manifests and an init_from checkpoint's config.json: once per launch is enough); their warnings are logged
+    here, in the run's log."""
+    if settings is None:
+        settings = settings_from_config(cfg)
+    else:
+        log_warnings(settings)
     with RunLock(settings.run.output_dir), checkpoint_folder_lock(settings.run.output_dir):
         return _train(cfg, settings)
 

@@ -28,22 +28,22 @@ def user_errors() -> tuple[type[Exception], ...]:
     return SettingsError, DataPrepError, CheckpointError, ConfigError, RunLockedError
 
 
-def run_training(cfg: DictConfig, resume_with: str) -> None:
-    """``train(cfg)``; every way it can stop short ends
+def run_training(cfg: DictConfig, resume_with: str, settings=None) -> None:
+    """``train(cfg, settings)`` (``settings``: already checked from ``cfg``, or None); every way it can stop short ends
     the process with one line and its status. ``resume_with``: the command line that resumes this run."""
     from pretrain.run.interrupt import TrainingInterrupted
     from pretrain.train import train
 
     try:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            train(cfg)
+            train(cfg, settings)
             return
         # FloatingPointError: a diverged loss, raised before any checkpoint holds the diverged weights
         with one_line_errors(*user_errors(), FloatingPointError, where=cfg.get("output_dir"),
                              hint="check the path and its permissions, then re-run the same command to resume",
                              disk_full_hint="free space there, then re-run the same command: it resumes from the "
                                             "newest complete checkpoint") as outcome:
-            train(cfg)
+            train(cfg, settings)
         outcome.exit_on_error()
     except TrainingInterrupted as stop:  # Ctrl-C / SIGTERM: checkpoint saved; one line on how to go on
         if stop.announce:
