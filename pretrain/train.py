@@ -187,7 +187,17 @@ def build_trainer(settings: Settings, objective: PretrainingObjective, output_di
             log.info("global batch %d sequences = data.batch_size %d x %d rank(s) x accumulate_grad_batches %d",
                      settings.data.global_batch_size, settings.data.batch_size, trainer.world_size,
                      trainer.accumulate_grad_batches)
+    validate_every_n_steps(trainer, trainer_args.get("val_check_interval"))
     return trainer
+
+
+def validate_every_n_steps(trainer: L.Trainer, interval: Any) -> None:
+    """``trainer.val_check_interval=N`` (an int) means every N optimizer steps, as every other step setting does;
+    Lightning counts it in micro-batches, so with gradient accumulation a validation would land inside an
+    accumulation window (and be numbered with a step not yet completed). Set after the accumulation is known
+    (``data.global_batch_size`` derives it), before fit reads it."""
+    if isinstance(interval, int) and not isinstance(interval, bool) and trainer.accumulate_grad_batches > 1:
+        trainer.val_check_interval = interval * trainer.accumulate_grad_batches
 
 
 def global_batch(settings: Settings, trainer: L.Trainer) -> int:

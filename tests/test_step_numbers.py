@@ -98,6 +98,19 @@ def test_extension_after_a_validation_on_the_last_step_numbers_every_output_alik
     assert report.columns["train/loss"][0] == [2, 3, 4, 6, 8, 9]
 
 
+@pytest.mark.parametrize("accumulation", ["trainer.accumulate_grad_batches=2", "data.global_batch_size=8"])
+def test_validation_with_gradient_accumulation_lands_on_completed_steps(split_shards, tmp_path, accumulation):
+    """trainer.val_check_interval=3 means every 3 optimizer steps also with 2 micro-batches a step (set, or derived
+    from data.global_batch_size 8 / data.batch_size 4): validations after steps 3 and 6, numbered so. Lightning
+    counts the interval in micro-batches: it validated inside steps 2 and 5, numbered 2 and 5."""
+    train_dir, val_dir = split_shards
+    run_dir = tmp_path / "run"
+    run([*args(train_dir, val_dir, run_dir, 6), accumulation])
+    _, rows = read_rows(str(run_dir / "metrics.csv"))
+    assert list(column(rows, "val/loss")) == [3, 6]
+    assert list(column(rows, "train/loss")) == [2, 4, 6]
+
+
 OLD_FORMAT = """epoch,lr-AdamW/pg1,step,train/loss,val/loss
 0,0.001,0,7.0,
 0,0.002,1,6.9,
