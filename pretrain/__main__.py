@@ -31,6 +31,7 @@ def _check_before_hydra(arguments: list[str]) -> None:
     """Check the overrides, then the settings, before Hydra composes and creates output_dir with its record in it:
     a misspelt key or an invalid setting ends with one error line and no run directory, and a failed launch on an
     existing run leaves that run's .hydra/ record as it was."""
+    _CHECKED.clear()  # (a second launch in one process checks its own settings)
     if any(argument.startswith("-") for argument in arguments):
         return  # --help, --cfg, --multirun, --config-name...: Hydra's own paths
     from pretrain.overrides import OverrideError, check_overrides
