@@ -8,10 +8,10 @@ dependency of one stage does not break the others.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import sys
 
+from data_prep.cli_errors import one_line_errors
 from data_prep.errors import DataPrepError
 
 # subcommand -> (module, one-line help)
@@ -42,17 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(only=command).parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
-    except DataPrepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a full disk, a quota, a permission: what to do, no traceback
-        where = f"{err.filename}: " if err.filename else ""
-        hint = ("free space there (or choose another --out), then re-run the same command: finished shards are kept "
-                "and it resumes" if err.errno in (errno.ENOSPC, errno.EDQUOT) else
-                "check the path and its permissions, then re-run the same command")
-        print(f"error: {where}{err.strerror or err}; {hint}", file=sys.stderr)
-        return 2
+        with one_line_errors(DataPrepError, hint="check the path and its permissions, then re-run the same command",
+                             disk_full_hint="free space there (or choose another --out), then re-run the same "
+                                            "command: finished shards are kept and it resumes") as outcome:
+            return int(module.run(args) or 0)
+        return outcome.status
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; re-run the same command to resume", file=sys.stderr)
         return 130

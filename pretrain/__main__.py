@@ -8,21 +8,14 @@ settings are checked before Hydra creates the run directory, so a command that c
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-
-def _fail(message: str) -> None:
-    if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the original message only
-        last = [line for line in message.splitlines() if line.strip()][-1]
-        message = last.split(": ", 1)[1] if last.startswith(("data_prep.", "pretrain.")) else last
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+from data_prep.cli_errors import fail
 
 
 def main() -> None:
@@ -31,12 +24,14 @@ def main() -> None:
 
 
 _EARLY_LOCKS: list = []  # run locks taken before Hydra (held until the process ends; Hydra's and train's nest in)
+_CHECKED: dict = {}  # the settings checked before Hydra, and the config they came from (see _checked_settings)
 
 
 def _check_before_hydra(arguments: list[str]) -> None:
     """Check the overrides, then the settings, before Hydra composes and creates output_dir with its record in it:
     a misspelt key or an invalid setting ends with one error line and no run directory, and a failed launch on an
     existing run leaves that run's .hydra/ record as it was."""
+    _CHECKED.clear()  # (a second launch in one process checks its own settings)
     if any(argument.startswith("-") for argument in arguments):
         return  # --help, --cfg, --multirun, --config-name...: Hydra's own paths
     from pretrain.overrides import OverrideError, check_overrides
@@ -44,7 +39,7 @@ def _check_before_hydra(arguments: list[str]) -> None:
     try:
         checked = check_overrides(arguments)
     except OverrideError as err:
-        _fail(str(err))
+        fail(str(err))
     sys.argv[1:] = checked.overrides
     if checked.config is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return
@@ -62,62 +57,51 @@ def _check_before_hydra(arguments: list[str]) -> None:
                 lock.__enter__()
                 _EARLY_LOCKS.append(lock)
         except RunLockedError as err:
-            _fail(str(err))
-    from data_prep.errors import DataPrepError
-    from pretrain.hf import CheckpointError
-    from pretrain.model import ConfigError
-    from pretrain.settings import SettingsError, settings_from_config
+            fail(str(err))
+    from pretrain.run.command import user_errors
+    from pretrain.settings import settings_from_config
 
     try:
-        settings_from_config(checked.config, warn=False)  # (its warnings come once, in the run's log)
-    except (SettingsError, DataPrepError, CheckpointError, ConfigError) as err:
-        _fail(str(err))
+        composed = OmegaConf.to_container(checked.config, resolve=True)
     except OmegaConfBaseException:
-        return  # e.g. a ${hydra:...} interpolation, resolved only in Hydra's run: train() checks it there
+        composed = None  # e.g. a ${hydra:...} interpolation, resolved only in Hydra's run
+    try:
+        settings = settings_from_config(checked.config, warn=False)  # (its warnings come once, in the run's log)
+    except user_errors() as err:
+        fail(str(err))
+    except OmegaConfBaseException:
+        return  # (as above) train() checks the settings there
+    if composed is not None:
+        _CHECKED.update(composed=composed, settings=settings, vocab_size=checked.config.model.get("vocab_size"))
+
+
+def _checked_settings(cfg: DictConfig):
+    """The settings checked before Hydra, when Hydra composed the same config (every value resolved alike), so the
+    run does not check them again (the check reads every shard set's manifest and an init_from checkpoint's
+    config.json); else None, and train() checks ``cfg`` itself. A ``model.vocab_size`` the check took from the
+    shards is written into ``cfg`` as the check does, so the run record holds the number used."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not _CHECKED:
+        return None
+    try:
+        if OmegaConf.to_container(cfg, resolve=True) != _CHECKED["composed"]:
+            return None
+    except OmegaConfBaseException:
+        return None
+    if cfg.model.get("vocab_size") is None and _CHECKED["vocab_size"] is not None:
+        OmegaConf.update(cfg, "model.vocab_size", _CHECKED["vocab_size"], force_add=True)
+    return _CHECKED["settings"]
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     # matplotlib (imported by the training stack) announces building its font cache once per machine, at INFO
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    from pretrain.run.interrupt import TrainingInterrupted, resume_command
-    from pretrain.train import train  # heavy imports after Hydra has parsed the command line
+    from pretrain.run.command import run_training
+    from pretrain.run.interrupt import resume_command
 
-    try:
-        _run(train, cfg)
-    except TrainingInterrupted as stop:  # Ctrl-C / SIGTERM: checkpoint saved; one line on how to go on
-        if stop.announce:
-            print(f"{stop}; resume with: {resume_command()}", file=sys.stderr, flush=True)
-        sys.exit(stop.exit_status)
-    except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, export), or pressed twice
-        print(f"SIGINT: stopped without saving; the newest checkpoint (if any) resumes with: {resume_command()}",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
-
-
-def _run(train, cfg: DictConfig) -> None:
-    from data_prep.errors import DataPrepError
-    from pretrain.hf import CheckpointError
-    from pretrain.model import ConfigError
-    from pretrain.run.lock import RunLockedError
-    from pretrain.settings import SettingsError  # (not at the top: the run lock is tried before torch is imported)
-
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        train(cfg)
-        return
-    try:
-        train(cfg)
-    except (SettingsError, DataPrepError, CheckpointError, ConfigError, RunLockedError) as err:
-        # bad input (config, shards, checkpoint directories): one message naming what to fix, no traceback
-        _fail(str(err))
-    except FloatingPointError as err:  # raised before any checkpoint holds the diverged weights
-        _fail(str(err))
-    except OSError as err:
-        where = err.filename or cfg.get("output_dir")
-        hint = ("free space there, then re-run the same command: it resumes from the newest complete checkpoint"
-                if err.errno in (errno.ENOSPC, errno.EDQUOT) else
-                "check the path and its permissions, then re-run the same command to resume")
-        _fail(f"{where}: {err.strerror or err}; {hint}")
+    run_training(cfg, resume_command(), _checked_settings(cfg))
 
 
 if __name__ == "__main__":

@@ -243,9 +243,10 @@ def _configure_logging(out: Path) -> None:
     warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
 
-def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> DictConfig:
+def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> tuple[DictConfig, Any]:
     """Check everything, then (launching process) make ``out`` a run that resumes from the source checkpoint; or,
-    when ``out`` holds this cool-down already, the config that resumes it. Nothing is written when a check fails."""
+    when ``out`` holds this cool-down already, the config that resumes it. Nothing is written when a check fails.
+    Returns the config and its checked settings (``train`` takes both: the settings are checked once)."""
     from pretrain.checkpointing.find import read_metadata
     from pretrain.run.lock import RunLock, checkpoint_folder_lock, launching_process
     from pretrain.settings import settings_from_config
@@ -265,18 +266,18 @@ def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> 
         step = int(held["step"])
         record_dir = out if (out / "config.yaml").is_file() else Path(held["source_run"])
         cfg = cooldown_config(record_dir, out, step, decay_steps, overrides)
-        settings_from_config(cfg, warn=False)
+        settings = settings_from_config(cfg, warn=False)
         log.info("resuming the cool-down in %s (from step %d of %s)", out, step, held["source_checkpoint"])
-        return cfg
+        return cfg, settings
     checkpoint, run_dir = find_source(source)
     metadata = read_metadata(checkpoint)
     step = int(metadata["global_step"])
     check_stable(checkpoint, step, source_schedule(metadata))
     cfg = cooldown_config(run_dir, out, step, decay_steps, overrides)
-    settings_from_config(cfg, warn=False)  # a bad override: one line, before anything is written
+    settings = settings_from_config(cfg, warn=False)  # a bad override: one line, before anything is written
     if not launching_process():  # another rank of the cool-down: the launching process prepares `out`
         _wait_for_preparation(out, step)
-        return cfg
+        return cfg, settings
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out), checkpoint_folder_lock(out):
         from data_prep.atomic_io import write_text_atomic
@@ -287,7 +288,7 @@ def prepare(source: Path, out: Path, decay_steps: int, overrides: list[str]) -> 
         copy_checkpoint(checkpoint, out / "checkpoints" / f"step-{step:08d}.ckpt")  # last: NEW can now resume
     log.info("cool-down of %s from step %d: %d decay steps to step %d, in %s", checkpoint, step, decay_steps,
              step + decay_steps, out)
-    return cfg
+    return cfg, settings
 
 
 def _wait_for_preparation(out: Path, step: int, timeout_s: float = 1800.0) -> None:
@@ -313,40 +314,24 @@ def main(argv: list[str] | None = None) -> None:
                         "python -m pretrain command line (data.num_workers=4, optim.decay_shape=linear)")
     args = parser.parse_intermixed_args(argv)  # key=value settings before, between or after the options
 
-    from data_prep.errors import DataPrepError
-    from pretrain.__main__ import _fail, _run
-    from pretrain.hf import CheckpointError
-    from pretrain.model import ConfigError
-    from pretrain.run.interrupt import TrainingInterrupted, resume_command
-    from pretrain.run.lock import RunLockedError, launching_process
-    from pretrain.settings import SettingsError
+    from data_prep.cli_errors import one_line_errors
+    from pretrain.run.command import run_training, user_errors
+    from pretrain.run.interrupt import resume_command
+    from pretrain.run.lock import launching_process
 
     _configure_logging(args.out)
     fresh = not args.out.exists()
-    try:
-        cfg = prepare(args.source, args.out, args.decay_steps, args.overrides)
-    except (CooldownError, SettingsError, DataPrepError, CheckpointError, ConfigError, RunLockedError) as err:
-        _fail(str(err))
-    except OSError as err:
-        _fail(f"{err.filename or args.out}: {err.strerror or err}; free space or fix the path, then re-run the "
-              "command")
-    from pretrain.train import train
-
+    with one_line_errors(CooldownError, *user_errors(), where=args.out,
+                         hint="free space or fix the path, then re-run the command") as outcome:
+        cfg, settings = prepare(args.source, args.out, args.decay_steps, args.overrides)
+    outcome.exit_on_error()
     again = resume_command(["python -m pretrain.cooldown", *(sys.argv[1:] if argv is None else argv)])
     try:
-        _run(train, cfg)
+        run_training(cfg, again, settings)
     except SystemExit as stop:  # one error line printed: a cool-down refused before its first step leaves nothing
         if stop.code == 2 and fresh and launching_process() and not (args.out / "config.yaml").exists():
             shutil.rmtree(args.out, ignore_errors=True)
         raise
-    except TrainingInterrupted as stop:
-        if stop.announce:
-            print(f"{stop}; resume with: {again}", file=sys.stderr, flush=True)
-        sys.exit(stop.exit_status)
-    except KeyboardInterrupt:
-        print(f"SIGINT: stopped without saving; the newest checkpoint (if any) resumes with: {again}",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

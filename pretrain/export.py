@@ -22,6 +22,7 @@ import torch
 
 from pretrain.checkpointing.find import (DEEPSPEED_TAG, CheckpointError, is_deepspeed_checkpoint, read_metadata,
                                   verify_checkpoint)
+from data_prep.cli_errors import one_line_errors
 from pretrain import hf
 from pretrain.model import DebertaConfig
 from pretrain.objectives.base import PretrainingObjective, SpecialTokens
@@ -124,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer directory to ship (default: the one recorded in the checkpoint)")
     args = parser.parse_args(argv)
-    try:
+    # an OSError: a full disk, a read-only or missing output directory
+    with one_line_errors(ExportError, RunLockedError, where=args.out,
+                         hint="free space or choose another OUT") as outcome:
         objective, tokenizer_dir = load_objective(args.checkpoint)
         tokenizer = args.tokenizer or tokenizer_dir
         if not tokenizer.is_dir():
@@ -137,14 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             info = {"step": step, "checkpoint": str(args.checkpoint.resolve())}
             for path in export_objective(objective, args.out, tokenizer, info):
                 print(f"wrote {path}")
-    except (ExportError, RunLockedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a full disk, a read-only or missing output directory
-        print(f"error: writing {args.out}: {err.strerror or err} ({err.filename or args.out}); free space or "
-              "choose another OUT", file=sys.stderr)
-        return 2
-    return 0
+    return outcome.status
 
 
 if __name__ == "__main__":

@@ -263,10 +263,12 @@ def extension_note(state: dict, warmup_steps: int, max_steps: int, on_extend: st
     wanted = _configured(old, max_steps, schedule, decay_steps, decay_shape)
     if old.plan() == wanted:
         return None
-    if old.schedule == "linear" == wanted[0]:
-        return _linear_note(old, completed, base, max_steps, on_extend, min_lr_ratio)
     new = copy.deepcopy(old)
     new.rebase(completed, max_steps, on_extend, wanted[0], wanted[2], wanted[3] or None)
+    if completed < max_steps <= new.warmup_steps:
+        return f"{_what_changed(old, wanted, completed)}: {_within_warmup(new, completed, base, max_steps)}"
+    if old.schedule == "linear" == wanted[0]:
+        return _linear_note(old, completed, base, max_steps, on_extend, min_lr_ratio)
     before, end, peak = base * old(completed - 1), base * new.min_ratio, base
     other = "constant" if on_extend == "stretch" else "stretch"
     curve = {"linear": "linearly", "cosine": "along a cosine",
@@ -288,6 +290,16 @@ def extension_note(state: dict, warmup_steps: int, max_steps: int, on_extend: st
                 f"{max_steps} (optim.on_extend={on_extend}; optim.on_extend={other} "
                 f"{'keeps it at ' + format(before, '.3g') if other == 'constant' else 'would stretch the decay'})")
     return f"{_what_changed(old, wanted, completed)}: {what}"
+
+
+def _within_warmup(schedule: WarmupDecay, completed: int, base: float, max_steps: int) -> str:
+    """What happens when the new end comes before warm-up is over (or as it ends): every remaining step still warms
+    up, so the LR only rises, whatever the schedule or ``optim.on_extend`` (both act after warm-up)."""
+    last = base * schedule(max_steps - 1)  # the LR of step max_steps, the last trained (the multiplier is 0-based)
+    cut = "cuts the warm-up short" if max_steps < schedule.warmup_steps else "comes as the warm-up ends"
+    return (f"the new end {cut} (optim.warmup_steps={schedule.warmup_steps}): the LR keeps rising linearly, from "
+            f"{base * schedule(completed):.3g} at step {completed + 1} to {last:.3g} at step {max_steps}, the last, "
+            "and never decays (optim.on_extend acts only after warm-up)")
 
 
 def _linear_note(schedule: WarmupDecay, completed: int, base: float, max_steps: int, on_extend: str,

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.atomic_io import write_bytes_atomic
+from data_prep.cli_errors import one_line_errors
 from pretrain.run.loggers import counts_from_one, read_rows
 
 METRICS_FILE = "metrics.csv"
@@ -237,12 +237,10 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"image to write (.png, .svg or .pdf); default RUN/{REPORT_FILE} for one run")
     parser.add_argument("--title", default=None, help="heading of the figure (default: the run's name)")
     args = parser.parse_args(argv)
-    try:
-        out = write_report(args.runs, args.out, args.title)
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(out)
+    with one_line_errors(ReportError, where=args.out, disk_full_hint="free space there or choose another --out, then "
+                                                                     "run the command again") as outcome:
+        print(write_report(args.runs, args.out, args.title))
+    outcome.exit_on_error()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from data_prep.cli_errors import one_line_errors
 from pretrain.checkpointing.find import CheckpointError
 from pretrain.checkpointing.reshard import ReshardError, convert, saved_world_size
 
@@ -27,20 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="processes extracting rank files (default: up to 4)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with one_line_errors(CheckpointError, where=args.checkpoint,
+                         hint="free space or check permissions, then run the command again") as outcome:
         if not args.checkpoint.exists():
             raise ReshardError(f"{args.checkpoint}: no such checkpoint directory")
         target = convert(args.checkpoint, workers=args.workers, wait=False)
         saved = saved_world_size(args.checkpoint)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.filename or args.checkpoint}: {err.strerror or err}; free space or check permissions, "
-              "then run the command again", file=sys.stderr)
-        return 2
-    print(f"wrote {target} (saved on {saved} ranks; resumes on any number)")
-    return 0
+        print(f"wrote {target} (saved on {saved} ranks; resumes on any number)")
+    return outcome.status
 
 
 if __name__ == "__main__":

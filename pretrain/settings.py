@@ -205,6 +205,14 @@ class Settings:
     """Keyword arguments of `lightning.Trainer`, passed through after validation."""
     init: InitSettings = field(default_factory=InitSettings)
     resume: ResumeSettings = field(default_factory=ResumeSettings)
+    warnings: list[str] = field(default_factory=list)
+    """What the check found worth saying but not wrong (logged by :func:`log_warnings`, once per run)."""
+
+
+def log_warnings(settings: Settings) -> None:
+    """Log the settings' warnings: for settings checked with ``warn=False`` (before the run's log existed)."""
+    for warning in settings.warnings:
+        log.warning(warning)
 
 
 def _section(cls, raw: Any, key: str, problems: list[str]):
@@ -484,4 +492,4 @@ def settings_from_config(cfg: DictConfig, warn: bool = True) -> Settings:
             raise SettingsError(f"invalid configuration: {problems[0]}")
         raise SettingsError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return Settings(model, objective, data, optim, run, logger, trainer=trainer, strategy=strategy, init=init,
-                    resume=resume)
+                    resume=resume, warnings=warnings)

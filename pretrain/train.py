@@ -37,16 +37,22 @@ from pretrain.run.lock import RunLock, checkpoint_folder_lock
 from pretrain.run.loggers import RunRecordWriter, LoggedSteps, build_loggers
 from pretrain.run.perf import training_flops_per_token
 from pretrain.run.sanity import sanity_warnings
-from pretrain.settings import Settings, SettingsError, settings_from_config
+from pretrain.settings import Settings, SettingsError, log_warnings, settings_from_config
 from pretrain.strategies import build_strategy, expose_outputs_to_zero3, full_parameters, is_deepspeed, zero_stage
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def train(cfg: DictConfig, settings: Settings | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train under the output_dir's run lock (one run per output_dir, and per checkpoint folder when
-    ``checkpoints/`` is a link elsewhere; see ``pretrain.run.lock``)."""
-    settings = settings_from_config(cfg)
+    ``checkpoints/`` is a link elsewhere; see ``pretrain.run.lock``). ``settings``: those a command line has
+    already checked from ``cfg`` with ``settings_from_config(cfg, warn=False)`` (the check reads the shards'
+    manifests and an init_from checkpoint's config.json: once per launch is enough); their warnings are logged
+    here, in the run's log."""
+    if settings is None:
+        settings = settings_from_config(cfg)
+    else:
+        log_warnings(settings)
     with RunLock(settings.run.output_dir), checkpoint_folder_lock(settings.run.output_dir):
         return _train(cfg, settings)
 
@@ -181,7 +187,17 @@ def build_trainer(settings: Settings, objective: PretrainingObjective, output_di
             log.info("global batch %d sequences = data.batch_size %d x %d rank(s) x accumulate_grad_batches %d",
                      settings.data.global_batch_size, settings.data.batch_size, trainer.world_size,
                      trainer.accumulate_grad_batches)
+    validate_every_n_steps(trainer, trainer_args.get("val_check_interval"))
     return trainer
+
+
+def validate_every_n_steps(trainer: L.Trainer, interval: Any) -> None:
+    """``trainer.val_check_interval=N`` (an int) means every N optimizer steps, as every other step setting does;
+    Lightning counts it in micro-batches, so with gradient accumulation a validation would land inside an
+    accumulation window (and be numbered with a step not yet completed). Set after the accumulation is known
+    (``data.global_batch_size`` derives it), before fit reads it."""
+    if isinstance(interval, int) and not isinstance(interval, bool) and trainer.accumulate_grad_batches > 1:
+        trainer.val_check_interval = interval * trainer.accumulate_grad_batches
 
 
 def global_batch(settings: Settings, trainer: L.Trainer) -> int:

@@ -89,3 +89,41 @@ def test_a_resumed_run_keeps_the_vocab_size_of_its_record(shards, tmp_path):
     (run / "config.yaml").write_text("model:\n  vocab_size: 4096\n")
     _, settings = _settings(shards, run)
     assert settings.model.vocab_size == 4096
+
+
+def test_one_launch_checks_its_settings_once(shards, tmp_path, monkeypatch):
+    """``python -m pretrain`` checks the settings before Hydra creates the run directory; the run takes that check's
+    result instead of checking again (a check reads every shard set's manifest and an init_from checkpoint's
+    config.json), and logs its warnings once, in the run's log."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    import pretrain.__main__ as entry
+    import pretrain.settings
+    import pretrain.train
+
+    checks, real = [], pretrain.settings.settings_from_config
+
+    def counted(cfg, warn=True):
+        checks.append(warn)
+        return real(cfg, warn)
+
+    for module in (pretrain.settings, pretrain.train):
+        monkeypatch.setattr(module, "settings_from_config", counted)
+    monkeypatch.setattr(entry, "_CHECKED", {})
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["pretrain", "+experiment=quickstart", "model=tiny", "objective=mlm",
+                                      f"data.path={shards}", f"output_dir={run}", "trainer.max_steps=1",
+                                      "data.num_workers=0", "model.max_position_embeddings=64",
+                                      "model.vocab_size=4096", "export_hf=false", "report=false"])
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        entry.main()  # Hydra's own run, in this process
+    finally:
+        GlobalHydra.instance().clear()
+        root.handlers[:], root.level = handlers, level
+    assert checks == [False]  # the check before Hydra; the run reused it
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "pretrain.log").read_text().count("model.vocab_size=4096 is") == 1

@@ -110,3 +110,19 @@ def test_the_model_imports_neither_lightning_nor_hydra():
     offending = {str(path.relative_to(REPO)): name for path in (REPO / "pretrain" / "model").rglob("*.py")
                  for name in _imports(path) if name.split(".")[0] in ("lightning", "pytorch_lightning", "hydra")}
     assert offending == {}
+
+
+def test_no_module_imports_a_private_name_or_an_entry_point():
+    """What one command shares with another lives in a public module: importing ``_name`` from another module, or a
+    ``__main__`` (which runs a command line when imported under its name), ties a command to another's insides."""
+    offending = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and \
+                    node.module.split(".")[0] in PACKAGES:
+                offending += [f"{name}: from {node.module} import {alias.name}" for alias in node.names
+                              if alias.name.startswith("_") or node.module.endswith("__main__")]
+            elif isinstance(node, ast.Import):
+                offending += [f"{name}: import {alias.name}" for alias in node.names
+                              if alias.name.split(".")[0] in PACKAGES and alias.name.endswith("__main__")]
+    assert offending == []

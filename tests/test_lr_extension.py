@@ -123,3 +123,53 @@ def test_schedule_rebase_in_warm_up_and_from_an_unrecorded_checkpoint():
     unchanged = _stepped(10, 6).state_dict()  # the same max_steps: nothing to say or do
     assert extension_note(unchanged, 4, 10, "stretch", 0.0) is None
     assert not follow_max_steps(_stepped(10, 0, unchanged), 10, "stretch")
+
+
+def _resumed_lrs(schedule: str, on_extend: str, first: int, extended: int, warmup: int = 50):
+    """The saved scheduler state after ``first`` steps of a run planned for ``first`` steps, and the LR of every
+    step the resumed run (``trainer.max_steps=extended``) trains, steps first+1..extended."""
+    import torch
+
+    from pretrain.lr_schedule import build_schedule, follow_max_steps
+
+    decay = 4 if schedule == "wsd" else 0
+
+    def built(total: int):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=LR)
+        return build_schedule(optimizer, warmup, total, 0.0, schedule, decay)
+
+    trained = built(first)
+    for _ in range(first):
+        trained.optimizer.step()
+        trained.step()
+    state = trained.state_dict()
+    resumed = built(extended)
+    resumed.optimizer.param_groups[0]["lr"] = state["_last_lr"][0]  # as the optimizer's own state restores it
+    resumed.load_state_dict(state)
+    follow_max_steps(resumed, extended, on_extend, True, schedule, decay or None)
+    lrs = []
+    for _ in range(extended - first):
+        lrs.append(resumed.get_last_lr()[0])
+        resumed.optimizer.step()
+        resumed.step()
+    return state, lrs
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "wsd"])
+@pytest.mark.parametrize("on_extend", ["stretch", "constant"])
+def test_a_new_end_inside_the_warm_up_is_said_as_the_schedule_does_it(schedule, on_extend):
+    """optim.warmup_steps=50, trainer.max_steps 20 -> 30: every step left still warms up, so the LR only rises; the
+    note names the values the schedule really gives (it said the LR decays to 0 at step 30 after warm-up ends at 50)."""
+    from pretrain.lr_schedule import extension_note
+
+    state, lrs = _resumed_lrs(schedule, on_extend, 20, 30)
+    assert lrs == sorted(lrs) and lrs[-1] < LR and len(set(lrs)) == 10  # still warming up at the last step
+    note = extension_note(state, 50, 30, on_extend, 0.0, schedule, 4 if schedule == "wsd" else None)
+    assert note.startswith("trainer.max_steps grew from 20 to 30 since the checkpoint (step 20): the new end cuts "
+                           "the warm-up short (optim.warmup_steps=50)"), note
+    assert f"from {lrs[0]:.3g} at step 21 to {lrs[-1]:.3g} at step 30, the last, and never decays" in note, note
+    assert "warm-up ends at step 50" not in note and "stable phase" not in note
+
+    state, lrs = _resumed_lrs(schedule, on_extend, 20, 50)  # the new end where warm-up ends: the peak, once
+    note = extension_note(state, 50, 50, on_extend, 0.0, schedule, 4 if schedule == "wsd" else None)
+    assert lrs[-1] == pytest.approx(LR) and "comes as the warm-up ends" in note and f"{LR:.3g} at step 50" in note

@@ -214,7 +214,7 @@ def test_cooldown_equals_a_run_that_decayed_there(shards, wsd_source, tmp_path):
     from pretrain.cooldown import prepare
 
     copy_time = (cooled / "checkpoints" / "step-00000003.ckpt").stat().st_mtime_ns
-    cfg = prepare(source, cooled, 3, [])
+    cfg, _ = prepare(source, cooled, 3, [])
     assert cfg.trainer.max_steps == 6 and cfg.output_dir == str(cooled)
     assert (cooled / "checkpoints" / "step-00000003.ckpt").stat().st_mtime_ns == copy_time
 

@@ -219,7 +219,7 @@ def export_onto_a_full_disk_names_the_destination(tmp_path, shards):
                "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); sys.argv = ['pretrain.export', *sys.argv[1:]]; "
                "runpy.run_module('pretrain.export', run_name='__main__', alter_sys=True)")
     return Case(["-c", limited, str(_one_step_checkpoint(shards)), str(tmp_path / "out")],
-                f"File too large ({tmp_path / 'out' / 'hf'})")
+                f"{tmp_path / 'out' / 'hf'}: File too large")
 
 
 SIGNAL_CASES: list = [export_into_a_non_empty_hf, export_onto_a_full_disk_names_the_destination]

@@ -42,15 +42,22 @@ def column(rows: list[dict], key: str) -> dict[int, float]:
     return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
 
 
-def test_extension_after_a_validation_on_the_last_step_numbers_every_output_alike(split_shards, tmp_path, caplog):
+def test_extension_after_a_validation_on_the_last_step_numbers_every_output_alike(split_shards, tmp_path, caplog,
+                                                                                  capfd):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     train_dir, val_dir = split_shards
     run_dir = tmp_path / "run"
     run(args(train_dir, val_dir, run_dir, FIRST))  # no step-N save before the end: last.ckpt after the validation
     assert [p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt")] == []
+    capfd.readouterr()
     with caplog.at_level(logging.INFO):
         run(args(train_dir, val_dir, run_dir, EXTENDED))
+
+    # the progress bar (v2): the validation loss once (val/loss is the MLM loss), beside the training MLM loss
+    frames = [f for f in capfd.readouterr().err.replace("\n", "\r").split("\r") if f.startswith("train:")]
+    assert f" {EXTENDED}/{EXTENDED} [" in frames[-1] and re.search(r"\bmlm=\S+, val=\S+", frames[-1]), frames[-1]
+    assert "val_mlm=" not in frames[-1] and "val_rtd=" not in frames[-1], frames[-1]
 
     header, rows = read_rows(str(run_dir / "metrics.csv"))
     assert header[0] == "step"
@@ -89,6 +96,19 @@ def test_extension_after_a_validation_on_the_last_step_numbers_every_output_alik
     report = load_run(run_dir)
     assert report.columns["val/loss"][0] == [3, 6, 9]
     assert report.columns["train/loss"][0] == [2, 3, 4, 6, 8, 9]
+
+
+@pytest.mark.parametrize("accumulation", ["trainer.accumulate_grad_batches=2", "data.global_batch_size=8"])
+def test_validation_with_gradient_accumulation_lands_on_completed_steps(split_shards, tmp_path, accumulation):
+    """trainer.val_check_interval=3 means every 3 optimizer steps also with 2 micro-batches a step (set, or derived
+    from data.global_batch_size 8 / data.batch_size 4): validations after steps 3 and 6, numbered so. Lightning
+    counts the interval in micro-batches: it validated inside steps 2 and 5, numbered 2 and 5."""
+    train_dir, val_dir = split_shards
+    run_dir = tmp_path / "run"
+    run([*args(train_dir, val_dir, run_dir, 6), accumulation])
+    _, rows = read_rows(str(run_dir / "metrics.csv"))
+    assert list(column(rows, "val/loss")) == [3, 6]
+    assert list(column(rows, "train/loss")) == [2, 4, 6]
 
 
 OLD_FORMAT = """epoch,lr-AdamW/pg1,step,train/loss,val/loss

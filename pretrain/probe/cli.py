@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.cli_errors import one_line_errors
 from pretrain import hf
 from pretrain.probe import models, results
 from pretrain.probe.cells import probe_source
@@ -109,9 +110,6 @@ def probe(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _warnings_to_console()
-    try:
+    with one_line_errors(TaskError, models.ModelError, hf.CheckpointError, results.ResultsError) as outcome:
         probe(args)
-    except (TaskError, models.ModelError, hf.CheckpointError, results.ResultsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return outcome.status

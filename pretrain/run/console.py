@@ -75,7 +75,8 @@ def _short(value: float) -> str:
 
 
 # (label on the bar, logged metric): the objective's parts, the validation's, then throughput. v3 validation shows
-# its parts (the weighted total, mlm + rtd_weight x rtd, says little beside them); v2's val/loss is the MLM loss.
+# its parts (the weighted total, mlm + rtd_weight x rtd, says little beside them); v2's val/loss is the MLM loss (over
+# every predicted token), shown alone: its val/mlm_loss (the mean of the batches' means) would repeat it.
 BAR_METRICS = (("mlm", "train/mlm_loss"), ("rtd", "train/rtd_loss"), ("auc", "train/discriminator_auc"),
                ("val", "val/loss"), ("val_mlm", "val/mlm_loss"), ("val_rtd", "val/rtd_loss"),
                ("val_auc", "val/discriminator_auc"), ("tok/s", "perf/tokens_per_sec"))
@@ -83,10 +84,12 @@ V3_VALIDATION = "val/rtd_loss"  # logged by RTD validation only
 
 
 def bar_metrics(metrics: dict[str, Any]) -> dict[str, str]:
-    """The bar's ``label=value`` pairs from the logged metrics (v3 validation: its parts instead of the total)."""
+    """The bar's ``label=value`` pairs from the logged metrics (v3 validation: its parts instead of the total; v2:
+    the total, which is its MLM loss)."""
+    repeated = "val/loss" if V3_VALIDATION in metrics else "val/mlm_loss" if "val/loss" in metrics else None
     shown = {}
     for label, key in BAR_METRICS:
-        if key in metrics and not (key == "val/loss" and V3_VALIDATION in metrics):
+        if key in metrics and key != repeated:
             shown[label] = _short(float(metrics[key]))
     return shown
 

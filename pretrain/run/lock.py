@@ -40,6 +40,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from data_prep.cli_errors import fail
+
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 
@@ -158,8 +160,7 @@ class RunLockCallback(Callback):
                 self._locks.append(lock)
         except RunLockedError as err:
             self.on_run_end(config)
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            fail(str(err))
 
     def on_run_end(self, config: Any, **kwargs: Any) -> None:
         while self._locks:
