@@ -56,7 +56,8 @@ def optimisation_settings(settings: Settings, global_batch: int | None = None) -
     accumulate_grad_batches``, known once the trainer has its ranks), whichever keys produced it: the micro-batch,
     the accumulation and the number of ranks may change between runs of one output_dir, the global batch may not."""
     flat: dict[str, Any] = {}
-    data = {"seed": settings.data.seed, "global_batch_size": global_batch}
+    data = {"seed": settings.data.seed, "global_batch_size": global_batch, "stages": settings.data.stages,
+            "stage_batch": settings.data.stage_batch, "batch_warmup": settings.data.batch_warmup}
     trainer = {k: settings.trainer.get(k) for k in TRAINER_KEYS if k != "accumulate_grad_batches"}
     # on_extend acts on a change only; the wsd decay's length and shape are part of the plan, like trainer.max_steps
     optim = {k: v for k, v in dataclasses.asdict(settings.optim).items() if k not in PLAN_KEYS}
@@ -80,6 +81,36 @@ def differences(saved: dict[str, Any], current: dict[str, Any], world_size: int 
     return dict(sorted(changed.items()))
 
 
+def same_stages_until(saved: Any, current: Any, step: int) -> bool:
+    """Whether two ``data.stages`` plans give every step before ``step`` the same sequence length. ``data.stages``
+    is part of the plan, like ``trainer.max_steps``: a resume may lengthen, shorten, add or change stages still to
+    come (the step of a boundary not yet reached, a last stage at another length), never the length of steps already
+    trained (that needs ``resume.allow_changes=[data.stages]``). A change of the position's unit is converted or
+    refused by the data module."""
+    from data_prep.errors import DataPrepError
+    from data_prep.stream_plan import parse_stages
+
+    def lengths(stages: Any) -> list[tuple[int, int]]:  # (seq_len, first step after it), None: no stages
+        if not stages:
+            return [(0, -1)]  # the shards' length throughout
+        out, end = [], 0
+        for stage in parse_stages(list(stages)):
+            end = end + stage.steps if stage.steps is not None else float("inf")
+            out.append((stage.seq_len, end))
+        return out
+
+    try:
+        old, new = lengths(saved), lengths(current)
+    except DataPrepError:
+        return False
+
+    def at(plan: list[tuple[int, int]], n: int) -> int:
+        return next((s for s, end in plan if end == -1 or n < end), plan[-1][0])
+
+    cuts = {0} | {int(end) for _, end in old + new if end not in (-1, float("inf")) and end < step}
+    return all(at(old, n) == at(new, n) for n in cuts if n < step) if step > 0 else True
+
+
 def _allowed(key: str, allow: list[str]) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allow)
 
@@ -100,6 +131,8 @@ def check_changes(saved_record: dict[str, Any], current_record: dict[str, Any], 
     saved = saved_record.get("optimisation")
     if saved:  # absent in checkpoints from before run records held these settings
         changed.update(differences(saved, current_record["optimisation"], world_size))
+    if "data.stages" in changed and same_stages_until(*changed["data.stages"], step):
+        del changed["data.stages"]  # part of the plan: only the steps still to come changed (see stage_changes)
     identity = identity_changes(saved_record.get("data"), current_record["data"], saved_record.get("special_tokens"),
                                 current_record.get("special_tokens"))
     for key, text in identity.items():
