@@ -36,6 +36,11 @@ starts at ``start`` and grows by ``increment`` in equal slices of the first ``to
 seen when that step starts. It varies the per-rank micro-batch, ``B / (ranks x accumulation)``, never the
 accumulation, so every micro-batch of one step has the same size and the loss averaging stays right.
 
+Shapes: each stage and each warm-up value gives the micro-batch another shape ``[size, seq_len]``. With
+``torch.compile`` per layer (on CUDA) a new shape costs a recompilation the first time it is seen (after the first
+change, dynamo marks the changed dimension dynamic and compiles once more); a coarse ``increment`` and few stages keep
+the number of distinct shapes, and those compilations, small.
+
 Everything is a function of ``(consumed, optimizer step)``, which a checkpoint restores: the stage of a step comes
 from the step, the batch from the tokens seen (``consumed * unit``). Neither depends on the number of ranks, so a
 resume on another number of ranks continues the same stream.

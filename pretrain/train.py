@@ -63,7 +63,8 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
     output_dir = Path(settings.run.output_dir)
     found = find_resume(output_dir)  # stale temps removed; the newest usable checkpoint (metrics.csv keeps its rows)
     trainer = build_trainer(settings, objective, output_dir, found)
-    module.run_record["optimisation"] = optimisation_settings(settings, global_batch(settings, trainer))
+    module.run_record["optimisation"] = optimisation_settings(settings, global_batch(settings, trainer),
+                                                               data.seq_len)
     deepspeed_config = trainer.strategy.config if is_deepspeed(trainer.strategy) else None
     resume = plan_resume(found, module.run_record, settings, trainer.world_size, objective, deepspeed_config)
     record = start_run_record(cfg, settings, trainer, data, resume)
@@ -142,7 +143,7 @@ def build_module(settings: Settings, data: ShardDataModule, objective: Pretraini
                   "special_tokens": dataclasses.asdict(special_tokens(data)),
                   "tokenizer_dir": str(data.train_set.tokenizer_dir.resolve()),
                   "tokenizer_checksum": data.train_set.tokenizer_checksum, "data": data.identity,
-                  "optimisation": optimisation_settings(settings)}
+                  "optimisation": optimisation_settings(settings, shard_len=data.seq_len)}
     flops = training_flops_per_token(settings.model, data.seq_len, settings.objective.name,
                                      settings.objective.mask_prob, settings.objective.generator_layers,
                                      settings.objective.use_emd)

@@ -268,3 +268,40 @@ def test_two_then_three_ranks_across_a_stage_boundary_repeat_and_skip_nothing(sh
     corpus = open_corpus(shards)
     spans = _check_content(_trained_samples(records, 32), corpus, corpus.order(seed=1234))
     _assert_contiguous(spans, 4 * 12 * S)  # 12 sequences of 64 tokens per step, whatever the stage
+
+
+# ------------------------------------------------------------------------------------------------ resume rules
+
+
+def test_stages_to_come_may_change_on_resume_stages_trained_may_not():
+    """data.stages is part of the plan, like trainer.max_steps: only the lengths of steps already trained count."""
+    from pretrain.checkpointing.resume import same_stages_until
+
+    plain = [{"seq_len": 64}]
+    staged = [{"seq_len": 64, "steps": 4}, {"seq_len": 128}]
+    assert same_stages_until(plain, staged, 4)  # a later stage added at the resume step
+    assert not same_stages_until(plain, staged, 5)  # step 4 trained at 64, now planned at 128
+    assert same_stages_until(staged, [{"seq_len": 64, "steps": 6}, {"seq_len": 32}], 4)  # a boundary moved ahead
+    assert not same_stages_until(staged, [{"seq_len": 64, "steps": 2}, {"seq_len": 128}], 4)  # one moved back
+
+
+def test_a_plain_run_resumed_with_a_shorter_stage_converts_its_position(shards, tmp_path, monkeypatch):
+    """2 steps at the shards' length (position in slots of 64 tokens), resumed with a stage of 32 from step 2 (slots
+    of 32): the position converts and the stream goes on where it stopped; changing a trained step's length is
+    refused."""
+    from pretrain.checkpointing.resume import ChangedSettingsError
+
+    run = tmp_path / "run"
+    _train(_args(shards, run, 2, "data.batch_size=4"), tmp_path / "first", monkeypatch)
+    _train(_args(shards, run, 4, "data.batch_size=4", "data.stages=[{seq_len:64,steps:2},{seq_len:32}]"),
+           tmp_path / "second", monkeypatch)
+    first, second = _records(tmp_path / "first"), _records(tmp_path / "second")
+    assert [r["start"] for r in first] == [0, 4] and [r["start"] for r in second] == [16, 24]  # slots of 64, of 32
+    corpus = open_corpus(shards)
+    order = corpus.order(seed=1234)
+    spans = _check_content(_trained_samples(first, 64), corpus, order)
+    spans += _check_content(_trained_samples(second, 32), corpus, order)
+    _assert_contiguous(spans, 4 * 4 * S)
+    with pytest.raises(ChangedSettingsError, match="data.stages"):
+        _train(_args(shards, run, 6, "data.batch_size=4", "data.stages=[{seq_len:32}]"), tmp_path / "third",
+               monkeypatch)

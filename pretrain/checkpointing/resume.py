@@ -49,14 +49,18 @@ class ChangedSettingsError(SettingsError):
     """Settings differ from the checkpoint's run record and were not allowed."""
 
 
-def optimisation_settings(settings: Settings, global_batch: int | None = None) -> dict[str, Any]:
+def optimisation_settings(settings: Settings, global_batch: int | None = None,
+                          shard_len: int | None = None) -> dict[str, Any]:
     """The part of the run record compared on resume (flattened ``section.key`` -> value, JSON-like values).
 
     The batch enters as ``data.global_batch_size``, the effective global batch (``data.batch_size x ranks x
     accumulate_grad_batches``, known once the trainer has its ranks), whichever keys produced it: the micro-batch,
-    the accumulation and the number of ranks may change between runs of one output_dir, the global batch may not."""
+    the accumulation and the number of ranks may change between runs of one output_dir, the global batch may not.
+    ``data.stages`` is recorded as the run's plan of sequence lengths (one stage at the shards' length ``shard_len``
+    when none is set), so a resume can tell stages to come from stages already trained (:func:`same_stages_until`)."""
     flat: dict[str, Any] = {}
-    data = {"seed": settings.data.seed, "global_batch_size": global_batch, "stages": settings.data.stages,
+    stages = settings.data.stages or ([{"seq_len": int(shard_len)}] if shard_len else None)
+    data = {"seed": settings.data.seed, "global_batch_size": global_batch, "stages": stages,
             "stage_batch": settings.data.stage_batch, "batch_warmup": settings.data.batch_warmup}
     trainer = {k: settings.trainer.get(k) for k in TRAINER_KEYS if k != "accumulate_grad_batches"}
     # on_extend acts on a change only; the wsd decay's length and shape are part of the plan, like trainer.max_steps
@@ -90,25 +94,25 @@ def same_stages_until(saved: Any, current: Any, step: int) -> bool:
     from data_prep.errors import DataPrepError
     from data_prep.stream_plan import parse_stages
 
-    def lengths(stages: Any) -> list[tuple[int, int]]:  # (seq_len, first step after it), None: no stages
-        if not stages:
-            return [(0, -1)]  # the shards' length throughout
+    def lengths(stages: Any) -> list[tuple[int, float]]:  # (seq_len, first step after it)
         out, end = [], 0
         for stage in parse_stages(list(stages)):
             end = end + stage.steps if stage.steps is not None else float("inf")
             out.append((stage.seq_len, end))
         return out
 
+    if saved is None or current is None:  # a record without the plan of lengths: nothing to compare
+        return True
     try:
         old, new = lengths(saved), lengths(current)
-    except DataPrepError:
+    except (DataPrepError, TypeError):
         return False
 
-    def at(plan: list[tuple[int, int]], n: int) -> int:
-        return next((s for s, end in plan if end == -1 or n < end), plan[-1][0])
+    def at(plan: list[tuple[int, float]], n: int) -> int:
+        return next(s for s, end in plan if n < end)
 
-    cuts = {0} | {int(end) for _, end in old + new if end not in (-1, float("inf")) and end < step}
-    return all(at(old, n) == at(new, n) for n in cuts if n < step) if step > 0 else True
+    cuts = {0} | {int(end) for _, end in old + new if end < step}  # where either plan's length may change
+    return all(at(old, n) == at(new, n) for n in cuts) if step > 0 else True
 
 
 def _allowed(key: str, allow: list[str]) -> bool:
