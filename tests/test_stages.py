@@ -213,10 +213,11 @@ def _ramp(start: int, increment: int, full: int, tokens: int, seen: int) -> int:
     return min(full, start + increment * (seen * rises // tokens))
 
 
-def test_batch_warmup_follows_the_ramp_and_the_lr_its_steps(shards, tmp_path, monkeypatch):
+def test_batch_warmup_follows_the_ramp_and_the_lr_its_steps(shards, tmp_path, monkeypatch, caplog):
     """Global batch 4 -> 16 over 2048 tokens, 4 micro-batches per step: the sequences of every optimizer step are
     the ramp's at the tokens seen when it starts, the LR is the linear schedule of the step number, and the logged
-    tokens seen are the sum of the steps' tokens."""
+    tokens seen (metrics.csv and the closing summary) are the sum of the steps' tokens."""
+    caplog.set_level("INFO", logger="pretrain.train")
     run = tmp_path / "run"
     _train(_args(shards, run, 8, "data.batch_size=4", "data.global_batch_size=16", "optim.lr=1e-3",
                  "optim.min_lr_ratio=0.1", "data.batch_warmup={start:4,tokens:2048,increment:4}"),
@@ -241,6 +242,7 @@ def test_batch_warmup_follows_the_ramp_and_the_lr_its_steps(shards, tmp_path, mo
         assert float(rows[k + 1]["lr-AdamW/pg1"]) == pytest.approx(1e-3 * multiplier, rel=1e-6)
     spans = _check_content(_trained_samples(records, S), open_corpus(shards), open_corpus(shards).order(seed=1234))
     _assert_contiguous(spans, seen)
+    assert f"tokens      {seen:,} seen" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------ ranks
