@@ -200,6 +200,22 @@ class StreamPlan:
                 consumed += size * self.world_size * m
             step += 1
 
+    def describe(self) -> str:
+        """One line for the log: each stage's steps, length and per-rank micro-batch (at the full batch), and the
+        warm-up."""
+        parts, first = [], 0
+        for stage, end in zip(self.stages, self._ends):
+            steps = f"steps {first}-{end - 1}" if end != math.inf else f"steps {first}-"
+            size = self.micro_batch_size(self.global_batch, stage.seq_len)
+            parts.append(f"{steps}: {stage.seq_len} tokens x {size} per rank and micro-batch")
+            first = end
+        line = f"stream plan ({self.stage_batch} per step kept across stages): " + "; ".join(parts)
+        if self.warmup is not None:
+            w = self.warmup
+            line += (f"; batch warm-up {w.start} -> {self.global_batch} sequences of {self.shard_len} tokens (+"
+                     f"{w.increment}) over the first {w.tokens:,} tokens")
+        return line
+
     def position_after(self, steps: int) -> int:
         """``consumed`` at the start of optimizer step ``steps`` of a run that started at 0 (any number of ranks)."""
         return next(micro.start for micro in self.micro_batches(0, 0) if micro.step >= steps)

@@ -162,6 +162,8 @@ class ShardDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank = trainer.global_rank if trainer else 0
         plan = self.plan
+        if trainer is None or trainer.is_global_zero:
+            log.info(plan.describe())
         batches = StreamBatchSampler(plan, self.order, rank, plan.world_size, lambda: (self.consumed, self._step()))
         if self.settings.verify == "fast" and (trainer is None or trainer.is_global_zero) and self.hasher is None:
             self.hasher = LazyShardHasher(self.train_set, self.order, self.sequence_position)
