@@ -112,11 +112,13 @@ class PretrainingModule(L.LightningModule):
             datamodule.consumed_batch()
         self._log_global_batch_means({f"train/{k}": v for k, v in out.items() if k != "masked_tokens"}, batch_size)
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        last_micro_batch = not self.trainer.fit_loop._should_accumulate()  # the step's tokens are all counted
         if self._is_logging_step(self.global_step + 1):
             self.check_finite()  # waits for the device: the throughput window below ends on a finished step
-            if not self.trainer.fit_loop._should_accumulate():  # the step's last micro-batch: its tokens are in
+            if last_micro_batch:
                 self._log_throughput(batch_size)
-                self._log_data_position(datamodule, batch_size)
+        if last_micro_batch and self._step_metrics_read():
+            self._log_data_position(datamodule, batch_size)
         return out["loss"]
 
     def _log_data_position(self, datamodule, batch_size: int) -> None:
