@@ -86,8 +86,9 @@ class ShardDataModule(L.LightningDataModule):
         accumulation = trainer.accumulate_grad_batches if trainer else 1
         key = (world, accumulation)
         if self._plan is None or (self._plan.world_size, self._plan.accumulation) != key:
-            self._plan = StreamPlan(self.seq_len, self.settings.batch_size, self.settings.batch_size * world * accumulation,
-                                    world, accumulation, self.stages, self.settings.stage_batch, self.warmup)
+            global_batch = self.settings.batch_size * world * accumulation
+            self._plan = StreamPlan(self.seq_len, self.settings.batch_size, global_batch, world, accumulation,
+                                    self.stages, self.settings.stage_batch, self.warmup)
         return self._plan
 
     @property

@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 
 from data_prep.mixture import open_corpus
 from data_prep.stream_batches import StreamDataset, sample_keys
-from data_prep.stream_plan import BatchWarmup, Stage, StreamPlan
+from data_prep.stream_plan import Stage, StreamPlan
 from position_runner import flags_sha1, recording_step
 from pretrain.lightning_module import PretrainingModule
 from pretrain.train import train
