@@ -155,6 +155,21 @@ def test_the_position_stays_aligned_in_tokens_mode_and_skips_in_sequences_mode()
     assert sequences.position_after(4) == 48
 
 
+def test_a_misaligned_stage_boundary_skips_to_alignment_and_says_so(shards, tmp_path, monkeypatch, caplog):
+    """data.stage_batch=sequences: 3 steps of 4 pieces of 16 tokens end 12 slots into the stream, the 128-token stage
+    starts at slot 16; the 64 tokens between are skipped once, logged, and everything else is trained in order."""
+    caplog.set_level("INFO", logger="pretrain.datamodule")
+    _train(_args(shards, tmp_path / "run", 5, "data.batch_size=4", "data.stage_batch=sequences",
+                 "data.stages=[{seq_len:16,steps:3},{seq_len:128}]"), tmp_path / "record", monkeypatch)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped == ["stage of seq_len 128 starts at step 3: 64 tokens of the stream skipped to align it "
+                       "(data.stage_batch=sequences)"]
+    corpus = open_corpus(shards)
+    spans = _check_content(_trained_samples(_records(tmp_path / "record"), 16), corpus, corpus.order(seed=1234))
+    _assert_contiguous(spans + [(3 * 4 * 16, 4 * 16 * 4)], (4 * 16 * 4) + 2 * 4 * 128)
+    assert float(_rows(tmp_path / "run")[5]["data/tokens_seen"]) == 4 * 16 * 4 + 2 * 4 * 128
+
+
 def _take(iterator, count):
     return [next(iterator) for _ in range(count)]
 
