@@ -72,6 +72,7 @@ class ShardDataModule(L.LightningDataModule):
         self._plan: StreamPlan | None = None
         self._micro_index = 0  # micro-batch within the current optimizer step (staged/warm-up runs)
         self._micro: tuple[int, int, int] | None = None  # (step, per-rank size, seq_len) of the current step
+        self.session_start_tokens = 0  # tokens seen when this session's training began (after a resume's restore)
 
     @property
     def seq_len(self) -> int:
@@ -142,6 +143,7 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         self._micro_index, self._micro = 0, None
+        self.session_start_tokens = self.tokens_seen  # the checkpoint's position is restored by now
         if self.staged:
             return self._stream_dataloader()
         self.sampler = ResumableDistributedSampler(

@@ -267,14 +267,13 @@ def finish_run(trainer: L.Trainer, settings: Settings, output_dir: Path, data: S
                 log.warning("report.png not written (%s); draw it later with `python -m pretrain.report %s`",
                             err, output_dir)
         tokens_per_step = data.seq_len * global_batch(settings, trainer)
-        start_tokens = data.plan.position_after(resume.step or 0) * data.position_unit if data.staged else None
         shown, final_step = metrics, None
         if trainer.global_step <= (resume.step or 0):  # a finished run re-run: nothing logged in this session
             shown, final_step = last_logged(output_dir)
         summary = RunSummary(output_dir, trainer.global_step, trainer.max_steps, resume.step or 0, tokens_per_step,
                              seconds, shown, exported, report, probe_summary(output_dir), final_step,
                              tokens_seen=data.tokens_seen if data.staged else None,
-                             session_tokens=data.tokens_seen - start_tokens if data.staged else None)
+                             session_tokens=data.tokens_seen - data.session_start_tokens if data.staged else None)
         log.info("\n".join(summary.lines()))
     return metrics
 
