@@ -112,6 +112,8 @@ def parse_stages(stages, what: str = "data.stages") -> list[Stage]:
 
 
 def parse_warmup(warmup, global_batch: int | None, what: str = "data.batch_warmup") -> BatchWarmup:
+    """``{start: 64, tokens: 2000000, increment: null}`` and ``data.global_batch_size`` -> the warm-up; a
+    DataPrepError naming the key at fault."""
     if not isinstance(warmup, dict) or set(warmup) - {"start", "tokens", "increment"} or not {"start", "tokens"} <= set(
             warmup):
         raise DataPrepError(f"{what}={warmup!r}: give {{start: SEQUENCES, tokens: TOKENS, increment: SEQUENCES}} "
@@ -120,8 +122,9 @@ def parse_warmup(warmup, global_batch: int | None, what: str = "data.batch_warmu
         value = warmup.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise DataPrepError(f"{what}.{key}={value!r}: a positive whole number")
-    if global_batch is None:
-        raise DataPrepError(f"{what} needs data.global_batch_size: the batch the warm-up grows to")
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise DataPrepError(f"{what} needs data.global_batch_size (a number of sequences): the batch the warm-up "
+                            "grows to")
     if warmup["start"] > global_batch:
         raise DataPrepError(f"{what}.start={warmup['start']} is larger than data.global_batch_size={global_batch}: "
                             "the warm-up grows the batch up to the global batch")
