@@ -63,15 +63,20 @@ class PretrainingModule(L.LightningModule):
         self.seed = seed
         self.tokens_per_sequence = tokens_per_sequence
         self._window: tuple[float, int] | None = None  # (time, step) of the previous logging step
+        self._window_tokens = 0  # tokens trained (all ranks) since the previous logging step
         self._nonfinite: torch.Tensor | None = None  # device flag: a non-finite loss since the last check
         self._step_sums: torch.Tensor | None = None  # train/* values summed over this step's micro-batches
         self._step_micro_batches = 0
         self._val_sums: torch.Tensor | None = None  # MLM evaluation: (summed token loss, predicted tokens)
         self._schedule_unrecorded = False  # resumed from a checkpoint whose LR schedule did not save its total
 
-    def _consumed_samples(self) -> int:
+    def _micro_batch_start(self) -> tuple[int, int]:
+        """(global position of this micro-batch's first sample, positions per sample) from the data module."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        return int(getattr(datamodule, "consumed", self.global_step))
+        if datamodule is not None and hasattr(datamodule, "micro_batch_start"):
+            start, m = datamodule.micro_batch_start()
+            return int(start), int(m)
+        return int(getattr(datamodule, "consumed", self.global_step)), 1
 
     def seed_step(self) -> torch.Generator:
         """Seed dropout (the global RNG) and return the masking generator from (seed, global position of this
@@ -81,9 +86,12 @@ class PretrainingModule(L.LightningModule):
         micro-batch, restored on resume, so a resumed run draws exactly the masks and dropout of an uninterrupted
         one without storing RNG state, whatever the number of ranks. The key does not name the rank: a sequence
         trained alone in its micro-batch (``data.batch_size=1``) gets the same masks and dropout at any number of
-        ranks and accumulation steps, so one global batch trains identically on 1, 2 or 4 ranks.
+        ranks and accumulation steps, so one global batch trains identically on 1, 2 or 4 ranks. With stages the
+        position counts slots of ``position_unit`` tokens and a sample takes ``m`` of them (``data_prep.stream_plan``):
+        rank r starts at ``consumed + r*m`` (``m = 1`` without stages: the same key as before).
         """
-        key = (self.seed * 1_000_003 + self._consumed_samples() + self.global_rank) % (2**63 - 1)
+        start, m = self._micro_batch_start()
+        key = (self.seed * 1_000_003 + start + self.global_rank * m) % (2**63 - 1)
         torch.manual_seed(key)
         g = torch.Generator(device=self.device)
         g.manual_seed(key ^ 0x5DEECE66D)
@@ -96,6 +104,7 @@ class PretrainingModule(L.LightningModule):
         nonfinite = ~torch.isfinite(out["loss"].detach())
         self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite | nonfinite
         batch_size = batch["input_ids"].shape[0]
+        self._window_tokens += batch["input_ids"].numel() * self.trainer.world_size
         # Count the batch as consumed now, before any checkpoint of this step is written (callbacks save in
         # on_train_batch_end, which runs before the module's own hook).
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -103,10 +112,25 @@ class PretrainingModule(L.LightningModule):
             datamodule.consumed_batch()
         self._log_global_batch_means({f"train/{k}": v for k, v in out.items() if k != "masked_tokens"}, batch_size)
         self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        last_micro_batch = not self.trainer.fit_loop._should_accumulate()  # the step's tokens are all counted
         if self._is_logging_step(self.global_step + 1):
             self.check_finite()  # waits for the device: the throughput window below ends on a finished step
-            self._log_throughput(batch_size)
+            if last_micro_batch:
+                self._log_throughput(batch_size)
+        if last_micro_batch and self._step_metrics_read():
+            self._log_data_position(datamodule, batch_size)
         return out["loss"]
+
+    def _log_data_position(self, datamodule, batch_size: int) -> None:
+        """``data/tokens_seen`` (tokens of the stream consumed after this step, pad included), ``data/global_batch``
+        (sequences of this step over all ranks and micro-batches) and ``data/seq_len`` (their length), logged in
+        float64 so that token counts stay exact in metrics.csv."""
+        if datamodule is None or not hasattr(datamodule, "tokens_seen"):
+            return
+        sequences, seq_len = datamodule.step_shape()
+        for key, value in (("data/tokens_seen", datamodule.tokens_seen), ("data/global_batch", sequences),
+                           ("data/seq_len", seq_len)):
+            self.log(key, torch.tensor(float(value), dtype=torch.float64), batch_size=batch_size)
 
     def _log_global_batch_means(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
         """Log each ``train/*`` value as its mean over the whole optimizer step: every micro-batch of the
@@ -147,16 +171,17 @@ class PretrainingModule(L.LightningModule):
         if fused is not None:  # a constant (1: fused kernel, 0: reference path), next to the speed it explains
             self.log("perf/attention_fused", fused, batch_size=batch_size)
         if self._window is not None:
-            started, first_step = self._window
-            steps = self.global_step - first_step
-            tokens_per_sec = steps * batch_size * self.tokens_per_sequence * self.trainer.world_size / max(
-                now - started, 1e-9)
+            started, _ = self._window
+            # the tokens trained since the previous logging step (all ranks, every micro-batch): right whatever the
+            # stage's length and the warm-up's batch
+            tokens_per_sec = self._window_tokens / max(now - started, 1e-9)
             self.log("perf/tokens_per_sec", tokens_per_sec, prog_bar=True, batch_size=batch_size)
             self.log("perf/samples_per_sec", tokens_per_sec / self.tokens_per_sequence, batch_size=batch_size)
             if self._peak_flops and self.flops_per_token:
                 mfu = tokens_per_sec * self.flops_per_token / (self._peak_flops * self.trainer.world_size)
                 self.log("perf/mfu", mfu, batch_size=batch_size)
         self._window = (now, self.global_step)
+        self._window_tokens = 0
 
     def check_finite(self) -> None:
         """Raise if any loss since the last check was NaN/inf (one host sync)."""

@@ -14,11 +14,12 @@ is ``f(s) x optim.lr``). With ``W = optim.warmup_steps``, ``T = trainer.max_step
 
 Each curve reaches ``m`` at step ``T``, one past the last trained step (as DeBERTa's linear decay always did).
 
-**Unit.** The schedule is defined in optimizer steps: every step trains one global batch today, so steps count
-tokens exactly, and they are what users write (``warmup_steps``, ``max_steps``, ``checkpoint_every_n_steps``) and what
-checkpoints are named by. :meth:`WarmupDecay.position` is the one place a step becomes a schedule position; a
-batch-size ramp will make it the tokens seen before the step divided by the tokens of one full-batch step, so the
-settings keep their meaning (steps at the target batch) and a run without a ramp is unchanged.
+**Unit.** The schedule is defined in optimizer steps, also with a batch-size warm-up (``data.batch_warmup``) or
+sequence-length stages (``data.stages``), whose steps train fewer or other tokens: steps are what users write
+(``warmup_steps``, ``max_steps``, ``decay_steps``, ``checkpoint_every_n_steps``), what checkpoints, validation and
+cool-downs count and what checkpoints are named by, and the LR at step ``n`` then does not depend on the batch ramp
+(a resume mid-ramp or a changed ramp leaves the LR curve as it was). :meth:`WarmupDecay.position` is the one place a
+step becomes a schedule position. The tokens seen are logged beside it (``data/tokens_seen`` in ``metrics.csv``).
 
 The multiplier is a callable object, so torch's ``LambdaLR`` saves its attributes (the schedule and the plan it
 decays to) in every checkpoint. A resume compares the saved plan with the configured one and, when they differ,

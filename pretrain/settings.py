@@ -36,10 +36,29 @@ class DataSettings:
     sources: list[dict[str, Any]] | None = None
     """Instead of ``path``, a weighted mixture: ``[{path: DIR_OR_GLOB, weight: W}, ...]`` (see data_prep.mixture)."""
     batch_size: int = 8
-    """Per-device micro-batch size (sequences)."""
+    """Per-device micro-batch size (sequences of the shards' length; see ``stage_batch`` for stages)."""
     global_batch_size: int | None = None
     """Sequences per optimizer step over all ranks; ``trainer.accumulate_grad_batches`` is then derived at start-up
     as global_batch_size / (batch_size x data-parallel ranks), so one command trains the same on any GPU count."""
+    stages: list[dict[str, Any]] | None = None
+    """Sequence-length stages, e.g. ``[{seq_len: 128, steps: 900}, {seq_len: 512}]``: each stage runs ``steps``
+    optimizer steps, the last one to ``trainer.max_steps``. A length divides the shards' length S (each packed
+    sequence is split into exact pieces) or is a multiple of it (consecutive packed sequences are joined): one shard
+    set serves every stage (``data_prep.stream_plan``). Validation stays at the validation shards' own length. Part
+    of the plan, like ``trainer.max_steps``: a resume may change the stages of the steps still to come, not those
+    already trained."""
+    stage_batch: str = "tokens"
+    """How the batch carries over to a stage of length s (``batch_size`` and ``global_batch_size`` are stated at
+    the shards' length S). tokens (default): the tokens per step stay the same, ``batch_size*S/s`` sequences per
+    rank and micro-batch; why: the tokens per optimizer step, hence the gradient noise the LR schedule was tuned for,
+    and the activation memory of a micro-batch stay about the same across stages, so one micro-batch size fits every
+    stage. sequences: ``batch_size`` sequences of length s (BERT's 256 x 128, then 256 x 512)."""
+    batch_warmup: dict[str, Any] | None = None
+    """Batch-size warm-up, ``{start: 64, tokens: 2_000_000, increment: null}``: the global batch (sequences at S)
+    grows from ``start`` to ``global_batch_size`` (required) in steps of ``increment`` (default: ``start``), linearly
+    over the first ``tokens`` tokens seen, fixed per optimizer step from the tokens seen at its start (ModernBERT's
+    schedule). The per-rank micro-batch follows (the accumulation stays fixed), so every value must be divisible by
+    ranks x accumulation (= global_batch_size / batch_size). The LR schedule stays in optimizer steps."""
     num_workers: int = 2
     seed: int = 1234
     """Seed of the global data order (fixed for a run: resume continues the same order)."""
@@ -58,7 +77,10 @@ class OptimSettings:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 10000
-    """Linear warm-up from 0 over this many steps, then the `schedule`."""
+    """Linear warm-up from 0 over this many steps, then the `schedule`. Every length of the schedule (warmup_steps,
+    decay_steps, trainer.max_steps) counts optimizer steps, also with a batch-size warm-up or sequence-length stages:
+    checkpoints, validation, cool-downs and max_steps all count optimizer steps, and the LR at step n then does not
+    depend on the batch ramp."""
     schedule: str = "linear"
     """linear: decay to `min_lr_ratio * lr` at `trainer.max_steps` | cosine: a half cosine to the same end | wsd:
     warmup-stable-decay, the peak LR until the last `decay_steps` steps, which decay with `decay_shape` (the
@@ -265,7 +287,8 @@ TRAINER_KEYS = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_a
 def unknown_allowances(allow: list[Any], model, objective, optim) -> list[str]:
     """Problems with ``resume.allow_changes`` entries that name nothing the resume compares (a typo would otherwise
     allow nothing and leave the user believing it did); checked with the other settings, before anything runs."""
-    keys = {f"data.{k}" for k in ("seed", "corpus", "tokenizer", "global_batch_size")} | {"seed"}
+    keys = {f"data.{k}" for k in ("seed", "corpus", "tokenizer", "global_batch_size", "stages", "stage_batch",
+                                  "batch_warmup")} | {"seed"}
     keys |= {f"trainer.{k}" for k in TRAINER_KEYS if k != "accumulate_grad_batches"}
     for section, obj in (("model", model), ("objective", objective), ("optim", optim)):
         if obj is not None:
@@ -407,6 +430,47 @@ def _validate_schedule(optim: OptimSettings, max_steps: Any, problems: list[str]
                         "shorten the decay or the warm-up, or raise trainer.max_steps")
 
 
+def _validate_stream(data: DataSettings, model: DebertaConfig | None, shard_sets: list[Path],
+                     problems: list[str]) -> None:
+    """data.stages, data.stage_batch and data.batch_warmup against the shards' length and the model
+    (``data_prep.stream_plan``): stage lengths the shards can serve and the position table holds, micro-batches
+    that are whole at every stage and warm-up value."""
+    from data_prep import shard_format as sf
+    from data_prep.errors import DataPrepError
+    from data_prep.stream_plan import (STAGE_BATCH, StreamPlan, batch_problems, parse_stages, parse_warmup,
+                                       stage_length_problems)
+
+    if data.stage_batch not in STAGE_BATCH:
+        problems.append(f"data.stage_batch={data.stage_batch!r}: choose tokens (the tokens per step stay the same "
+                        "across stages) or sequences (the sequences per step do)")
+        return
+    if data.stages is None and data.batch_warmup is None:
+        return
+    try:
+        stages = parse_stages(data.stages) if data.stages is not None else None
+        warmup = parse_warmup(data.batch_warmup, data.global_batch_size) if data.batch_warmup is not None else None
+    except DataPrepError as err:
+        problems.append(str(err))
+        return
+    if not shard_sets or not isinstance(data.batch_size, int) or data.batch_size < 1:
+        return
+    try:
+        shard_len = int(sf.load_manifest(shard_sets[0])["settings"]["seq_len"])
+    except (DataPrepError, KeyError, TypeError, ValueError):
+        return  # reported by _fit_to_shards
+    if stages is not None:
+        found = stage_length_problems(shard_len, stages, model.max_position_embeddings if model else None)
+        problems += found
+        if found:
+            return
+    global_batch = data.global_batch_size if isinstance(data.global_batch_size, int) else data.batch_size
+    if global_batch % data.batch_size:
+        return  # the accumulation check names it at start-up (pretrain.run.global_batch)
+    ranks_accumulation = global_batch // data.batch_size
+    plan = StreamPlan(shard_len, data.batch_size, global_batch, 1, ranks_accumulation, stages, data.stage_batch, warmup)
+    problems += batch_problems(plan, ranks_accumulation)
+
+
 def _validate_global_batch(data: DataSettings, trainer: dict[str, Any], problems: list[str]) -> None:
     if data.global_batch_size is None:
         return
@@ -465,6 +529,7 @@ def settings_from_config(cfg: DictConfig, warn: bool = True) -> Settings:
             except Exception:  # a read-only config: the record then says null (the tokenizer's size)
                 pass
     _validate_global_batch(data, trainer, problems)
+    _validate_stream(data, None if init.init_from else model, shard_sets, problems)
     if data.val_path and not (Path(data.val_path) / "manifest.json").is_file():
         problems.append(f"data.val_path={data.val_path}: no shard directory there (manifest.json missing)")
     if not isinstance(trainer.get("max_steps"), int) or trainer["max_steps"] < 0:

@@ -69,7 +69,8 @@ def _train(cfg: DictConfig, settings: Settings) -> tuple[dict[str, Any], dict[st
     output_dir = Path(settings.run.output_dir)
     found = find_resume(output_dir)  # stale temps removed; the newest usable checkpoint (metrics.csv keeps its rows)
     trainer = build_trainer(settings, objective, output_dir, found)
-    module.run_record["optimisation"] = optimisation_settings(settings, global_batch(settings, trainer))
+    module.run_record["optimisation"] = optimisation_settings(settings, global_batch(settings, trainer),
+                                                               data.seq_len)
     deepspeed_config = trainer.strategy.config if is_deepspeed(trainer.strategy) else None
     resume = plan_resume(found, module.run_record, settings, trainer.world_size, objective, deepspeed_config)
     record = start_run_record(cfg, settings, trainer, data, resume)
@@ -105,6 +106,11 @@ def check_data_against_model(settings: Settings, data: ShardDataModule) -> None:
         problems.append(f"the shards hold sequences of {shards.seq_len} tokens but model.max_position_embeddings="
                         f"{settings.model.max_position_embeddings} (the EMD's absolute position table); raise it or "
                         "re-pack the shards with a smaller --seq-len")
+    longest = max((s.seq_len for s in data.stages or []), default=0)
+    if longest > settings.model.max_position_embeddings:
+        problems.append(f"data.stages has sequences of {longest} tokens but model.max_position_embeddings="
+                        f"{settings.model.max_position_embeddings}; raise it (model.max_position_embeddings={longest}) "
+                        "or shorten the stage")
     if len(problems) == 1:
         raise SettingsError(f"data.path={settings.data.path} does not fit the model: {problems[0]}")
     if problems:
@@ -143,7 +149,7 @@ def build_module(settings: Settings, data: ShardDataModule, objective: Pretraini
                   "special_tokens": dataclasses.asdict(special_tokens(data)),
                   "tokenizer_dir": str(data.train_set.tokenizer_dir.resolve()),
                   "tokenizer_checksum": data.train_set.tokenizer_checksum, "data": data.identity,
-                  "optimisation": optimisation_settings(settings)}
+                  "optimisation": optimisation_settings(settings, shard_len=data.seq_len)}
     flops = training_flops_per_token(settings.model, data.seq_len, settings.objective.name,
                                      settings.objective.mask_prob, settings.objective.generator_layers,
                                      settings.objective.use_emd)
@@ -281,7 +287,9 @@ def finish_run(trainer: L.Trainer, settings: Settings, output_dir: Path, data: S
         if trainer.global_step <= (resume.step or 0):  # a finished run re-run: nothing logged in this session
             shown, final_step = last_logged(output_dir)
         summary = RunSummary(output_dir, trainer.global_step, trainer.max_steps, resume.step or 0, tokens_per_step,
-                             seconds, shown, exported, report, probe_summary(output_dir), final_step)
+                             seconds, shown, exported, report, probe_summary(output_dir), final_step,
+                             tokens_seen=data.tokens_seen if data.staged else None,
+                             session_tokens=data.tokens_seen - data.session_start_tokens if data.staged else None)
         log.info("\n".join(summary.lines()))
     return metrics
 

@@ -88,6 +88,7 @@ SLOW = {
     "tests/test_triton_attention.py::test_memory_kept_for_backward_grows_linearly_with_length",
     "tests/test_mixtures.py::test_weighted_mixture_resumes_on_three_ranks_without_repeating_or_skipping",
     "tests/test_mixtures.py::test_global_batch_gives_the_same_losses_on_one_two_and_four_ranks",
+    "tests/test_stages.py::test_two_then_three_ranks_across_a_stage_boundary_repeat_and_skip_nothing",
     "tests/test_train.py::test_small_experiments_run_a_few_steps_on_cpu",
     "tests/test_train.py::test_rtd_loss_falls_and_exports_load_in_transformers",
     "tests/test_train.py::test_interrupted_run_resumes_exactly",
@@ -201,6 +202,7 @@ COSTS = {
     "tests/test_lr_schedules.py::test_cooldown_equals_a_run_that_decayed_there": 18,
     "tests/test_lr_schedules.py::test_cooldown_from_a_deepspeed_checkpoint_equals_a_deepspeed_run_that_decayed_there": 20,
     "tests/test_long_context.py::test_tiny_model_trains_at_2048_on_cpu": 12,
+    "tests/test_stages.py::test_two_then_three_ranks_across_a_stage_boundary_repeat_and_skip_nothing": 22,
 }
 
 

@@ -375,7 +375,40 @@ def cooldown_into_its_source(tmp_path, shards):
 SCHEDULE_CASES: list = [misspelt_schedule, wsd_decay_longer_than_the_run, cooldown_of_a_linear_run,
                         cooldown_into_its_source]
 
-ALL_CASES = CHECKPOINT_CASES + RUN_CASES + DATA_CASES + SIGNAL_CASES + PROBE_CASES + NEWCOMER_CASES + SCHEDULE_CASES
+# --- sequence-length stages and the batch-size warm-up ----------------------------------------------------------
+def stage_length_the_shards_cannot_serve(tmp_path, shards):
+    return Case(_pretrain(tmp_path, shards, "data.stages=[{seq_len:48,steps:2},{seq_len:64}]"),
+                "data.stages[0].seq_len=48 neither divides nor is a multiple of the shards' length 64")
+
+
+def stage_micro_batch_not_whole(tmp_path, shards):
+    return Case(_pretrain(tmp_path, shards, "data.batch_size=1", "data.stages=[{seq_len:32,steps:2},{seq_len:128}]"),
+                "data.stages[1].seq_len=128 with data.stage_batch=tokens: a micro-batch of 1 sequence(s) of 64 tokens "
+                "is 0.5 sequences of 128, not a whole number")
+
+
+def warmup_not_divisible_by_ranks_and_accumulation(tmp_path, shards):
+    return Case(_pretrain(tmp_path, shards, "data.batch_size=4", "data.global_batch_size=16",
+                          "data.batch_warmup={start:6,tokens:1000}"),
+                "data.batch_warmup: start=6, increment=6 not divisible by ranks x accumulation = 4")
+
+
+def stage_longer_than_the_position_table(tmp_path, shards):
+    return Case(_pretrain(tmp_path, shards, "data.stages=[{seq_len:32,steps:2},{seq_len:256}]"),
+                "data.stages[1].seq_len=256 is longer than model.max_position_embeddings=128")
+
+
+def stage_without_steps_before_the_last(tmp_path, shards):
+    return Case(_pretrain(tmp_path, shards, "data.stages=[{seq_len:32},{seq_len:64}]"),
+                "data.stages[0] (seq_len 32) has no steps")
+
+
+STAGE_CASES: list = [stage_length_the_shards_cannot_serve, stage_micro_batch_not_whole,
+                     warmup_not_divisible_by_ranks_and_accumulation, stage_longer_than_the_position_table,
+                     stage_without_steps_before_the_last]
+
+ALL_CASES = (CHECKPOINT_CASES + RUN_CASES + DATA_CASES + SIGNAL_CASES + PROBE_CASES + NEWCOMER_CASES + SCHEDULE_CASES
+             + STAGE_CASES)
 
 
 def run_case(case: Case) -> subprocess.CompletedProcess:

@@ -49,14 +49,19 @@ class ChangedSettingsError(SettingsError):
     """Settings differ from the checkpoint's run record and were not allowed."""
 
 
-def optimisation_settings(settings: Settings, global_batch: int | None = None) -> dict[str, Any]:
+def optimisation_settings(settings: Settings, global_batch: int | None = None,
+                          shard_len: int | None = None) -> dict[str, Any]:
     """The part of the run record compared on resume (flattened ``section.key`` -> value, JSON-like values).
 
     The batch enters as ``data.global_batch_size``, the effective global batch (``data.batch_size x ranks x
     accumulate_grad_batches``, known once the trainer has its ranks), whichever keys produced it: the micro-batch,
-    the accumulation and the number of ranks may change between runs of one output_dir, the global batch may not."""
+    the accumulation and the number of ranks may change between runs of one output_dir, the global batch may not.
+    ``data.stages`` is recorded as the run's plan of sequence lengths (one stage at the shards' length ``shard_len``
+    when none is set), so a resume can tell stages to come from stages already trained (:func:`same_stages_until`)."""
     flat: dict[str, Any] = {}
-    data = {"seed": settings.data.seed, "global_batch_size": global_batch}
+    stages = settings.data.stages or ([{"seq_len": int(shard_len)}] if shard_len else None)
+    data = {"seed": settings.data.seed, "global_batch_size": global_batch, "stages": stages,
+            "stage_batch": settings.data.stage_batch, "batch_warmup": settings.data.batch_warmup}
     trainer = {k: settings.trainer.get(k) for k in TRAINER_KEYS if k != "accumulate_grad_batches"}
     # on_extend acts on a change only; the wsd decay's length and shape are part of the plan, like trainer.max_steps
     optim = {k: v for k, v in dataclasses.asdict(settings.optim).items() if k not in PLAN_KEYS}
@@ -80,6 +85,36 @@ def differences(saved: dict[str, Any], current: dict[str, Any], world_size: int 
     return dict(sorted(changed.items()))
 
 
+def same_stages_until(saved: Any, current: Any, step: int) -> bool:
+    """Whether two ``data.stages`` plans give every step before ``step`` the same sequence length. ``data.stages``
+    is part of the plan, like ``trainer.max_steps``: a resume may lengthen, shorten, add or change stages still to
+    come (the step of a boundary not yet reached, a last stage at another length), never the length of steps already
+    trained (that needs ``resume.allow_changes=[data.stages]``). A change of the position's unit is converted or
+    refused by the data module."""
+    from data_prep.errors import DataPrepError
+    from data_prep.stream_plan import parse_stages
+
+    def lengths(stages: Any) -> list[tuple[int, float]]:  # (seq_len, first step after it)
+        out, end = [], 0
+        for stage in parse_stages(list(stages)):
+            end = end + stage.steps if stage.steps is not None else float("inf")
+            out.append((stage.seq_len, end))
+        return out
+
+    if saved is None or current is None:  # a record without the plan of lengths: nothing to compare
+        return True
+    try:
+        old, new = lengths(saved), lengths(current)
+    except (DataPrepError, TypeError):
+        return False
+
+    def at(plan: list[tuple[int, float]], n: int) -> int:
+        return next(s for s, end in plan if n < end)
+
+    cuts = {0} | {int(end) for _, end in old + new if end < step}  # where either plan's length may change
+    return all(at(old, n) == at(new, n) for n in cuts) if step > 0 else True
+
+
 def _allowed(key: str, allow: list[str]) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allow)
 
@@ -100,6 +135,8 @@ def check_changes(saved_record: dict[str, Any], current_record: dict[str, Any], 
     saved = saved_record.get("optimisation")
     if saved:  # absent in checkpoints from before run records held these settings
         changed.update(differences(saved, current_record["optimisation"], world_size))
+    if "data.stages" in changed and same_stages_until(*changed["data.stages"], step):
+        del changed["data.stages"]  # part of the plan: only the steps still to come changed (see stage_changes)
     identity = identity_changes(saved_record.get("data"), current_record["data"], saved_record.get("special_tokens"),
                                 current_record.get("special_tokens"))
     for key, text in identity.items():

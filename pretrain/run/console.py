@@ -198,14 +198,17 @@ class RunSummary:
     report: Path | None
     probes: list[str] = field(default_factory=list)  # the newest probed checkpoint per task (pretrain.probe.panel)
     final_step: int | None = None  # the step the final values were logged at, when it is not ``step``
+    tokens_seen: int | None = None  # tokens of the stream consumed (stages, batch warm-up); else step x tokens_per_step
+    session_tokens: int | None = None  # of those, the tokens this session consumed
 
     def lines(self) -> list[str]:
         trained = self.step - self.start_step
-        tokens = self.step * self.tokens_per_step
+        tokens = self.step * self.tokens_per_step if self.tokens_seen is None else self.tokens_seen
+        session = trained * self.tokens_per_step if self.session_tokens is None else self.session_tokens
         minutes, seconds = divmod(int(round(self.seconds)), 60)
         hours, minutes = divmod(minutes, 60)
         wall = f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
-        speed = trained * self.tokens_per_step / self.seconds if self.seconds > 0 else 0.0
+        speed = session / self.seconds if self.seconds > 0 else 0.0
         out = [f"run finished: {self.output_dir}",
                f"  steps       {self.step:,} / {self.max_steps:,}"
                + (f" (resumed at step {self.start_step:,})" if self.start_step and trained > 0 else ""),
