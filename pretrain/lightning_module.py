@@ -5,10 +5,11 @@ The objective (an ``nn.Module``) computes the loss; this module only wires it to
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -50,20 +51,22 @@ def plan_objective_attention(objective: PretrainingObjective, device_type: str, 
 
 
 class PretrainingModule(L.LightningModule):
-    def __init__(self, objective: PretrainingObjective, optim: OptimSettings, seed: int, tokens_per_sequence: int,
-                 run_record: dict | None = None, flops_per_token: float | None = None):
+    def __init__(self, objective: PretrainingObjective, optim: OptimSettings, seed: int,
+                 run_record: dict | None = None, flops_per_token: Callable[[int], float] | None = None):
         super().__init__()
         self.attention_plan: dict[str, Any] | None = None  # resolved at fit start, on the training device
-        self.flops_per_token = flops_per_token
+        # model FLOPs per trained token at a sequence length (``pretrain.run.perf``): attention's share grows with
+        # the length, so a run with sequence-length stages counts each micro-batch at its own length
+        self.flops_per_token = functools.lru_cache(maxsize=None)(flops_per_token) if flops_per_token else None
         self._peak_flops: float | None = None
         self.objective = objective
         # What `python -m pretrain.export` needs to rebuild the objective from a checkpoint alone.
         self.run_record = run_record or {}
         self.optim = optim
         self.seed = seed
-        self.tokens_per_sequence = tokens_per_sequence
         self._window: tuple[float, int] | None = None  # (time, step) of the previous logging step
-        self._window_tokens = 0  # tokens trained (all ranks) since the previous logging step
+        # trained since the previous logging step, all ranks and micro-batches: tokens, sequences, model FLOPs
+        self._window_tokens, self._window_samples, self._window_flops = 0, 0, 0.0
         self._nonfinite: torch.Tensor | None = None  # device flag: a non-finite loss since the last check
         self._step_sums: torch.Tensor | None = None  # train/* values summed over this step's micro-batches
         self._step_micro_batches = 0
@@ -104,7 +107,7 @@ class PretrainingModule(L.LightningModule):
         nonfinite = ~torch.isfinite(out["loss"].detach())
         self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite | nonfinite
         batch_size = batch["input_ids"].shape[0]
-        self._window_tokens += batch["input_ids"].numel() * self.trainer.world_size
+        self._count_window(*batch["input_ids"].shape)
         # Count the batch as consumed now, before any checkpoint of this step is written (callbacks save in
         # on_train_batch_end, which runs before the module's own hook).
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -174,14 +177,23 @@ class PretrainingModule(L.LightningModule):
             started, _ = self._window
             # the tokens trained since the previous logging step (all ranks, every micro-batch): right whatever the
             # stage's length and the warm-up's batch
-            tokens_per_sec = self._window_tokens / max(now - started, 1e-9)
-            self.log("perf/tokens_per_sec", tokens_per_sec, prog_bar=True, batch_size=batch_size)
-            self.log("perf/samples_per_sec", tokens_per_sec / self.tokens_per_sequence, batch_size=batch_size)
+            seconds = max(now - started, 1e-9)
+            self.log("perf/tokens_per_sec", self._window_tokens / seconds, prog_bar=True, batch_size=batch_size)
+            self.log("perf/samples_per_sec", self._window_samples / seconds, batch_size=batch_size)
             if self._peak_flops and self.flops_per_token:
-                mfu = tokens_per_sec * self.flops_per_token / (self._peak_flops * self.trainer.world_size)
+                mfu = self._window_flops / seconds / (self._peak_flops * self.trainer.world_size)
                 self.log("perf/mfu", mfu, batch_size=batch_size)
         self._window = (now, self.global_step)
-        self._window_tokens = 0
+        self._window_tokens, self._window_samples, self._window_flops = 0, 0, 0.0
+
+    def _count_window(self, sequences: int, seq_len: int) -> None:
+        """Add one trained micro-batch (this rank's ``sequences`` x ``seq_len``; every rank trains the same shape)
+        to the throughput window."""
+        world = self.trainer.world_size
+        self._window_tokens += sequences * seq_len * world
+        self._window_samples += sequences * world
+        if self.flops_per_token:
+            self._window_flops += sequences * seq_len * world * self.flops_per_token(seq_len)
 
     def check_finite(self) -> None:
         """Raise if any loss since the last check was NaN/inf (one host sync)."""

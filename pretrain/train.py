@@ -150,10 +150,12 @@ def build_module(settings: Settings, data: ShardDataModule, objective: Pretraini
                   "tokenizer_dir": str(data.train_set.tokenizer_dir.resolve()),
                   "tokenizer_checksum": data.train_set.tokenizer_checksum, "data": data.identity,
                   "optimisation": optimisation_settings(settings, shard_len=data.seq_len)}
-    flops = training_flops_per_token(settings.model, data.seq_len, settings.objective.name,
-                                     settings.objective.mask_prob, settings.objective.generator_layers,
-                                     settings.objective.use_emd)
-    return PretrainingModule(objective, settings.optim, settings.run.seed, data.seq_len, run_record, flops)
+
+    def flops(seq_len: int) -> float:  # per token at a stage's length (attention's share grows with it)
+        o = settings.objective
+        return training_flops_per_token(settings.model, seq_len, o.name, o.mask_prob, o.generator_layers, o.use_emd)
+
+    return PretrainingModule(objective, settings.optim, settings.run.seed, run_record, flops)
 
 
 def build_trainer(settings: Settings, objective: PretrainingObjective, output_dir: Path,

@@ -20,12 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from data_prep.mixture import open_corpus
 from data_prep.stream_batches import StreamDataset, sample_keys
 from data_prep.stream_plan import Stage, StreamPlan
 from position_runner import flags_sha1, recording_step
 from pretrain.lightning_module import PretrainingModule
+from pretrain.run.perf import training_flops_per_token
+from pretrain.settings import settings_from_config
 from pretrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,10 +180,21 @@ def _take(iterator, count):
 # ------------------------------------------------------------------------------------------------ training
 
 
+PEAK = 1e12  # a device peak in FLOP/s, so that MFU is logged on CPU
+
+
 def test_a_split_stage_trains_on_every_piece_of_an_epoch_then_a_joined_stage(shards, tmp_path, monkeypatch):
     """22 steps of 256 pieces of 16 tokens (an epoch is 1368 x 64 tokens = 21.4 steps), then 2 steps of 32
     sequences of 128: every trained sample is the stream's tokens at its slot, the first epoch's pieces are each
-    trained once, and the stream is trained contiguously across the boundary."""
+    trained once, and the stream is trained contiguously across the boundary; MFU and samples/s count each stage's
+    own length."""
+    fit_start = PretrainingModule.on_fit_start
+
+    def with_a_peak(self):
+        fit_start(self)
+        self._peak_flops = PEAK
+
+    monkeypatch.setattr(PretrainingModule, "on_fit_start", with_a_peak)
     run = tmp_path / "run"
     _train(_args(shards, run, 24, "data.batch_size=64", "optim.lr=1e-3",
                  "data.stages=[{seq_len:16,steps:22},{seq_len:128}]"), tmp_path / "record", monkeypatch)
@@ -197,6 +211,15 @@ def test_a_split_stage_trains_on_every_piece_of_an_epoch_then_a_joined_stage(sha
     rows = _rows(run)
     assert [float(rows[k]["data/seq_len"]) for k in (22, 23)] == [16.0, 128.0]
     assert float(rows[24]["data/tokens_seen"]) == 24 * 64 * S
+    # MFU counts each step's model FLOPs at its own length (a window of one step here: log_every_n_steps=1)
+    settings = settings_from_config(OmegaConf.load(run / "config.yaml"), warn=False)
+    for step, length in ((22, 16), (24, 128)):
+        flops = training_flops_per_token(settings.model, length, "mlm", settings.objective.mask_prob,
+                                         use_emd=settings.objective.use_emd)
+        per_token = float(rows[step]["perf/mfu"]) * PEAK / float(rows[step]["perf/tokens_per_sec"])
+        assert per_token == pytest.approx(flops, rel=1e-6), step  # logged as float32
+        assert float(rows[step]["perf/samples_per_sec"]) * length == pytest.approx(
+            float(rows[step]["perf/tokens_per_sec"]), rel=1e-6)
 
 
 def test_a_run_resumed_before_a_stage_boundary_and_mid_ramp_ends_bitwise_equal(shards, tmp_path, monkeypatch):
