@@ -43,6 +43,7 @@ class Series:
 class Panel:
     title: str
     series: tuple[Series, ...]
+    varying: bool = False  # drawn only when the value changes within a run (a plan: stages, batch warm-up)
 
 
 def _panels() -> tuple[Panel, ...]:
@@ -61,7 +62,14 @@ def _panels() -> tuple[Panel, ...]:
         Panel("learning rate", (Series("lr-AdamW/pg1", "lr"),)),
         Panel("tokens/s", (Series("perf/tokens_per_sec", "tokens/s"),)),
         Panel("MFU", (Series("perf/mfu", "MFU"),)),
+        Panel("tokens per optimizer step", (Series(TOKENS_PER_STEP, "tokens per step"),), varying=True),
+        Panel("sequence length", (Series("data/seq_len", "seq_len"),), varying=True),
     )
+
+
+TOKENS_SEEN = "data/tokens_seen"
+TOKENS_PER_STEP = "data/tokens_per_step"  # data/global_batch x data/seq_len, derived when the run is read
+X_AXES = ("step", "tokens")
 
 
 @dataclass
@@ -102,8 +110,25 @@ def load_run(directory: Path) -> Run:
     if "val/perplexity" not in columns and "val/mlm_loss" in columns:  # perplexity of the masked-token predictions
         steps, losses = columns["val/mlm_loss"]
         columns["val/perplexity"] = (steps, [math.exp(min(v, 50.0)) for v in losses])
+    if "data/global_batch" in columns and "data/seq_len" in columns:
+        lengths = dict(zip(*columns["data/seq_len"]))
+        steps, batches = columns["data/global_batch"]
+        kept = [(s, b * lengths[s]) for s, b in zip(steps, batches) if s in lengths]
+        columns[TOKENS_PER_STEP] = ([s for s, _ in kept], [t for _, t in kept])
     objective = "rtd" if "train/rtd_loss" in columns else "mlm"
     return Run(directory.name or str(directory), directory, columns, objective)
+
+
+def tokens_at(run: Run, steps: list[int]) -> list[float]:
+    """Tokens seen after each of ``steps``: the logged ``data/tokens_seen`` where the step has a row, linearly
+    interpolated between rows elsewhere (e.g. a validation step between two logging steps)."""
+    import numpy as np
+
+    if TOKENS_SEEN not in run.columns:
+        raise ReportError(f"{run.directory}: its {METRICS_FILE} has no {TOKENS_SEEN} column (the run was made before "
+                          "tokens seen were logged); draw it with --x step")
+    known_steps, known_tokens = run.columns[TOKENS_SEEN]
+    return np.interp(steps, [0, *known_steps], [0.0, *known_tokens]).tolist()  # step 0: no token seen yet
 
 
 def _unique_names(runs: list[Run]) -> None:
@@ -126,19 +151,21 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def select_panels(runs: list[Run]) -> list[Panel]:
-    """The panels with data in at least one run."""
+    """The panels with data in at least one run (a plan's panel: data that changes within a run)."""
     panels = []
     for panel in _panels():
         if panel.title.startswith("total loss") and all(r.objective == "mlm" for r in runs):
             continue  # v2: the total is the MLM loss
-        if any(s.column in r.columns for s in panel.series for r in runs):
+        present = [r.columns[s.column][1] for s in panel.series for r in runs if s.column in r.columns]
+        if any(len(set(values)) > (1 if panel.varying else 0) for values in present):
             panels.append(panel)
     return panels
 
 
-def figure(runs: list[Run], title: str | None = None):
+def figure(runs: list[Run], title: str | None = None, x: str = "step"):
     """The report as a matplotlib figure: the training panels, then one downstream panel per probed task
-    (:mod:`pretrain.probe.panel`) when a run has ``RUN/probes/probes.csv``."""
+    (:mod:`pretrain.probe.panel`) when a run has ``RUN/probes/probes.csv``. ``x="tokens"`` draws the training panels
+    against the tokens seen (runs with other batch sizes, stages or a batch warm-up compare at equal data)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed (clusters, CI)
@@ -149,6 +176,12 @@ def figure(runs: list[Run], title: str | None = None):
     panels = select_panels(runs)
     probes = [downstream.load(r.directory) for r in runs]
     tasks = list(dict.fromkeys(p.task for found in probes for p in found))
+    if not panels and not tasks:
+        raise ReportError(f"{', '.join(str(r.directory) for r in runs)}: nothing to draw: no column of "
+                          f"{METRICS_FILE} is one the report knows (losses, learning rate, throughput)")
+    if x == "tokens":
+        for run in runs:
+            tokens_at(run, [])  # a run without tokens seen is named before anything is drawn
     ncols = min(3, len(panels) + len(tasks))
     nrows = math.ceil((len(panels) + len(tasks)) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.1 * nrows), squeeze=False)
@@ -167,6 +200,8 @@ def figure(runs: list[Run], title: str | None = None):
                 if series.column not in run.columns:
                     continue
                 steps, values = run.columns[series.column]
+                if x == "tokens":
+                    steps = tokens_at(run, steps)
                 window = max(1, len(values) // 40)
                 if window > 1:  # the raw points faint, their trailing mean on top
                     ax.plot(steps, values, series.style, color=color, alpha=0.25, linewidth=0.8)
@@ -179,7 +214,7 @@ def figure(runs: list[Run], title: str | None = None):
                        for label, style in sorted(labelled_parts, key=lambda p: p[1] != "-")]
             ax.legend(handles=handles, fontsize=8, loc="best")
         ax.set_title(panel.title, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel("tokens seen" if x == "tokens" else "step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) + len(tasks):]:
@@ -194,18 +229,18 @@ def figure(runs: list[Run], title: str | None = None):
     return fig
 
 
-def render(runs: list[Run], title: str | None = None, image_format: str = "png") -> bytes:
+def render(runs: list[Run], title: str | None = None, image_format: str = "png", x: str = "step") -> bytes:
     """The report figure as bytes of ``image_format``."""
     import matplotlib.pyplot as plt
 
-    fig = figure(runs, title)
+    fig = figure(runs, title, x)
     buffer = io.BytesIO()
     fig.savefig(buffer, format=image_format, dpi=90)
     plt.close(fig)
     return buffer.getvalue()
 
 
-def write_report(run_dirs: list[Path], out: Path | None = None, title: str | None = None) -> Path:
+def write_report(run_dirs: list[Path], out: Path | None = None, title: str | None = None, x: str = "step") -> Path:
     """Draw ``run_dirs`` into ``out`` (default ``RUN/report.png`` for one run), atomically; returns the path."""
     if not run_dirs:
         raise ReportError("give at least one run directory")
@@ -219,7 +254,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, title: str | Non
     if not out.parent.is_dir():
         raise ReportError(f"--out {out}: the directory {out.parent} does not exist")
     _unique_names(runs)
-    write_bytes_atomic(out, render(runs, title, out.suffix.lower().lstrip(".")))
+    write_bytes_atomic(out, render(runs, title, out.suffix.lower().lstrip("."), x))
     return out
 
 
@@ -230,16 +265,20 @@ def main(argv: list[str] | None = None) -> None:
                     "loss/perplexity and, for v3, replaced-token AUC/precision/recall; and, when RUN/probes/probes.csv "
                     "exists, each probed task's metric per checkpoint. Several runs are overlaid.",
         epilog="examples:\n  python -m pretrain.report outputs/quickstart/run            # -> outputs/quickstart/run/report.png\n"
-               "  python -m pretrain.report runs/a runs/b --out compare.png",
+               "  python -m pretrain.report runs/a runs/b --out compare.png\n"
+               "  python -m pretrain.report runs/a runs/b --x tokens --out by-tokens.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run directory (the output_dir of training)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"image to write (.png, .svg or .pdf); default RUN/{REPORT_FILE} for one run")
     parser.add_argument("--title", default=None, help="heading of the figure (default: the run's name)")
+    parser.add_argument("--x", choices=X_AXES, default="step",
+                        help="x-axis of the training panels: the optimizer step (default), or the tokens seen, to "
+                             "compare runs with other batch sizes, sequence-length stages or a batch warm-up")
     args = parser.parse_args(argv)
     with one_line_errors(ReportError, where=args.out, disk_full_hint="free space there or choose another --out, then "
                                                                      "run the command again") as outcome:
-        print(write_report(args.runs, args.out, args.title))
+        print(write_report(args.runs, args.out, args.title, args.x))
     outcome.exit_on_error()
 
 

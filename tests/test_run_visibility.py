@@ -182,6 +182,9 @@ def test_report_draws_mlm_and_rtd_runs(runs, shards):
     mlm_panels = {p.title for p in report.select_panels([report.load_run(mlm)])}
     assert {"MLM loss (v3: generator)", "validation perplexity (MLM)", "learning rate", "tokens/s"} <= mlm_panels
     assert not any("RTD" in t or "replaced-token" in t or "total" in t for t in mlm_panels)
+    assert not {"tokens per optimizer step", "sequence length"} & mlm_panels  # one batch, one length: no plan panels
+    tokens_axis = report.tokens_at(report.load_run(mlm), [3, 6])  # 8 sequences of 64 tokens per step
+    assert tokens_axis == [3 * 8 * 64, 6 * 8 * 64]
     rtd_panels = {p.title for p in report.select_panels([report.load_run(rtd)])}
     assert {"RTD loss (discriminator)", "replaced-token AUC", "replaced-token precision / recall",
             "total loss (mlm + rtd_weight x rtd)"} <= rtd_panels
@@ -196,8 +199,15 @@ def test_report_draws_mlm_and_rtd_runs(runs, shards):
 
 def test_report_errors_name_the_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "older").mkdir()  # a run made before tokens seen were logged
+    (tmp_path / "unknown").mkdir()  # columns the report does not know
+    (tmp_path / "unknown" / "metrics.csv").write_text("step,epoch,custom/score\n1,0,0.5\n")
+    (tmp_path / "older" / "metrics.csv").write_text("step,epoch,train/mlm_loss\n1,0,6.9\n2,0,6.7\n")
     for argv, expected in (([str(tmp_path / "empty")], f"{tmp_path / 'empty'}: no metrics.csv"),
-                           ([str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no such run directory")):
+                           ([str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no such run directory"),
+                           ([str(tmp_path / "older"), "--x", "tokens"],
+                            f"{tmp_path / 'older'}: its metrics.csv has no data/tokens_seen column"),
+                           ([str(tmp_path / "unknown")], f"{tmp_path / 'unknown'}: nothing to draw")):
         with pytest.raises(SystemExit) as exit_info:
             report.main(argv)
         assert exit_info.value.code == 2

@@ -26,6 +26,7 @@ from data_prep.mixture import open_corpus
 from data_prep.stream_batches import StreamDataset, sample_keys
 from data_prep.stream_plan import Stage, StreamPlan
 from position_runner import flags_sha1, recording_step
+from pretrain import report
 from pretrain.lightning_module import PretrainingModule
 from pretrain.run.perf import training_flops_per_token
 from pretrain.settings import settings_from_config
@@ -281,6 +282,14 @@ def test_batch_warmup_follows_the_ramp_and_the_lr_its_steps(shards, tmp_path, mo
     spans = _check_content(_trained_samples(records, S), open_corpus(shards), open_corpus(shards).order(seed=1234))
     _assert_contiguous(spans, seen)
     assert f"tokens      {seen:,} seen" in caplog.text
+    # the report: the plan's panel, and the training panels against the tokens seen
+    drawn = report.load_run(run)
+    assert "tokens per optimizer step" in {p.title for p in report.select_panels([drawn])}
+    assert drawn.columns[report.TOKENS_PER_STEP][1] == [float(b * S) for b in expected]
+    fig = report.figure([drawn], x="tokens")
+    loss_axis = next(ax for ax in fig.axes if ax.get_title().startswith("MLM loss"))
+    assert loss_axis.get_xlabel() == "tokens seen"
+    assert list(loss_axis.lines[-1].get_xdata()) == seen_after
 
 
 # ------------------------------------------------------------------------------------------------ ranks
