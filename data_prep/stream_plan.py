@@ -208,7 +208,7 @@ class StreamPlan:
         warm-up."""
         parts, first = [], 0
         for stage, end in zip(self.stages, self._ends):
-            steps = f"steps {first}-{end - 1}" if end != math.inf else f"steps {first}-"
+            steps = f"steps {first + 1}-{end}" if end != math.inf else f"steps {first + 1}-"  # as metrics.csv numbers them
             size = self.micro_batch_size(self.global_batch, stage.seq_len)
             parts.append(f"{steps}: {stage.seq_len} tokens x {size} per rank and micro-batch")
             first = end

@@ -124,7 +124,7 @@ class ShardDataModule(L.LightningDataModule):
             if aligned != self.consumed:
                 if self.trainer is None or self.trainer.is_global_zero:
                     log.info("stage of seq_len %d starts at step %d: %d tokens of the stream skipped to align it "
-                             "(data.stage_batch=sequences)", plan.seq_len(step), step,
+                             "(data.stage_batch=sequences)", plan.seq_len(step), step + 1,
                              (aligned - self.consumed) * plan.unit)
                 self.consumed = aligned
             s = plan.seq_len(step)

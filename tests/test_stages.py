@@ -157,6 +157,9 @@ def test_the_position_stays_aligned_in_tokens_mode_and_skips_in_sequences_mode()
     assert [micro[k].start for k in range(5)] == [0, 4, 8, 16, 48]
     assert [micro[k].size for k in range(5)] == [4, 4, 4, 4, 4] and micro[3].m == 8
     assert sequences.position_after(4) == 48
+    # the log line numbers steps as metrics.csv does (step N = the N-th optimizer step, counted from 1)
+    assert tokens.describe() == ("stream plan (tokens per step kept across stages): steps 1-3: 16 tokens x 16 per "
+                                 "rank and micro-batch; steps 4-: 128 tokens x 2 per rank and micro-batch")
 
 
 def test_a_misaligned_stage_boundary_skips_to_alignment_and_says_so(shards, tmp_path, monkeypatch, caplog):
@@ -166,7 +169,7 @@ def test_a_misaligned_stage_boundary_skips_to_alignment_and_says_so(shards, tmp_
     _train(_args(shards, tmp_path / "run", 5, "data.batch_size=4", "data.stage_batch=sequences",
                  "data.stages=[{seq_len:16,steps:3},{seq_len:128}]"), tmp_path / "record", monkeypatch)
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert skipped == ["stage of seq_len 128 starts at step 3: 64 tokens of the stream skipped to align it "
+    assert skipped == ["stage of seq_len 128 starts at step 4: 64 tokens of the stream skipped to align it "
                        "(data.stage_batch=sequences)"]
     corpus = open_corpus(shards)
     spans = _check_content(_trained_samples(_records(tmp_path / "record"), 16), corpus, corpus.order(seed=1234))
