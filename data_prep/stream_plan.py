@@ -221,7 +221,22 @@ class StreamPlan:
 
     def position_after(self, steps: int) -> int:
         """``consumed`` at the start of optimizer step ``steps`` of a run that started at 0 (any number of ranks)."""
-        return next(micro.start for micro in self.micro_batches(0, 0) if micro.step >= steps)
+        return self.align(self.trained_position(steps), steps)
+
+    def trained_position(self, steps: int) -> int:
+        """``consumed`` once the first ``steps`` optimizer steps are trained. Step by step through the warm-up, then a
+        stage at a time (every step of a stage past the warm-up trains the same tokens), so a plan of millions of
+        steps is summed at once: the run's start line says how many tokens it will see."""
+        consumed, step = 0, 0
+        while step < steps:
+            consumed = self.align(consumed, step)
+            s = self.seq_len(step)
+            size = self.micro_batch_size(self.global_batch_at(consumed * self.unit), s)
+            warming = self.warmup is not None and consumed * self.unit < self.warmup.tokens
+            run = 1 if warming else min(steps, self._ends[self.stage_of(step)]) - step
+            consumed += run * self.accumulation * size * self.world_size * (s // self.unit)
+            step += run
+        return consumed
 
 
 def position_unit(shard_len: int, lengths: Sequence[int]) -> int:

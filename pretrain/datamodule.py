@@ -131,6 +131,16 @@ class ShardDataModule(L.LightningDataModule):
             self._micro = (step, plan.micro_batch_size(plan.global_batch_at(self.tokens_seen), s), s)
         return self.consumed, self._micro[2] // plan.unit
 
+    def tokens_after(self, steps: int, global_batch: int) -> int:
+        """Tokens of the stream the run will have consumed after ``steps`` optimizer steps of ``global_batch``
+        sequences at the shards' length (the plan's, with stages or a warm-up)."""
+        if not self.staged:
+            return steps * global_batch * self.seq_len
+        batch = self.settings.batch_size  # the plan at one rank with the same per-rank micro-batches and step size
+        plan = StreamPlan(self.seq_len, batch, global_batch, 1, global_batch // batch, self.stages,
+                          self.settings.stage_batch, self.warmup)
+        return plan.trained_position(steps) * plan.unit
+
     def step_shape(self) -> tuple[int, int]:
         """(sequences over all ranks, seq_len) of the optimizer step being trained."""
         if not self.staged or self._micro is None:

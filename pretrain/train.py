@@ -213,6 +213,17 @@ def global_batch(settings: Settings, trainer: L.Trainer) -> int:
     return settings.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
 
+def planned_tokens(settings: Settings, trainer: L.Trainer, data: ShardDataModule) -> str:
+    """"N tokens by step M (E epochs of the corpus)": what a plan of steps, batch, stages and warm-up comes to, for
+    the run's start line (a weighted mixture goes through each source at its own rate: no single epoch count)."""
+    steps = settings.trainer["max_steps"]
+    tokens = data.tokens_after(steps, global_batch(settings, trainer))
+    text = f"{tokens:,} tokens by step {steps}"
+    if not data.train_set.weighted:
+        text += f", {tokens / (len(data.train_set) * data.seq_len):.2f} epochs of the corpus"
+    return text
+
+
 def start_run_record(cfg: DictConfig, settings: Settings, trainer: L.Trainer, data: ShardDataModule,
                      resume: ResumePlan) -> RunRecordWriter:
     """``config.yaml`` (and the change record of an allowed change): written now for a fresh run, and on a resume
@@ -242,8 +253,9 @@ def fit(trainer: L.Trainer, module: PretrainingModule, data: ShardDataModule, re
     started = time.monotonic()
     if trained:
         parameters = sum(p.numel() for p in module.objective.parameters())
-        log.info("training %s: %s parameters, steps %d -> %d, %s", type(module.objective).__name__,
-                 f"{parameters:,}", resume.step or 0, settings.trainer["max_steps"], Path(settings.run.output_dir))
+        log.info("training %s: %s parameters, steps %d -> %d (%s), %s", type(module.objective).__name__,
+                 f"{parameters:,}", resume.step or 0, settings.trainer["max_steps"],
+                 planned_tokens(settings, trainer, data), Path(settings.run.output_dir))
         try:  # checkpoints verified in newest_checkpoint
             trainer.fit(module, datamodule=data, ckpt_path=resume.ckpt_path, weights_only=True)
         except SIGTERMException:  # Ctrl-C or SIGTERM: a checkpoint was saved at the step reached (RunCheckpoint)

@@ -234,3 +234,5 @@ def test_the_command_of_a_finished_run_again_says_so_and_shows_its_final_values(
             in block), block
     assert f"  final       mlm {float(last['train/mlm_loss']):.4f} (step 2)" in block, block
     assert not any(line.startswith(("  tokens/s", "  wall time")) for line in block), block
+    # the start line says what the plan comes to: 2 steps x 8 sequences x 64 tokens of the 1,368-sequence corpus
+    assert f"steps 2 -> 2 (1,024 tokens by step 2, {1024 / (1368 * 64):.2f} epochs of the corpus)" in caplog.text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import csv
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from omegaconf import OmegaConf
 
 from data_prep.mixture import open_corpus
 from data_prep.stream_batches import StreamDataset, sample_keys
-from data_prep.stream_plan import Stage, StreamPlan
+from data_prep.stream_plan import Stage, StreamPlan, parse_warmup
 from position_runner import flags_sha1, recording_step
 from pretrain import report
 from pretrain.lightning_module import PretrainingModule
@@ -157,6 +158,14 @@ def test_the_position_stays_aligned_in_tokens_mode_and_skips_in_sequences_mode()
     assert [micro[k].start for k in range(5)] == [0, 4, 8, 16, 48]
     assert [micro[k].size for k in range(5)] == [4, 4, 4, 4, 4] and micro[3].m == 8
     assert sequences.position_after(4) == 48
+    # the tokens a plan comes to, summed a stage at a time, equal those of its micro-batches one by one
+    warm = StreamPlan(S, 4, 16, 1, 4, [Stage(16, 5), Stage(32, 4), Stage(128)], "tokens",
+                      parse_warmup({"start": 4, "tokens": 3000}, 16))
+    for plan in (tokens, sequences, warm):
+        for steps in (0, 1, 3, 4, 7, 12, 40):
+            trained = list(itertools.takewhile(lambda m: m.step < steps, plan.micro_batches(0, 0)))
+            end = trained[-1].start + trained[-1].size * trained[-1].m if trained else 0
+            assert plan.trained_position(steps) == end, (plan.describe(), steps)
     # the log line numbers steps as metrics.csv does (step N = the N-th optimizer step, counted from 1)
     assert tokens.describe() == ("stream plan (tokens per step kept across stages): steps 1-3: 16 tokens x 16 per "
                                  "rank and micro-batch; steps 4-: 128 tokens x 2 per rank and micro-batch")
@@ -285,6 +294,7 @@ def test_batch_warmup_follows_the_ramp_and_the_lr_its_steps(shards, tmp_path, mo
     spans = _check_content(_trained_samples(records, S), open_corpus(shards), open_corpus(shards).order(seed=1234))
     _assert_contiguous(spans, seen)
     assert f"tokens      {seen:,} seen" in caplog.text
+    assert f"steps 0 -> 8 ({seen:,} tokens by step 8, {seen / (len(open_corpus(shards)) * S):.2f} epochs" in caplog.text
     # the report: the plan's panel, and the training panels against the tokens seen
     drawn = report.load_run(run)
     assert "tokens per optimizer step" in {p.title for p in report.select_panels([drawn])}
