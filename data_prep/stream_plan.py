@@ -153,6 +153,14 @@ class StreamPlan:
             end = end + stage.steps if stage.steps is not None else math.inf
             self._ends.append(end)
 
+    @classmethod
+    def for_global_batch(cls, shard_len: int, batch_size: int, global_batch: int, stages: Sequence[Stage] | None,
+                         stage_batch: str, warmup: BatchWarmup | None) -> "StreamPlan":
+        """The plan on one rank whose accumulation (``global_batch / batch_size``) makes up the global batch: its
+        per-rank micro-batches and tokens per step are those of every layout with this global batch, so the checks
+        at start-up and the tokens a run will see need not know the ranks."""
+        return cls(shard_len, batch_size, global_batch, 1, global_batch // batch_size, stages, stage_batch, warmup)
+
     @property
     def plain(self) -> bool:
         """One stage at the shards' length and no warm-up: training reads whole packed sequences as it always did."""

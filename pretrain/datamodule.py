@@ -136,9 +136,8 @@ class ShardDataModule(L.LightningDataModule):
         sequences at the shards' length (the plan's, with stages or a warm-up)."""
         if not self.staged:
             return steps * global_batch * self.seq_len
-        batch = self.settings.batch_size  # the plan at one rank with the same per-rank micro-batches and step size
-        plan = StreamPlan(self.seq_len, batch, global_batch, 1, global_batch // batch, self.stages,
-                          self.settings.stage_batch, self.warmup)
+        plan = StreamPlan.for_global_batch(self.seq_len, self.settings.batch_size, global_batch, self.stages,
+                                           self.settings.stage_batch, self.warmup)
         return plan.trained_position(steps) * plan.unit
 
     def step_shape(self) -> tuple[int, int]:

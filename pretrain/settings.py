@@ -466,9 +466,8 @@ def _validate_stream(data: DataSettings, model: DebertaConfig | None, shard_sets
     global_batch = data.global_batch_size if isinstance(data.global_batch_size, int) else data.batch_size
     if global_batch % data.batch_size:
         return  # the accumulation check names it at start-up (pretrain.run.global_batch)
-    ranks_accumulation = global_batch // data.batch_size
-    plan = StreamPlan(shard_len, data.batch_size, global_batch, 1, ranks_accumulation, stages, data.stage_batch, warmup)
-    problems += batch_problems(plan, ranks_accumulation)
+    plan = StreamPlan.for_global_batch(shard_len, data.batch_size, global_batch, stages, data.stage_batch, warmup)
+    problems += batch_problems(plan, plan.accumulation)
 
 
 def _validate_global_batch(data: DataSettings, trainer: dict[str, Any], problems: list[str]) -> None:
